@@ -1,0 +1,192 @@
+//! What the emulated model answers. Every answer is derived from the request alone, so a test
+//! can compute the expected answer for each row and prove it landed on the right one.
+//!
+//! - Responses, Chat Completions and Completions answer `"[<model>] <prompt>"`, where the prompt
+//!   is the last user text of the request.
+//! - Embeddings answer an 8-dimensional vector computed from the bytes of each input.
+//! - Moderations answer `flagged: false`.
+//!
+//! A request whose body contains [`FAIL_MARKER`] is rejected by the "model" with status 400,
+//! the way a real endpoint rejects a bad parameter; its error message is [`failure_message`].
+
+use serde_json::{json, Value};
+
+/// Put this anywhere in a request body to make the emulated model reject that one request.
+pub const FAIL_MARKER: &str = "EMULATOR_FAIL";
+
+/// The error message a request containing [`FAIL_MARKER`] fails with.
+pub fn failure_message(custom_id: &str) -> String {
+    format!("Emulated model failure for request {custom_id}")
+}
+
+/// The answer text the emulator gives for a prompt, as tests expect it.
+pub fn echo_answer(model: &str, prompt: &str) -> String {
+    format!("[{model}] {prompt}")
+}
+
+/// The embedding the emulator gives for one input text.
+pub fn embedding_of(text: &str) -> Vec<f32> {
+    let mut v = [0f32; 8];
+    for (i, b) in text.bytes().enumerate() {
+        v[i % 8] += b as f32 / 255.0;
+    }
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-6);
+    v.iter().map(|x| x / norm).collect()
+}
+
+/// The outcome of running one request line.
+pub enum LineResult {
+    Ok(Value),
+    Rejected { status: u16, body: Value },
+}
+
+pub fn run_request(endpoint: &str, custom_id: &str, body: &Value, seq: u64) -> LineResult {
+    if body.to_string().contains(FAIL_MARKER) {
+        return LineResult::Rejected {
+            status: 400,
+            body: json!({"error": {
+                "message": failure_message(custom_id),
+                "type": "invalid_request_error", "param": null, "code": "emulated_failure"}}),
+        };
+    }
+    let model = body.get("model").and_then(Value::as_str).unwrap_or("unknown");
+    LineResult::Ok(match endpoint {
+        "/v1/chat/completions" => chat_completion(model, body, seq),
+        "/v1/completions" => completion(model, body, seq),
+        "/v1/embeddings" => embeddings(model, body),
+        "/v1/moderations" => moderation(model, seq),
+        _ => response(model, body, seq),
+    })
+}
+
+fn tokens(text: &str) -> u64 {
+    (text.chars().count() as u64).div_ceil(4).max(1)
+}
+
+fn text_of(content: &Value) -> String {
+    match content {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str).or(p.as_str()))
+            .collect::<Vec<_>>()
+            .join(""),
+        _ => String::new(),
+    }
+}
+
+/// The last user message of a `messages`/`input` array, or the string itself.
+fn last_user_text(input: &Value) -> String {
+    match input {
+        Value::Array(items) => items
+            .iter()
+            .rev()
+            .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+            .map(|m| text_of(m.get("content").unwrap_or(&Value::Null)))
+            .unwrap_or_default(),
+        other => text_of(other),
+    }
+}
+
+fn response(model: &str, body: &Value, seq: u64) -> Value {
+    let prompt = last_user_text(body.get("input").unwrap_or(&Value::Null));
+    let answer = echo_answer(model, &prompt);
+    let (input_tokens, output_tokens) = (tokens(&prompt), tokens(&answer));
+    json!({
+        "id": format!("resp_{seq:012}"), "object": "response", "status": "completed", "model": model,
+        "output": [{"type": "message", "id": format!("msg_{seq:012}"), "status": "completed",
+                    "role": "assistant",
+                    "content": [{"type": "output_text", "text": answer, "annotations": []}]}],
+        "usage": {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0},
+                  "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                  "total_tokens": input_tokens + output_tokens}
+    })
+}
+
+fn chat_completion(model: &str, body: &Value, seq: u64) -> Value {
+    let prompt = last_user_text(body.get("messages").unwrap_or(&Value::Null));
+    let answer = echo_answer(model, &prompt);
+    let (prompt_tokens, completion_tokens) = (tokens(&prompt), tokens(&answer));
+    json!({
+        "id": format!("chatcmpl-{seq:012}"), "object": "chat.completion", "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
+                     "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens}
+    })
+}
+
+fn completion(model: &str, body: &Value, seq: u64) -> Value {
+    let prompt = text_of(body.get("prompt").unwrap_or(&Value::Null));
+    let answer = echo_answer(model, &prompt);
+    let (prompt_tokens, completion_tokens) = (tokens(&prompt), tokens(&answer));
+    json!({
+        "id": format!("cmpl-{seq:012}"), "object": "text_completion", "model": model,
+        "choices": [{"index": 0, "text": answer, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens}
+    })
+}
+
+fn embeddings(model: &str, body: &Value) -> Value {
+    let inputs: Vec<String> = match body.get("input") {
+        Some(Value::Array(items)) => items.iter().map(text_of).collect(),
+        Some(other) => vec![text_of(other)],
+        None => vec![],
+    };
+    let prompt_tokens: u64 = inputs.iter().map(|s| tokens(s)).sum();
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| json!({"object": "embedding", "index": i, "embedding": embedding_of(s)}))
+        .collect();
+    json!({"object": "list", "data": data, "model": model,
+           "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}})
+}
+
+fn moderation(model: &str, seq: u64) -> Value {
+    json!({"id": format!("modr-{seq:012}"), "model": model,
+           "results": [{"flagged": false, "categories": {}, "category_scores": {}}]})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn responses_echo_the_last_user_text() {
+        let body = json!({"model": "m1", "input": "hello"});
+        let LineResult::Ok(v) = run_request("/v1/responses", "1", &body, 1) else { panic!() };
+        assert_eq!(v["output"][0]["content"][0]["text"], "[m1] hello");
+    }
+
+    #[test]
+    fn chat_echoes_the_last_user_message() {
+        let body = json!({"model": "m2", "messages": [
+            {"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]});
+        let LineResult::Ok(v) = run_request("/v1/chat/completions", "1", &body, 1) else { panic!() };
+        assert_eq!(v["choices"][0]["message"]["content"], "[m2] hi");
+    }
+
+    #[test]
+    fn marker_makes_the_line_fail() {
+        let body = json!({"model": "m", "input": format!("x {FAIL_MARKER}")});
+        match run_request("/v1/responses", "42", &body, 1) {
+            LineResult::Rejected { status, body } => {
+                assert_eq!(status, 400);
+                assert_eq!(body["error"]["message"], failure_message("42"));
+            }
+            LineResult::Ok(_) => panic!("expected a rejection"),
+        }
+    }
+
+    #[test]
+    fn embeddings_are_unit_vectors_per_input() {
+        let body = json!({"model": "e", "input": ["a", "bc"]});
+        let LineResult::Ok(v) = run_request("/v1/embeddings", "1", &body, 1) else { panic!() };
+        assert_eq!(v["data"].as_array().unwrap().len(), 2);
+        let norm: f64 = v["data"][1]["embedding"]
+            .as_array().unwrap().iter().map(|x| x.as_f64().unwrap().powi(2)).sum();
+        assert!((norm - 1.0).abs() < 1e-4);
+    }
+}

@@ -1,0 +1,665 @@
+//! The provider's side of the protocol, without HTTP: stored files, the batch life cycle
+//! driven by the clock, validation, and the output and error files a finished batch leaves.
+//!
+//! A batch moves `validating` → `in_progress` → `finalizing` → `completed` on a timeline set by
+//! [`Config`]. It ends `failed` when validation finds a fault (nothing runs), `expired` when the
+//! emulator was told to expire it (part of it runs, the rest is reported `batch_expired`), and
+//! `cancelling` → `cancelled` after a cancel (what ran before the cancel is delivered).
+//! The state is computed lazily from the clock whenever a batch is looked at.
+
+use crate::answers::{run_request, LineResult};
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Most requests one batch may hold, as the real provider enforces.
+pub const MAX_REQUESTS_PER_BATCH: usize = 50_000;
+/// Largest input file, in bytes.
+pub const MAX_FILE_BYTES: usize = 200 * 1024 * 1024;
+
+/// How the emulator behaves; every field can be changed while it runs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// Time a new batch spends in `validating`.
+    pub validating_ms: u64,
+    /// Time a batch spends in `in_progress`; its request counts grow over it.
+    pub in_progress_ms: u64,
+    /// Time a batch spends in `finalizing`.
+    pub finalizing_ms: u64,
+    /// Time a cancelled batch spends in `cancelling`.
+    pub cancelling_ms: u64,
+    /// The next this-many batches created will expire instead of completing.
+    pub expire_next: u32,
+    /// The share of an expiring batch's requests that run before it expires.
+    pub expire_fraction: f64,
+    /// Report a missing error file as `""` instead of `null`, as some deployments do.
+    pub empty_error_file_id_as_string: bool,
+    /// A per-model cap on prompt tokens enqueued across open batches; a batch that would pass
+    /// it fails validation with `token_limit_exceeded`. None: no cap.
+    pub enqueued_token_limit: Option<u64>,
+    /// If set, requests must carry `Authorization: Bearer <this>`; otherwise any key is accepted.
+    pub api_key: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            validating_ms: 100,
+            in_progress_ms: 300,
+            finalizing_ms: 100,
+            cancelling_ms: 100,
+            expire_next: 0,
+            expire_fraction: 0.5,
+            empty_error_file_id_as_string: false,
+            enqueued_token_limit: None,
+            api_key: None,
+        }
+    }
+}
+
+/// What the emulator saw, for tests to assert on.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Stats {
+    pub files_uploaded: u64,
+    pub files_deleted: u64,
+    pub batches_created: u64,
+    /// For each custom_id, how many batches ran it (delivered an answer or a model error).
+    pub runs_per_custom_id: BTreeMap<String, u32>,
+}
+
+impl Stats {
+    /// The custom_ids that ran in more than one batch.
+    pub fn ran_more_than_once(&self) -> Vec<String> {
+        self.runs_per_custom_id.iter().filter(|(_, n)| **n > 1).map(|(id, _)| id.clone()).collect()
+    }
+}
+
+pub struct StoredFile {
+    pub id: String,
+    pub filename: String,
+    pub purpose: String,
+    pub created_at: u64,
+    pub bytes: Vec<u8>,
+}
+
+impl StoredFile {
+    pub fn object(&self) -> Value {
+        json!({"id": self.id, "object": "file", "bytes": self.bytes.len(), "created_at": self.created_at,
+               "filename": self.filename, "purpose": self.purpose, "status": "processed",
+               "expires_at": self.created_at + 30 * 86_400})
+    }
+}
+
+struct InputLine {
+    custom_id: String,
+    body: Value,
+}
+
+pub struct Batch {
+    id: String,
+    endpoint: String,
+    input_file_id: String,
+    completion_window: String,
+    metadata: Value,
+    model: Option<String>,
+    started: Instant,
+    created_at: u64,
+    lines: Vec<InputLine>,
+    validation_errors: Vec<Value>,
+    expire_fraction: Option<f64>,
+    cancel_requested: Option<(Instant, u64)>,
+    status: &'static str,
+    times: BTreeMap<&'static str, u64>,
+    output_file_id: Option<String>,
+    error_file_id: Option<String>,
+    counts: (usize, usize),
+    usage: Option<Value>,
+    prompt_tokens: u64,
+}
+
+/// Error answered to an API call: status code and OpenAI-shaped error body.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+    pub code: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn new(status: u16, message: impl Into<String>) -> Self {
+        ApiError { status, message: message.into(), code: None }
+    }
+    pub fn body(&self) -> Value {
+        json!({"error": {"message": self.message, "type": "invalid_request_error",
+                         "param": null, "code": self.code}})
+    }
+}
+
+#[derive(Default)]
+pub struct Provider {
+    pub config: Config,
+    pub stats: Stats,
+    files: HashMap<String, StoredFile>,
+    batches: Vec<Batch>,
+    next_id: u64,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn unix_at(base: u64, since_start: Duration) -> u64 {
+    base + since_start.as_secs()
+}
+
+impl Provider {
+    pub fn new(config: Config) -> Self {
+        Provider { config, ..Default::default() }
+    }
+
+    fn new_id(&mut self, prefix: &str) -> String {
+        self.next_id += 1;
+        format!("{prefix}-{:06}{:08x}", self.next_id, rand::random::<u32>())
+    }
+
+    fn store_file(&mut self, filename: String, purpose: &str, bytes: Vec<u8>) -> String {
+        let id = self.new_id("file");
+        let file = StoredFile { id: id.clone(), filename, purpose: purpose.into(), created_at: unix_now(), bytes };
+        self.files.insert(id.clone(), file);
+        id
+    }
+
+    pub fn upload(&mut self, filename: &str, purpose: &str, bytes: Vec<u8>) -> Result<Value, ApiError> {
+        if purpose != "batch" {
+            return Err(ApiError::new(400, format!("Invalid purpose '{purpose}' for this emulator")));
+        }
+        if !filename.ends_with(".jsonl") {
+            return Err(ApiError::new(400, "Batch input files must have the .jsonl extension"));
+        }
+        if bytes.starts_with(&[0xEF, 0xBB, 0xBF]) {
+            return Err(ApiError::new(400, "The file starts with a byte-order mark; upload UTF-8 without BOM"));
+        }
+        if bytes.len() > MAX_FILE_BYTES {
+            return Err(ApiError::new(413, "File exceeds the 200 MB limit for batch input"));
+        }
+        self.stats.files_uploaded += 1;
+        let id = self.store_file(filename.into(), purpose, bytes);
+        Ok(self.files[&id].object())
+    }
+
+    pub fn file(&self, id: &str) -> Result<&StoredFile, ApiError> {
+        self.files.get(id).ok_or_else(|| ApiError::new(404, format!("No such File object: {id}")))
+    }
+
+    pub fn delete_file(&mut self, id: &str) -> Result<Value, ApiError> {
+        self.files.remove(id).ok_or_else(|| ApiError::new(404, format!("No such File object: {id}")))?;
+        self.stats.files_deleted += 1;
+        Ok(json!({"id": id, "object": "file", "deleted": true}))
+    }
+
+    pub fn create_batch(&mut self, request: &Value) -> Result<Value, ApiError> {
+        let field = |name: &str| request.get(name).and_then(Value::as_str).map(str::to_owned);
+        let input_file_id = field("input_file_id").ok_or_else(|| ApiError::new(400, "Missing input_file_id"))?;
+        let endpoint = field("endpoint").ok_or_else(|| ApiError::new(400, "Missing endpoint"))?;
+        let completion_window = field("completion_window").unwrap_or_default();
+        if completion_window != "24h" {
+            return Err(ApiError::new(400, "completion_window must be '24h'"));
+        }
+        const ENDPOINTS: [&str; 5] =
+            ["/v1/responses", "/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/moderations"];
+        if !ENDPOINTS.contains(&endpoint.as_str()) {
+            return Err(ApiError::new(400, format!("Unsupported endpoint '{endpoint}'")));
+        }
+        let metadata = request.get("metadata").cloned().unwrap_or(Value::Null);
+        check_metadata(&metadata)?;
+        let content = self.file(&input_file_id)?.bytes.clone();
+        let (lines, validation_errors, model) = validate(&content, &endpoint);
+        let prompt_tokens = lines.iter().map(|l| (l.body.to_string().len() as u64).div_ceil(4)).sum();
+
+        let expire_fraction = if self.config.expire_next > 0 {
+            self.config.expire_next -= 1;
+            Some(self.config.expire_fraction)
+        } else {
+            None
+        };
+        let mut batch = Batch {
+            id: self.new_id("batch"),
+            endpoint,
+            input_file_id,
+            completion_window,
+            metadata,
+            model,
+            started: Instant::now(),
+            created_at: unix_now(),
+            lines,
+            validation_errors,
+            expire_fraction,
+            cancel_requested: None,
+            status: "validating",
+            times: BTreeMap::new(),
+            output_file_id: None,
+            error_file_id: None,
+            counts: (0, 0),
+            usage: None,
+            prompt_tokens,
+        };
+        if batch.validation_errors.is_empty() {
+            if let Some(limit) = self.config.enqueued_token_limit {
+                if self.enqueued_tokens(batch.model.as_deref()) + batch.prompt_tokens > limit {
+                    batch.validation_errors.push(json!({"code": "token_limit_exceeded", "line": null, "param": null,
+                        "message": format!("Enqueued token limit reached for {}. Limit: {limit} enqueued tokens.",
+                                           batch.model.as_deref().unwrap_or("this model"))}));
+                }
+            }
+        }
+        self.stats.batches_created += 1;
+        let object = batch.object(&self.config);
+        self.batches.push(batch);
+        Ok(object)
+    }
+
+    /// Prompt tokens of the batches of `model` that are still open (not yet ended).
+    fn enqueued_tokens(&self, model: Option<&str>) -> u64 {
+        self.batches
+            .iter()
+            .filter(|b| b.model.as_deref() == model && !b.is_terminal() && b.validation_errors.is_empty())
+            .map(|b| b.prompt_tokens)
+            .sum()
+    }
+
+    fn batch_index(&self, id: &str) -> Result<usize, ApiError> {
+        self.batches.iter().position(|b| b.id == id).ok_or_else(|| ApiError::new(404, format!("No such Batch object: {id}")))
+    }
+
+    /// Brings every batch's state up to the present.
+    pub fn advance(&mut self) {
+        let now = Instant::now();
+        for i in 0..self.batches.len() {
+            if let Some(ended) = self.batches[i].advance(now, &self.config) {
+                self.finish(i, ended);
+            }
+        }
+    }
+
+    pub fn get_batch(&mut self, id: &str) -> Result<Value, ApiError> {
+        self.advance();
+        let i = self.batch_index(id)?;
+        Ok(self.batches[i].object(&self.config))
+    }
+
+    pub fn cancel_batch(&mut self, id: &str) -> Result<Value, ApiError> {
+        self.advance();
+        let i = self.batch_index(id)?;
+        let batch = &mut self.batches[i];
+        match batch.status {
+            "validating" | "in_progress" | "finalizing" => {
+                let ran = batch.lines_done(Instant::now(), &self.config);
+                batch.cancel_requested = Some((Instant::now(), ran as u64));
+                batch.status = "cancelling";
+                batch.times.insert("cancelling_at", unix_now());
+            }
+            "cancelling" => {}
+            other => return Err(ApiError::new(409, format!("Cannot cancel a batch with status '{other}'"))),
+        }
+        Ok(batch.object(&self.config))
+    }
+
+    pub fn list_batches(&mut self, after: Option<&str>, limit: usize) -> Result<Value, ApiError> {
+        self.advance();
+        let newest_first: Vec<&Batch> = self.batches.iter().rev().collect();
+        let start = match after {
+            Some(id) => newest_first.iter().position(|b| b.id == id).map(|p| p + 1).unwrap_or(newest_first.len()),
+            None => 0,
+        };
+        let page: Vec<Value> =
+            newest_first.iter().skip(start).take(limit).map(|b| b.object(&self.config)).collect();
+        let has_more = start + page.len() < newest_first.len();
+        Ok(json!({"object": "list",
+                  "first_id": page.first().map(|b| b["id"].clone()),
+                  "last_id": page.last().map(|b| b["id"].clone()),
+                  "has_more": has_more, "data": page}))
+    }
+
+    /// Runs the first `ran` requests of batch `i`, writes its output and error files and sets
+    /// its final status.
+    fn finish(&mut self, i: usize, ended: Ending) {
+        let endpoint = self.batches[i].endpoint.clone();
+        let (status, ran, not_run_code, not_run_message) = match ended {
+            Ending::Completed => ("completed", usize::MAX, "", ""),
+            Ending::Expired(ran) => ("expired", ran, "batch_expired",
+                "This request could not be executed before the completion window expired."),
+            Ending::Cancelled(ran) => ("cancelled", ran, "batch_cancelled",
+                "This request was not executed because the batch was cancelled."),
+        };
+        let mut output = Vec::new();
+        let mut errors = Vec::new();
+        let (mut input_tokens, mut output_tokens) = (0u64, 0u64);
+        for (n, line) in self.batches[i].lines.iter().enumerate() {
+            let seq = self.next_id + n as u64;
+            let request_id = format!("batch_req_{seq:012}");
+            if n >= ran {
+                errors.push(json!({"id": request_id, "custom_id": line.custom_id, "response": null,
+                                   "error": {"code": not_run_code, "message": not_run_message}}));
+                continue;
+            }
+            *self.stats.runs_per_custom_id.entry(line.custom_id.clone()).or_default() += 1;
+            match run_request(&endpoint, &line.custom_id, &line.body, seq) {
+                LineResult::Ok(body) => {
+                    let usage = &body["usage"];
+                    input_tokens += usage["input_tokens"].as_u64().or(usage["prompt_tokens"].as_u64()).unwrap_or(0);
+                    output_tokens +=
+                        usage["output_tokens"].as_u64().or(usage["completion_tokens"].as_u64()).unwrap_or(0);
+                    output.push(json!({"id": request_id, "custom_id": line.custom_id, "error": null,
+                        "response": {"status_code": 200, "request_id": format!("req_{seq:012}"), "body": body}}));
+                }
+                LineResult::Rejected { status, body } => errors.push(json!({"id": request_id,
+                    "custom_id": line.custom_id, "error": null,
+                    "response": {"status_code": status, "request_id": format!("req_{seq:012}"), "body": body}})),
+            }
+        }
+        self.next_id += self.batches[i].lines.len() as u64;
+        // The provider writes results in the order they finish, not the input order.
+        let mut rng = rand::rng();
+        output.shuffle(&mut rng);
+        errors.shuffle(&mut rng);
+        let batch_id = self.batches[i].id.clone();
+        let output_file_id = (!output.is_empty())
+            .then(|| self.store_file(format!("{batch_id}_output.jsonl"), "batch_output", to_jsonl(&output)));
+        let error_file_id = (!errors.is_empty())
+            .then(|| self.store_file(format!("{batch_id}_error.jsonl"), "batch_output", to_jsonl(&errors)));
+        let batch = &mut self.batches[i];
+        batch.status = status;
+        batch.times.insert(status_time_field(status), unix_at(batch.created_at, batch.started.elapsed()));
+        batch.output_file_id = output_file_id;
+        batch.error_file_id = error_file_id;
+        batch.counts = (output.len(), errors.len());
+        batch.usage = Some(json!({"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": input_tokens + output_tokens}));
+    }
+}
+
+fn status_time_field(status: &str) -> &'static str {
+    match status {
+        "completed" => "completed_at",
+        "expired" => "expired_at",
+        "cancelled" => "cancelled_at",
+        _ => "failed_at",
+    }
+}
+
+fn to_jsonl(lines: &[Value]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for line in lines {
+        out.extend_from_slice(line.to_string().as_bytes());
+        out.push(b'\n');
+    }
+    out
+}
+
+fn check_metadata(metadata: &Value) -> Result<(), ApiError> {
+    match metadata {
+        Value::Null => Ok(()),
+        Value::Object(pairs) => {
+            if pairs.len() > 16 {
+                return Err(ApiError::new(400, "metadata may hold at most 16 pairs"));
+            }
+            for (k, v) in pairs {
+                let ok = k.len() <= 64 && v.as_str().is_some_and(|s| s.len() <= 512);
+                if !ok {
+                    return Err(ApiError::new(400, format!("Invalid metadata pair '{k}'")));
+                }
+            }
+            Ok(())
+        }
+        _ => Err(ApiError::new(400, "metadata must be an object")),
+    }
+}
+
+/// Checks an input file the way the provider's validation step does. Returns the parsed
+/// lines, the validation errors (any error fails the whole batch) and the file's model.
+fn validate(content: &[u8], endpoint: &str) -> (Vec<InputLine>, Vec<Value>, Option<String>) {
+    let mut lines = Vec::new();
+    let mut errors = Vec::new();
+    let mut model: Option<String> = None;
+    let mut seen = HashSet::new();
+    let mut error = |line: usize, code: &str, message: String| {
+        errors.push(json!({"code": code, "line": line, "message": message, "param": null}))
+    };
+    for (n, raw) in content.split(|b| *b == b'\n').enumerate() {
+        let line_no = n + 1;
+        if raw.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let Ok(value) = serde_json::from_slice::<Value>(raw) else {
+            error(line_no, "invalid_json_line", format!("Line {line_no} is not valid JSON."));
+            continue;
+        };
+        let custom_id = value.get("custom_id").and_then(Value::as_str).unwrap_or_default().to_owned();
+        if custom_id.is_empty() {
+            error(line_no, "missing_required_parameter", format!("Line {line_no} has no custom_id."));
+            continue;
+        }
+        if !seen.insert(custom_id.clone()) {
+            error(line_no, "duplicate_custom_id", format!("The custom_id '{custom_id}' on line {line_no} is not unique."));
+        }
+        if value.get("method").and_then(Value::as_str) != Some("POST") {
+            error(line_no, "invalid_method", format!("Line {line_no}: method must be POST."));
+        }
+        if value.get("url").and_then(Value::as_str) != Some(endpoint) {
+            error(line_no, "mismatched_url", format!("Line {line_no}: url does not match the batch endpoint {endpoint}."));
+        }
+        let body = value.get("body").cloned().unwrap_or(Value::Null);
+        if body.get("stream").and_then(Value::as_bool) == Some(true) {
+            error(line_no, "invalid_request", format!("Line {line_no}: streaming is not supported in batches."));
+        }
+        let line_model = body.get("model").and_then(Value::as_str).map(str::to_owned);
+        match (&model, &line_model) {
+            (_, None) => error(line_no, "missing_required_parameter", format!("Line {line_no} has no model.")),
+            (None, Some(m)) => model = Some(m.clone()),
+            (Some(first), Some(m)) if first != m => error(line_no, "mismatched_model",
+                format!("Line {line_no} uses model '{m}' but the batch uses '{first}'; a batch holds one model.")),
+            _ => {}
+        }
+        lines.push(InputLine { custom_id, body });
+    }
+    if lines.len() > MAX_REQUESTS_PER_BATCH {
+        error(0, "too_many_requests", format!("A batch may hold at most {MAX_REQUESTS_PER_BATCH} requests."));
+    }
+    if lines.is_empty() && errors.is_empty() {
+        errors.push(json!({"code": "empty_file", "line": null, "message": "The input file holds no requests.", "param": null}));
+    }
+    (lines, errors, model)
+}
+
+enum Ending {
+    Completed,
+    Expired(usize),
+    Cancelled(usize),
+}
+
+impl Batch {
+    fn is_terminal(&self) -> bool {
+        matches!(self.status, "completed" | "failed" | "expired" | "cancelled")
+    }
+
+    fn phase_ends(&self, config: &Config) -> (Duration, Duration, Duration) {
+        let v = Duration::from_millis(config.validating_ms);
+        let p = v + Duration::from_millis(config.in_progress_ms);
+        let f = p + Duration::from_millis(config.finalizing_ms);
+        (v, p, f)
+    }
+
+    /// How many requests have run by `now`.
+    fn lines_done(&self, now: Instant, config: &Config) -> usize {
+        let (v, p, _) = self.phase_ends(config);
+        let elapsed = now.duration_since(self.started);
+        if elapsed <= v || !self.validation_errors.is_empty() {
+            return 0;
+        }
+        let share = ((elapsed - v).as_secs_f64() / (p - v).as_secs_f64().max(1e-9)).min(1.0);
+        let limit = self.expire_fraction.unwrap_or(1.0);
+        ((self.lines.len() as f64) * share.min(limit)).floor() as usize
+    }
+
+    /// Moves the batch along its timeline; returns how it ended if it ended just now.
+    fn advance(&mut self, now: Instant, config: &Config) -> Option<Ending> {
+        if self.is_terminal() {
+            return None;
+        }
+        let (v, p, f) = self.phase_ends(config);
+        let elapsed = now.duration_since(self.started);
+        let at = |d: Duration| unix_at(self.created_at, d);
+        if let Some((asked, ran)) = self.cancel_requested {
+            if now.duration_since(asked) >= Duration::from_millis(config.cancelling_ms) {
+                return Some(Ending::Cancelled(ran as usize));
+            }
+            return None;
+        }
+        if elapsed < v {
+            return None;
+        }
+        if !self.validation_errors.is_empty() {
+            self.status = "failed";
+            self.times.insert("failed_at", at(v));
+            return None;
+        }
+        self.times.insert("in_progress_at", at(v));
+        if elapsed < p {
+            self.status = "in_progress";
+            self.counts = (self.lines_done(now, config), 0);
+            return None;
+        }
+        if let Some(share) = self.expire_fraction {
+            let ran = ((self.lines.len() as f64) * share).floor() as usize;
+            return Some(Ending::Expired(ran));
+        }
+        self.times.insert("finalizing_at", at(p));
+        if elapsed < f {
+            self.status = "finalizing";
+            self.counts = (self.lines.len(), 0);
+            return None;
+        }
+        Some(Ending::Completed)
+    }
+
+    pub fn object(&self, config: &Config) -> Value {
+        let time = |field: &str| self.times.get(field).copied();
+        let error_file_id = match (&self.error_file_id, config.empty_error_file_id_as_string) {
+            (Some(id), _) => json!(id),
+            (None, true) if self.is_terminal() => json!(""),
+            (None, _) => Value::Null,
+        };
+        let errors = if self.validation_errors.is_empty() {
+            Value::Null
+        } else {
+            json!({"object": "list", "data": self.validation_errors})
+        };
+        json!({
+            "id": self.id, "object": "batch", "endpoint": self.endpoint, "model": self.model,
+            "input_file_id": self.input_file_id, "completion_window": self.completion_window,
+            "status": self.status, "output_file_id": self.output_file_id, "error_file_id": error_file_id,
+            "errors": errors, "created_at": self.created_at,
+            "in_progress_at": time("in_progress_at"), "expires_at": self.created_at + 86_400,
+            "finalizing_at": time("finalizing_at"), "completed_at": time("completed_at"),
+            "failed_at": time("failed_at"), "expired_at": time("expired_at"),
+            "cancelling_at": time("cancelling_at"), "cancelled_at": time("cancelled_at"),
+            "request_counts": {"total": self.lines.len(), "completed": self.counts.0, "failed": self.counts.1},
+            "metadata": self.metadata, "usage": self.usage,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(id: &str, model: &str, url: &str) -> String {
+        json!({"custom_id": id, "method": "POST", "url": url, "body": {"model": model, "input": id}}).to_string()
+    }
+
+    fn provider(config: Config) -> Provider {
+        Provider::new(config)
+    }
+
+    fn create(p: &mut Provider, content: String) -> String {
+        let file = p.upload("in.jsonl", "batch", content.into_bytes()).unwrap();
+        let b = p
+            .create_batch(&json!({"input_file_id": file["id"], "endpoint": "/v1/responses",
+                                  "completion_window": "24h", "metadata": {"k": "v"}}))
+            .unwrap();
+        b["id"].as_str().unwrap().to_owned()
+    }
+
+    fn instant() -> Config {
+        Config { validating_ms: 0, in_progress_ms: 0, finalizing_ms: 0, cancelling_ms: 0, ..Config::default() }
+    }
+
+    #[test]
+    fn a_clean_batch_completes_with_every_answer() {
+        let mut p = provider(instant());
+        let content = format!("{}\n{}\n", line("1", "m", "/v1/responses"), line("2", "m", "/v1/responses"));
+        let id = create(&mut p, content);
+        let b = p.get_batch(&id).unwrap();
+        assert_eq!(b["status"], "completed");
+        assert_eq!(b["request_counts"]["completed"], 2);
+        assert!(b["error_file_id"].is_null());
+        let out = String::from_utf8(p.file(b["output_file_id"].as_str().unwrap()).unwrap().bytes.clone()).unwrap();
+        assert_eq!(out.lines().count(), 2);
+        assert_eq!(p.stats.runs_per_custom_id.len(), 2);
+    }
+
+    #[test]
+    fn duplicate_ids_and_two_models_fail_validation() {
+        let mut p = provider(instant());
+        let content = format!("{}\n{}\n", line("1", "m", "/v1/responses"), line("1", "other", "/v1/responses"));
+        let id = create(&mut p, content);
+        let b = p.get_batch(&id).unwrap();
+        assert_eq!(b["status"], "failed");
+        let codes: Vec<&str> = b["errors"]["data"].as_array().unwrap().iter().map(|e| e["code"].as_str().unwrap()).collect();
+        assert_eq!(codes, ["duplicate_custom_id", "mismatched_model"]);
+        assert!(p.stats.runs_per_custom_id.is_empty());
+    }
+
+    #[test]
+    fn an_expired_batch_reports_the_rest_as_batch_expired() {
+        let mut p = provider(Config { expire_next: 1, expire_fraction: 0.5, ..instant() });
+        let content: String = (0..4).map(|i| line(&i.to_string(), "m", "/v1/responses") + "\n").collect();
+        let id = create(&mut p, content);
+        let b = p.get_batch(&id).unwrap();
+        assert_eq!(b["status"], "expired");
+        let errors = String::from_utf8(p.file(b["error_file_id"].as_str().unwrap()).unwrap().bytes.clone()).unwrap();
+        assert_eq!(errors.matches("batch_expired").count(), 2);
+    }
+
+    #[test]
+    fn the_token_cap_fails_validation_after_create() {
+        let mut p = provider(Config { enqueued_token_limit: Some(1), ..instant() });
+        let id = create(&mut p, line("1", "m", "/v1/responses"));
+        let b = p.get_batch(&id).unwrap();
+        assert_eq!(b["status"], "failed");
+        assert_eq!(b["errors"]["data"][0]["code"], "token_limit_exceeded");
+    }
+
+    #[test]
+    fn a_bom_is_refused_at_upload() {
+        let mut p = provider(instant());
+        let err = p.upload("in.jsonl", "batch", b"\xEF\xBB\xBF{}".to_vec()).unwrap_err();
+        assert_eq!(err.status, 400);
+    }
+
+    #[test]
+    fn list_pages_newest_first() {
+        let mut p = provider(Config { validating_ms: 60_000, ..instant() });
+        let ids: Vec<String> = (0..3).map(|i| create(&mut p, line(&i.to_string(), "m", "/v1/responses"))).collect();
+        let page = p.list_batches(None, 2).unwrap();
+        assert_eq!(page["data"][0]["id"], ids[2].as_str());
+        assert_eq!(page["has_more"], true);
+        let next = p.list_batches(page["last_id"].as_str(), 2).unwrap();
+        assert_eq!(next["data"][0]["id"], ids[0].as_str());
+        assert_eq!(next["has_more"], false);
+    }
+}

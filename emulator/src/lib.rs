@@ -1,0 +1,212 @@
+//! An HTTP emulator of the OpenAI Files and Batches API, for testing llmbatching without the
+//! real provider. It speaks the same protocol (multipart upload, batch create/get/list/cancel,
+//! file content and delete, OpenAI-shaped errors), moves batches through their statuses on an
+//! adjustable clock, and answers each request with text derived from the request itself.
+//!
+//! Besides the `/v1` API it serves:
+//! - `GET /emulator/config` and `POST /emulator/config` (a JSON object of [`Config`] fields to
+//!   change) to steer timing, expiry and validation faults while it runs;
+//! - `GET /emulator/stats`: [`Stats`], what it saw.
+//!
+//! Use it in-process with [`Emulator::start`] or as the `llmbatching-emulator` binary.
+
+pub mod answers;
+pub mod batches;
+
+pub use batches::{Config, Stats};
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use batches::{ApiError, Provider};
+use serde::Deserialize;
+use serde_json::Value;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+type Shared = Arc<Mutex<Provider>>;
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::BAD_REQUEST);
+        (status, Json(self.body())).into_response()
+    }
+}
+
+fn lock(shared: &Shared) -> MutexGuard<'_, Provider> {
+    shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+type ApiResult = Result<Json<Value>, ApiError>;
+
+async fn upload(State(shared): State<Shared>, mut form: Multipart) -> ApiResult {
+    let (mut purpose, mut file) = (None, None);
+    while let Some(field) = form.next_field().await.map_err(|e| ApiError::new(400, e.to_string()))? {
+        match field.name() {
+            Some("purpose") => purpose = Some(field.text().await.map_err(|e| ApiError::new(400, e.to_string()))?),
+            Some("file") => {
+                let name = field.file_name().unwrap_or("upload").to_owned();
+                let bytes = field.bytes().await.map_err(|e| ApiError::new(400, e.to_string()))?;
+                file = Some((name, bytes.to_vec()));
+            }
+            _ => {}
+        }
+    }
+    let purpose = purpose.ok_or_else(|| ApiError::new(400, "Missing required parameter: 'purpose'"))?;
+    let (name, bytes) = file.ok_or_else(|| ApiError::new(400, "Missing required parameter: 'file'"))?;
+    lock(&shared).upload(&name, &purpose, bytes).map(Json)
+}
+
+async fn file_object(State(shared): State<Shared>, Path(id): Path<String>) -> ApiResult {
+    lock(&shared).file(&id).map(|f| Json(f.object()))
+}
+
+async fn file_content(State(shared): State<Shared>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let bytes = lock(&shared).file(&id)?.bytes.clone();
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], Bytes::from(bytes)).into_response())
+}
+
+async fn delete_file(State(shared): State<Shared>, Path(id): Path<String>) -> ApiResult {
+    lock(&shared).delete_file(&id).map(Json)
+}
+
+async fn create_batch(State(shared): State<Shared>, body: Bytes) -> ApiResult {
+    let request: Value = serde_json::from_slice(&body).map_err(|e| ApiError::new(400, format!("Invalid JSON body: {e}")))?;
+    lock(&shared).create_batch(&request).map(Json)
+}
+
+async fn get_batch(State(shared): State<Shared>, Path(id): Path<String>) -> ApiResult {
+    lock(&shared).get_batch(&id).map(Json)
+}
+
+async fn cancel_batch(State(shared): State<Shared>, Path(id): Path<String>) -> ApiResult {
+    lock(&shared).cancel_batch(&id).map(Json)
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn list_batches(State(shared): State<Shared>, Query(q): Query<ListQuery>) -> ApiResult {
+    let limit = q.limit.unwrap_or(20);
+    if !(1..=100).contains(&limit) {
+        return Err(ApiError::new(400, "limit must be between 1 and 100"));
+    }
+    lock(&shared).list_batches(q.after.as_deref(), limit).map(Json)
+}
+
+async fn get_config(State(shared): State<Shared>) -> Json<Value> {
+    Json(serde_json::to_value(&lock(&shared).config).unwrap_or_default())
+}
+
+/// Merges the posted fields into the running configuration.
+async fn set_config(State(shared): State<Shared>, Json(changes): Json<Value>) -> ApiResult {
+    let mut provider = lock(&shared);
+    let mut merged = serde_json::to_value(&provider.config).unwrap_or_default();
+    if let (Some(target), Some(changes)) = (merged.as_object_mut(), changes.as_object()) {
+        for (k, v) in changes {
+            target.insert(k.clone(), v.clone());
+        }
+    }
+    provider.config = serde_json::from_value(merged).map_err(|e| ApiError::new(400, e.to_string()))?;
+    Ok(Json(serde_json::to_value(&provider.config).unwrap_or_default()))
+}
+
+async fn get_stats(State(shared): State<Shared>) -> Json<Value> {
+    Json(serde_json::to_value(&lock(&shared).stats).unwrap_or_default())
+}
+
+/// Refuses `/v1` calls without a bearer token (or with the wrong one, when a key is set).
+async fn require_key(State(shared): State<Shared>, headers: HeaderMap, request: Request, next: Next) -> Response {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let expected = lock(&shared).config.api_key.clone();
+    let accepted = !given.is_empty() && expected.as_deref().is_none_or(|k| k == given);
+    if !accepted {
+        let mut err = ApiError::new(401, "Incorrect API key provided.");
+        err.code = Some("invalid_api_key");
+        return err.into_response();
+    }
+    next.run(request).await
+}
+
+/// The emulator's routes over shared provider state.
+pub fn router(shared: Arc<Mutex<Provider>>) -> Router {
+    let api = Router::new()
+        .route("/files", post(upload))
+        .route("/files/{id}", get(file_object).delete(delete_file))
+        .route("/files/{id}/content", get(file_content))
+        .route("/batches", post(create_batch).get(list_batches))
+        .route("/batches/{id}", get(get_batch))
+        .route("/batches/{id}/cancel", post(cancel_batch))
+        .layer(middleware::from_fn_with_state(shared.clone(), require_key))
+        .layer(DefaultBodyLimit::max(batches::MAX_FILE_BYTES + 1024 * 1024));
+    Router::new()
+        .nest("/v1", api)
+        .route("/emulator/config", get(get_config).post(set_config))
+        .route("/emulator/stats", get(get_stats))
+        .with_state(shared)
+}
+
+/// A running emulator on a loopback port, served from a thread of its own; stops when dropped.
+pub struct Emulator {
+    /// The base URL to give llmbatching (`llmbatching.api_base`), ending in `/v1`.
+    pub base_url: String,
+    shared: Shared,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Emulator {
+    pub fn start(config: Config) -> std::io::Result<Emulator> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let base_url = format!("http://{}/v1", listener.local_addr()?);
+        let shared = Arc::new(Mutex::new(Provider::new(config)));
+        let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
+        let app = router(shared.clone());
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        let thread = std::thread::spawn(move || {
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                let _ = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = stopped.await;
+                    })
+                    .await;
+            })
+        });
+        Ok(Emulator { base_url, shared, shutdown: Some(shutdown), thread: Some(thread) })
+    }
+
+    /// Changes the configuration of the running emulator.
+    pub fn configure(&self, change: impl FnOnce(&mut Config)) {
+        change(&mut lock(&self.shared).config);
+    }
+
+    /// What the emulator has seen so far (batches are brought up to date first).
+    pub fn stats(&self) -> Stats {
+        let mut provider = lock(&self.shared);
+        provider.advance();
+        provider.stats.clone()
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
