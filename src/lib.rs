@@ -1,2 +1,39 @@
+//! llmbatching: send LLM requests from SQL through a provider's batch API, at half the price,
+//! with a background worker inside Postgres doing the bookkeeping.
+
 use pgrx::prelude::*;
-::pgrx::pg_module_magic!();
+
+mod api;
+mod config;
+mod planner;
+mod provider;
+mod request;
+mod results;
+mod store;
+mod wakeup;
+mod worker;
+
+pgrx::pg_module_magic!();
+
+extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+extension_sql_file!("../sql/api.sql", name = "api", finalize);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    config::register();
+    // The worker and its wake-up slot need the library loaded at server start.
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        wakeup::init_shared_memory();
+        worker::register();
+    }
+}
+
+/// Hooks for `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![]
+    }
+}

@@ -1,0 +1,77 @@
+-- llmbatching state: every request and every batch, in schema llmbatching.
+-- The background worker moves rows through these tables; users read them directly.
+
+CREATE SCHEMA llmbatching;
+COMMENT ON SCHEMA llmbatching IS 'State of llmbatching: queued and answered LLM requests and the provider batches that carry them';
+
+-- One row: this installation's identity, written into every batch's metadata so that batches
+-- created just before a crash can be recognised at the provider afterwards.
+CREATE TABLE llmbatching.instance (
+    singleton   boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    id          text NOT NULL DEFAULT gen_random_uuid()::text,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO llmbatching.instance DEFAULT VALUES;
+
+-- A batch's own life cycle (state), beside the provider's status (provider_status):
+--   pending    requests assigned; input file not yet uploaded
+--   uploaded   input file at the provider; batch not yet created there
+--   submitted  batch created at the provider; polled until it ends
+--   ingesting  ended at the provider; output and error files being read back
+--   done       every request of the batch is answered, failed or queued again
+CREATE TABLE llmbatching.batches (
+    id                  bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    endpoint            text NOT NULL,
+    model               text NOT NULL,
+    state               text NOT NULL DEFAULT 'pending'
+                        CHECK (state IN ('pending', 'uploaded', 'submitted', 'ingesting', 'done')),
+    provider_status     text,
+    request_count       integer NOT NULL,
+    input_bytes         bigint,
+    input_file_id       text,
+    provider_batch_id   text UNIQUE,
+    output_file_id      text,
+    error_file_id       text,
+    completed_count     integer NOT NULL DEFAULT 0,
+    failed_count        integer NOT NULL DEFAULT 0,
+    input_tokens        bigint,
+    output_tokens       bigint,
+    provider_errors     text,
+    last_error          text,
+    step_failures       integer NOT NULL DEFAULT 0,
+    next_check_at       timestamptz NOT NULL DEFAULT now(),
+    created_at          timestamptz NOT NULL DEFAULT now(),
+    create_attempted_at timestamptz,
+    submitted_at        timestamptz,
+    ended_at            timestamptz,
+    finished_at         timestamptz
+);
+COMMENT ON TABLE llmbatching.batches IS 'Provider batches: state is llmbatching''s own step, provider_status the provider''s';
+CREATE INDEX batches_open ON llmbatching.batches (next_check_at) WHERE state <> 'done';
+
+CREATE TABLE llmbatching.requests (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    state           text NOT NULL DEFAULT 'queued'
+                    CHECK (state IN ('queued', 'submitted', 'completed', 'failed', 'cancelled')),
+    endpoint        text NOT NULL,
+    model           text NOT NULL,
+    body            jsonb NOT NULL,
+    -- Size of the body as it is written into the batch file.
+    body_bytes      integer NOT NULL GENERATED ALWAYS AS (octet_length(body::text)) STORED,
+    batch_id        bigint REFERENCES llmbatching.batches (id),
+    attempts        integer NOT NULL DEFAULT 0,
+    response        jsonb,
+    result_text     text,
+    error           text,
+    input_tokens    integer,
+    output_tokens   integer,
+    submitted_by    name NOT NULL DEFAULT current_user,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    queued_at       timestamptz NOT NULL DEFAULT now(),
+    submitted_at    timestamptz,
+    finished_at     timestamptz
+);
+COMMENT ON TABLE llmbatching.requests IS 'Every LLM request: its body, its state and, once answered, the response';
+CREATE INDEX requests_queue ON llmbatching.requests (endpoint, model, id) WHERE state = 'queued';
+CREATE INDEX requests_queued_at ON llmbatching.requests (queued_at) WHERE state = 'queued';
+CREATE INDEX requests_batch ON llmbatching.requests (batch_id) WHERE batch_id IS NOT NULL;

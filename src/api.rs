@@ -1,0 +1,142 @@
+//! The write side of the SQL API: `llm_submit` and `llm_submit_body`. Each checks its
+//! arguments, queues one request and returns its id. Nothing is queued when a check fails.
+//! The read side (`llm_status`, `llm_result`, …) is plain SQL in `sql/api.sql`.
+
+use crate::config;
+use crate::request::{self, Endpoint, RequestError};
+use crate::wakeup;
+use pgrx::prelude::*;
+use pgrx::JsonB;
+use serde_json::Value;
+
+fn raise(err: RequestError) -> ! {
+    ereport!(ERROR, PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, err.to_string());
+    #[allow(unreachable_code)]
+    {
+        unreachable!("ereport(ERROR) does not return")
+    }
+}
+
+fn endpoint_of(endpoint: Option<&str>) -> Endpoint {
+    let endpoint = endpoint.unwrap_or_else(|| raise(RequestError::new("endpoint", "must not be NULL")));
+    Endpoint::parse(endpoint).unwrap_or_else(|e| raise(e))
+}
+
+/// Queues a checked body; returns the request's id.
+fn enqueue(endpoint: Endpoint, model: &str, body: Value, argument: &'static str) -> i64 {
+    let max_bytes = config::batch_limits().max_bytes;
+    request::check_size(body.to_string().len(), max_bytes, argument).unwrap_or_else(|e| raise(e));
+    let id = Spi::get_one_with_args::<i64>(
+        "INSERT INTO llmbatching.requests (endpoint, model, body) VALUES ($1, $2, $3) RETURNING id",
+        &[endpoint.path().into(), model.into(), JsonB(body).into()],
+    )
+    .unwrap_or_else(|e| error!("llmbatching: could not queue the request: {e}"))
+    .unwrap_or_else(|| error!("llmbatching: queueing the request returned no id"));
+    wakeup::wake_worker_at_commit();
+    id
+}
+
+/// Queues a request built from a model and an input; returns its id.
+#[pg_extern(volatile, parallel_unsafe)]
+fn llm_submit(
+    model: Option<&str>,
+    input: Option<&str>,
+    instructions: default!(Option<&str>, "NULL"),
+    options: default!(Option<JsonB>, "'{}'"),
+    endpoint: default!(Option<&str>, "'/v1/responses'"),
+) -> i64 {
+    let endpoint = endpoint_of(endpoint);
+    let options = options.map(|o| o.0);
+    let body = request::build_body(endpoint, model, input, instructions, options.as_ref()).unwrap_or_else(|e| raise(e));
+    let model = model.unwrap_or_default().to_owned();
+    enqueue(endpoint, &model, body, "input")
+}
+
+/// Queues a request given as a complete body for the endpoint; returns its id.
+#[pg_extern(volatile, parallel_unsafe)]
+fn llm_submit_body(body: Option<JsonB>, endpoint: default!(Option<&str>, "'/v1/responses'")) -> i64 {
+    let endpoint = endpoint_of(endpoint);
+    let body = body.map(|b| b.0).unwrap_or_else(|| raise(RequestError::new("body", "must not be NULL")));
+    let model = request::validate_body(&body, "body").unwrap_or_else(|e| raise(e)).to_owned();
+    enqueue(endpoint, &model, body, "body")
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+    use pgrx::JsonB;
+    use serde_json::json;
+
+    fn queued() -> i64 {
+        Spi::get_one::<i64>("SELECT count(*) FROM llmbatching.requests").unwrap().unwrap()
+    }
+
+    fn body_of(id: i64) -> serde_json::Value {
+        Spi::get_one_with_args::<JsonB>("SELECT body FROM llmbatching.requests WHERE id = $1", &[id.into()])
+            .unwrap()
+            .unwrap()
+            .0
+    }
+
+    #[pg_test]
+    fn submit_queues_a_responses_request() {
+        let id = Spi::get_one::<i64>("SELECT llm_submit('gpt-4o-mini', 'Classify: great')").unwrap().unwrap();
+        assert_eq!(body_of(id), json!({"model": "gpt-4o-mini", "input": "Classify: great"}));
+        let status = Spi::get_one_with_args::<String>("SELECT llm_status($1)", &[id.into()]).unwrap();
+        assert_eq!(status.as_deref(), Some("queued"));
+        let result = Spi::get_one_with_args::<String>("SELECT llm_result($1)", &[id.into()]).unwrap();
+        assert_eq!(result, None);
+    }
+
+    #[pg_test]
+    fn submit_builds_chat_and_embedding_bodies_with_options() {
+        let chat = Spi::get_one::<i64>(
+            "SELECT llm_submit('gpt-4o', 'hi', 'be terse', '{\"temperature\": 0}', '/v1/chat/completions')",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            body_of(chat),
+            json!({"model": "gpt-4o", "temperature": 0, "messages": [
+                {"role": "system", "content": "be terse"}, {"role": "user", "content": "hi"}]})
+        );
+        let emb = Spi::get_one::<i64>("SELECT llm_submit('text-embedding-3-small', 'hi', endpoint => '/v1/embeddings')")
+            .unwrap()
+            .unwrap();
+        assert_eq!(body_of(emb), json!({"model": "text-embedding-3-small", "input": "hi"}));
+    }
+
+    #[pg_test]
+    fn submit_body_takes_a_whole_body() {
+        let id = Spi::get_one::<i64>(
+            "SELECT llm_submit_body('{\"model\": \"m\", \"input\": [{\"role\": \"user\", \"content\": \"x\"}]}')",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(body_of(id)["input"][0]["content"], "x");
+        let model = Spi::get_one_with_args::<String>("SELECT model FROM llmbatching.requests WHERE id = $1", &[id.into()]);
+        assert_eq!(model.unwrap().as_deref(), Some("m"));
+    }
+
+    #[pg_test]
+    fn cancel_only_cancels_queued_requests() {
+        let id = Spi::get_one::<i64>("SELECT llm_submit('m', 'x')").unwrap().unwrap();
+        assert_eq!(Spi::get_one_with_args::<bool>("SELECT llm_cancel($1)", &[id.into()]).unwrap(), Some(true));
+        assert_eq!(Spi::get_one_with_args::<bool>("SELECT llm_cancel($1)", &[id.into()]).unwrap(), Some(false));
+        let status = Spi::get_one_with_args::<String>("SELECT llm_status($1)", &[id.into()]).unwrap();
+        assert_eq!(status.as_deref(), Some("cancelled"));
+        assert_eq!(Spi::get_one::<bool>("SELECT llm_cancel(-1)").unwrap(), Some(false));
+        assert_eq!(Spi::get_one::<String>("SELECT llm_status(-1)").unwrap(), None);
+    }
+
+    #[pg_test(error = "invalid argument \"model\": must not be NULL")]
+    fn a_null_model_is_refused() {
+        Spi::run("SELECT llm_submit(NULL, 'x')").unwrap();
+    }
+
+    #[pg_test(error = "invalid argument \"options\": may not set \"stream\"; batch requests cannot stream")]
+    fn streaming_is_refused() {
+        Spi::run("SELECT llm_submit('m', 'x', options => '{\"stream\": true}')").unwrap();
+    }
+}

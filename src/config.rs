@@ -1,0 +1,141 @@
+//! Settings (`llmbatching.*`), registered when the library loads.
+
+use crate::planner::{BatchLimits, PROVIDER_MAX_BYTES, PROVIDER_MAX_REQUESTS};
+use pgrx::{pg_sys, GucContext, GucFlags, GucRegistry, GucSetting};
+use std::ffi::CString;
+use std::time::Duration;
+
+static API_BASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"https://api.openai.com/v1"));
+static API_KEY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+static BATCH_WAIT_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
+static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
+static BATCH_MAX_REQUESTS: GucSetting<i32> = GucSetting::<i32>::new(PROVIDER_MAX_REQUESTS as i32);
+static BATCH_MAX_BYTES: GucSetting<i32> = GucSetting::<i32>::new(PROVIDER_MAX_BYTES as i32);
+static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(3);
+
+pub fn register() {
+    GucRegistry::define_string_guc(
+        c"llmbatching.api_base",
+        c"Base URL of the provider's API.",
+        c"The worker sends Files and Batches calls here, for example https://api.openai.com/v1.",
+        &API_BASE,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"llmbatching.api_key",
+        c"API key for the provider.",
+        c"Readable by superusers only. When empty, the worker uses OPENAI_API_KEY from the server's environment.",
+        &API_KEY,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
+    );
+    GucRegistry::define_string_guc(
+        c"llmbatching.database",
+        c"Database the background worker serves.",
+        c"The worker processes the requests of the llmbatching extension installed in this database.",
+        &DATABASE,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"llmbatching.batch_wait",
+        c"How long the oldest queued request waits for more before a batch is sent.",
+        c"A batch is sent as soon as it is full, or once its oldest request has waited this long.",
+        &BATCH_WAIT_MS,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"llmbatching.poll_interval",
+        c"How often the worker asks the provider about each submitted batch.",
+        c"The provider asks for no more than about one poll a minute per batch.",
+        &POLL_INTERVAL_MS,
+        10,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"llmbatching.batch_max_requests",
+        c"Most requests in one batch.",
+        c"The provider's own limit, 50000, is also the ceiling.",
+        &BATCH_MAX_REQUESTS,
+        1,
+        PROVIDER_MAX_REQUESTS as i32,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"llmbatching.batch_max_bytes",
+        c"Largest batch input file.",
+        c"The provider's own limit, 200MB, is also the ceiling. A request larger than this is refused at submit time.",
+        &BATCH_MAX_BYTES,
+        1024,
+        PROVIDER_MAX_BYTES as i32,
+        GucContext::Sighup,
+        GucFlags::UNIT_BYTE,
+    );
+    GucRegistry::define_int_guc(
+        c"llmbatching.max_attempts",
+        c"How many batches a request may be sent in before it is failed.",
+        c"A request that did not run (its batch expired, was cancelled or failed validation) is queued again until it has been sent this many times.",
+        &MAX_ATTEMPTS,
+        1,
+        100,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    unsafe { pg_sys::MarkGUCPrefixReserved(c"llmbatching".as_ptr()) };
+}
+
+fn string(setting: &GucSetting<Option<CString>>) -> Option<String> {
+    setting.get().and_then(|s| s.into_string().ok()).filter(|s| !s.is_empty())
+}
+
+fn millis(setting: &GucSetting<i32>) -> Duration {
+    Duration::from_millis(setting.get().max(0) as u64)
+}
+
+/// The database the worker connects to.
+pub fn database() -> String {
+    string(&DATABASE).unwrap_or_else(|| "postgres".into())
+}
+
+/// The settings the worker acts on, read once per round so a reload applies between rounds.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub api_base: String,
+    pub batch_wait: Duration,
+    pub poll_interval: Duration,
+    pub limits: BatchLimits,
+    pub max_attempts: i32,
+}
+
+impl Settings {
+    pub fn current() -> Settings {
+        Settings {
+            api_base: string(&API_BASE).unwrap_or_default(),
+            batch_wait: millis(&BATCH_WAIT_MS),
+            poll_interval: millis(&POLL_INTERVAL_MS),
+            limits: batch_limits(),
+            max_attempts: MAX_ATTEMPTS.get(),
+        }
+    }
+}
+
+pub fn batch_limits() -> BatchLimits {
+    BatchLimits {
+        max_requests: BATCH_MAX_REQUESTS.get().clamp(1, PROVIDER_MAX_REQUESTS as i32) as usize,
+        max_bytes: BATCH_MAX_BYTES.get().clamp(1024, PROVIDER_MAX_BYTES as i32) as usize,
+    }
+}
+
+/// The API key: the setting, else `OPENAI_API_KEY` from the server's environment.
+/// Never logged or shown.
+pub fn api_key() -> Option<String> {
+    string(&API_KEY).or_else(|| std::env::var("OPENAI_API_KEY").ok().filter(|k| !k.is_empty()))
+}

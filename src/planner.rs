@@ -1,0 +1,129 @@
+//! Deciding when a group of queued requests becomes a batch and how large it may be, and how
+//! long to wait before trying a failed step again. Pure: no database, no network.
+
+use crate::request::LINE_OVERHEAD_BYTES;
+use std::time::Duration;
+
+/// The most requests and bytes one batch input file may hold.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchLimits {
+    pub max_requests: usize,
+    pub max_bytes: usize,
+}
+
+/// The provider's own ceilings, which no setting may raise.
+pub const PROVIDER_MAX_REQUESTS: usize = 50_000;
+pub const PROVIDER_MAX_BYTES: usize = 200 * 1024 * 1024;
+
+/// A queued request as the planner sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct Candidate {
+    pub id: i64,
+    pub body_bytes: usize,
+}
+
+impl Candidate {
+    fn line_bytes(&self) -> usize {
+        self.body_bytes + LINE_OVERHEAD_BYTES
+    }
+}
+
+/// A group of queued requests (one endpoint and model) as the planner sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct QueuedGroup {
+    pub requests: usize,
+    pub body_bytes: usize,
+    /// How long its oldest request has waited.
+    pub oldest_wait: Duration,
+}
+
+/// A group is sent when it fills a batch, or when its oldest request has waited long enough.
+pub fn group_is_due(group: &QueuedGroup, limits: BatchLimits, batch_wait: Duration) -> bool {
+    let line_bytes = group.body_bytes + group.requests * LINE_OVERHEAD_BYTES;
+    group.requests >= limits.max_requests || line_bytes >= limits.max_bytes || group.oldest_wait >= batch_wait
+}
+
+/// How the candidates (oldest first) are split off into the next batch.
+#[derive(Debug, PartialEq)]
+pub struct Split {
+    /// The ids that go into the batch.
+    pub batch: Vec<i64>,
+    /// Ids too large to fit in any batch on their own.
+    pub too_large: Vec<i64>,
+}
+
+/// Takes the longest run of candidates, oldest first, that fits in one batch. A request that
+/// could never fit, even alone, is set aside so it does not block the queue.
+pub fn take_batch(candidates: &[Candidate], limits: BatchLimits) -> Split {
+    let mut split = Split { batch: Vec::new(), too_large: Vec::new() };
+    let mut bytes = 0usize;
+    for c in candidates {
+        if c.line_bytes() > limits.max_bytes {
+            split.too_large.push(c.id);
+            continue;
+        }
+        if split.batch.len() == limits.max_requests || bytes + c.line_bytes() > limits.max_bytes {
+            break;
+        }
+        bytes += c.line_bytes();
+        split.batch.push(c.id);
+    }
+    split
+}
+
+/// Delay before the next try of a step that failed `failures` times in a row: exponential from
+/// `base`, capped at `cap`, with "equal jitter" (half fixed, half random) so that many batches
+/// failing together do not retry in lockstep. A provider's `Retry-After` is a floor.
+pub fn retry_delay(failures: u32, base: Duration, cap: Duration, retry_after: Option<Duration>, random: f64) -> Duration {
+    let exp = base.saturating_mul(1u32 << failures.min(20)).min(cap);
+    let delay = exp / 2 + exp.mul_f64(random.clamp(0.0, 1.0) / 2.0);
+    delay.max(retry_after.unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn candidates(sizes: &[usize]) -> Vec<Candidate> {
+        sizes.iter().enumerate().map(|(i, &b)| Candidate { id: i as i64 + 1, body_bytes: b }).collect()
+    }
+
+    #[test]
+    fn a_batch_stops_at_the_request_limit() {
+        let limits = BatchLimits { max_requests: 2, max_bytes: 1 << 20 };
+        assert_eq!(take_batch(&candidates(&[10, 10, 10]), limits).batch, vec![1, 2]);
+    }
+
+    #[test]
+    fn a_batch_stops_at_the_byte_limit() {
+        let line = 100 + LINE_OVERHEAD_BYTES;
+        let limits = BatchLimits { max_requests: 100, max_bytes: 2 * line + 1 };
+        assert_eq!(take_batch(&candidates(&[100, 100, 100]), limits).batch, vec![1, 2]);
+    }
+
+    #[test]
+    fn a_request_too_large_for_any_batch_is_set_aside() {
+        let limits = BatchLimits { max_requests: 100, max_bytes: 1000 };
+        let split = take_batch(&candidates(&[10, 5000, 10]), limits);
+        assert_eq!(split, Split { batch: vec![1, 3], too_large: vec![2] });
+    }
+
+    #[test]
+    fn groups_are_due_when_full_or_old() {
+        let limits = BatchLimits { max_requests: 10, max_bytes: 1 << 20 };
+        let wait = Duration::from_secs(30);
+        let group = |requests, secs| QueuedGroup { requests, body_bytes: 0, oldest_wait: Duration::from_secs(secs) };
+        assert!(!group_is_due(&group(3, 5), limits, wait));
+        assert!(group_is_due(&group(10, 5), limits, wait));
+        assert!(group_is_due(&group(3, 30), limits, wait));
+    }
+
+    #[test]
+    fn retry_delays_grow_and_respect_retry_after() {
+        let (base, cap) = (Duration::from_secs(1), Duration::from_secs(60));
+        assert_eq!(retry_delay(0, base, cap, None, 1.0), Duration::from_secs(1));
+        assert_eq!(retry_delay(3, base, cap, None, 0.0), Duration::from_secs(4));
+        assert_eq!(retry_delay(30, base, cap, None, 1.0), cap);
+        assert_eq!(retry_delay(0, base, cap, Some(Duration::from_secs(9)), 0.0), Duration::from_secs(9));
+    }
+}

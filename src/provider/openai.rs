@@ -1,0 +1,189 @@
+//! The OpenAI Files and Batches API (and any service that speaks it, such as the emulator).
+
+use super::{BatchInfo, BatchPage, BatchProvider, NewBatch, ProviderError, ProviderResult};
+use futures_util::StreamExt;
+use reqwest::{Client, RequestBuilder, Response, StatusCode};
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::runtime::Runtime;
+
+/// Longest JSON answer accepted for a control call (batch objects, lists); files are streamed.
+const MAX_JSON_BYTES: usize = 16 * 1024 * 1024;
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+pub struct OpenAi {
+    base_url: String,
+    api_key: String,
+    client: Client,
+    runtime: Runtime,
+}
+
+impl OpenAi {
+    pub fn new(base_url: &str, api_key: &str) -> ProviderResult<OpenAi> {
+        let local = |e: &dyn std::fmt::Display| ProviderError::Local(e.to_string());
+        // One thread: the worker waits on each call in turn, and a backend must not grow threads.
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| local(&e))?;
+        let client = Client::builder()
+            .connect_timeout(Duration::from_secs(15))
+            .user_agent(concat!("llmbatching/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| local(&e))?;
+        Ok(OpenAi { base_url: base_url.trim_end_matches('/').to_owned(), api_key: api_key.to_owned(), client, runtime })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base_url, path)
+    }
+
+    fn authorized(&self, request: RequestBuilder) -> RequestBuilder {
+        request.bearer_auth(&self.api_key)
+    }
+
+    /// Sends a control request and reads its JSON answer.
+    fn call_json(&self, request: RequestBuilder) -> ProviderResult<Value> {
+        self.runtime.block_on(async {
+            let response = send(self.authorized(request).timeout(CONTROL_TIMEOUT)).await?;
+            let bytes = read_limited(response, MAX_JSON_BYTES).await?;
+            serde_json::from_slice(&bytes).map_err(|e| ProviderError::Malformed(format!("invalid JSON ({e})")))
+        })
+    }
+}
+
+/// Sends a request and sorts failures: connection trouble, 429 and 5xx are transient.
+async fn send(request: RequestBuilder) -> ProviderResult<Response> {
+    let response = request.send().await.map_err(|e| ProviderError::Transient {
+        message: format!("request failed: {}", describe(&e)),
+        retry_after: None,
+    })?;
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let body = read_limited(response, 64 * 1024).await.unwrap_or_default();
+    let message = error_message(status, &body);
+    if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::REQUEST_TIMEOUT || status.is_server_error() {
+        return Err(ProviderError::Transient { message: format!("HTTP {}: {message}", status.as_u16()), retry_after });
+    }
+    Err(ProviderError::Rejected { status: status.as_u16(), message })
+}
+
+/// The `error.message` of an OpenAI error body, or the status's own words.
+fn error_message(status: StatusCode, body: &[u8]) -> String {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v.pointer("/error/message").and_then(Value::as_str).map(str::to_owned))
+        .unwrap_or_else(|| status.canonical_reason().unwrap_or("error").to_owned())
+}
+
+/// A reqwest error with its causes, which is where the useful part ("connection refused") is.
+fn describe(e: &reqwest::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+async fn read_limited(response: Response, limit: usize) -> ProviderResult<Vec<u8>> {
+    let mut stream = response.bytes_stream();
+    let mut body = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ProviderError::Transient { message: describe(&e), retry_after: None })?;
+        if body.len() + chunk.len() > limit {
+            return Err(ProviderError::Malformed(format!("response larger than {limit} bytes")));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+impl BatchProvider for OpenAi {
+    fn upload_batch_file(&self, path: &Path, filename: &str) -> ProviderResult<String> {
+        let local = |e: std::io::Error| ProviderError::Local(format!("{}: {e}", path.display()));
+        let value = self.runtime.block_on(async {
+            let file = tokio::fs::File::open(path).await.map_err(local)?;
+            let length = file.metadata().await.map_err(local)?.len();
+            let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
+            let part = reqwest::multipart::Part::stream_with_length(body, length)
+                .file_name(filename.to_owned())
+                .mime_str("application/jsonl")
+                .map_err(|e| ProviderError::Local(e.to_string()))?;
+            let form = reqwest::multipart::Form::new().text("purpose", "batch").part("file", part);
+            let request = self.authorized(self.client.post(self.url("/files"))).multipart(form).timeout(TRANSFER_TIMEOUT);
+            let bytes = read_limited(send(request).await?, MAX_JSON_BYTES).await?;
+            serde_json::from_slice::<Value>(&bytes).map_err(|e| ProviderError::Malformed(format!("invalid JSON ({e})")))
+        })?;
+        value
+            .get("id")
+            .and_then(Value::as_str)
+            .filter(|id| !id.is_empty())
+            .map(str::to_owned)
+            .ok_or_else(|| ProviderError::Malformed("file object without an id".into()))
+    }
+
+    fn create_batch(&self, batch: &NewBatch<'_>) -> ProviderResult<BatchInfo> {
+        let metadata: serde_json::Map<String, Value> =
+            batch.metadata.iter().map(|(k, v)| (k.to_string(), Value::String(v.clone()))).collect();
+        let body = json!({"input_file_id": batch.input_file_id, "endpoint": batch.endpoint,
+                          "completion_window": "24h", "metadata": metadata});
+        BatchInfo::from_json(&self.call_json(self.client.post(self.url("/batches")).json(&body))?)
+    }
+
+    fn get_batch(&self, id: &str) -> ProviderResult<BatchInfo> {
+        BatchInfo::from_json(&self.call_json(self.client.get(self.url(&format!("/batches/{id}"))))?)
+    }
+
+    fn list_batches(&self, after: Option<&str>, limit: u32) -> ProviderResult<BatchPage> {
+        let mut query = vec![("limit", limit.to_string())];
+        if let Some(after) = after {
+            query.push(("after", after.to_owned()));
+        }
+        let page = self.call_json(self.client.get(self.url("/batches")).query(&query))?;
+        let batches = page
+            .get("data")
+            .and_then(Value::as_array)
+            .ok_or_else(|| ProviderError::Malformed("batch list without data".into()))?
+            .iter()
+            .map(BatchInfo::from_json)
+            .collect::<ProviderResult<Vec<_>>>()?;
+        Ok(BatchPage { batches, has_more: page.get("has_more").and_then(Value::as_bool).unwrap_or(false) })
+    }
+
+    fn cancel_batch(&self, id: &str) -> ProviderResult<BatchInfo> {
+        BatchInfo::from_json(&self.call_json(self.client.post(self.url(&format!("/batches/{id}/cancel"))))?)
+    }
+
+    fn download_file(&self, id: &str, dest: &Path) -> ProviderResult<u64> {
+        let local = |e: std::io::Error| ProviderError::Local(format!("{}: {e}", dest.display()));
+        self.runtime.block_on(async {
+            let request = self.authorized(self.client.get(self.url(&format!("/files/{id}/content")))).timeout(TRANSFER_TIMEOUT);
+            let response = send(request).await?;
+            let mut file = tokio::fs::File::create(dest).await.map_err(local)?;
+            let mut stream = response.bytes_stream();
+            let mut written = 0u64;
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| ProviderError::Transient { message: describe(&e), retry_after: None })?;
+                file.write_all(&chunk).await.map_err(local)?;
+                written += chunk.len() as u64;
+            }
+            file.flush().await.map_err(local)?;
+            Ok(written)
+        })
+    }
+
+    fn delete_file(&self, id: &str) -> ProviderResult<()> {
+        self.call_json(self.client.delete(self.url(&format!("/files/{id}")))).map(|_| ())
+    }
+}

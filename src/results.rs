@@ -1,0 +1,184 @@
+//! Reading a finished batch's output and error files, one line at a time, into what happened
+//! to each request. Pure: no database, no network.
+
+use crate::request::Endpoint;
+use serde_json::Value;
+
+/// What one result line says about its request.
+#[derive(Debug, PartialEq)]
+pub enum Outcome {
+    /// The model answered.
+    Completed { response: Value, text: Option<String>, input_tokens: Option<i32>, output_tokens: Option<i32> },
+    /// The request ran and was refused for a reason that will not change by sending it again.
+    Failed { message: String, response: Option<Value> },
+    /// The request did not run, or failed in a way that may pass on another try.
+    Retry { reason: String },
+}
+
+/// One result line, attributed to the request it belongs to.
+#[derive(Debug, PartialEq)]
+pub struct LineResult {
+    pub request_id: i64,
+    pub outcome: Outcome,
+}
+
+/// The `custom_id` llmbatching gives a request in a batch file.
+pub fn custom_id(request_id: i64) -> String {
+    request_id.to_string()
+}
+
+/// Reads one line of an output or error file. `Err` means the line could not be attributed to
+/// any request; its text is returned for the log. A line that names its request but is
+/// otherwise malformed becomes a [`Outcome::Retry`], so the request is asked again.
+pub fn parse_line(endpoint: Endpoint, line: &str) -> Result<LineResult, String> {
+    let value: Value = serde_json::from_str(line).map_err(|e| format!("not JSON ({e})"))?;
+    let request_id = value
+        .get("custom_id")
+        .and_then(Value::as_str)
+        .and_then(|id| id.parse::<i64>().ok())
+        .ok_or_else(|| "no custom_id that llmbatching issued".to_string())?;
+    let outcome = outcome_of(endpoint, &value).unwrap_or_else(|reason| Outcome::Retry {
+        reason: format!("the provider returned a malformed result line: {reason}"),
+    });
+    Ok(LineResult { request_id, outcome })
+}
+
+fn outcome_of(endpoint: Endpoint, line: &Value) -> Result<Outcome, String> {
+    match line.get("response") {
+        Some(response) if !response.is_null() => response_outcome(endpoint, response),
+        _ => line_error_outcome(line.get("error").unwrap_or(&Value::Null)),
+    }
+}
+
+fn response_outcome(endpoint: Endpoint, response: &Value) -> Result<Outcome, String> {
+    let status = response.get("status_code").and_then(Value::as_u64).ok_or("no status_code")?;
+    let body = response.get("body").filter(|b| b.is_object()).ok_or("no response body")?;
+    if (200..300).contains(&status) {
+        let (input_tokens, output_tokens) = token_usage(body);
+        return Ok(Outcome::Completed { text: answer_text(endpoint, body), response: body.clone(), input_tokens, output_tokens });
+    }
+    let message = body
+        .pointer("/error/message")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("the provider answered status {status}"));
+    // Rate limits, timeouts and server errors are the provider's trouble, not the request's.
+    if matches!(status, 408 | 409 | 429) || status >= 500 {
+        return Ok(Outcome::Retry { reason: format!("status {status}: {message}") });
+    }
+    Ok(Outcome::Failed { message, response: Some(body.clone()) })
+}
+
+/// Error codes of lines that never reached the model, or failed only for lack of time.
+const NOT_RUN_CODES: [&str; 4] = ["batch_expired", "batch_cancelled", "request_timeout", "batch_failed"];
+
+fn line_error_outcome(error: &Value) -> Result<Outcome, String> {
+    let code = error.get("code").and_then(Value::as_str).ok_or("neither a response nor an error")?;
+    let message = error.get("message").and_then(Value::as_str).unwrap_or(code).to_owned();
+    if NOT_RUN_CODES.contains(&code) {
+        return Ok(Outcome::Retry { reason: format!("{code}: {message}") });
+    }
+    Ok(Outcome::Failed { message: format!("{code}: {message}"), response: None })
+}
+
+/// The answer as text: Responses' output text, the first choice's message (Chat Completions)
+/// or text (Completions). None for endpoints whose answer is not text.
+pub fn answer_text(endpoint: Endpoint, body: &Value) -> Option<String> {
+    match endpoint {
+        Endpoint::Responses => {
+            if let Some(text) = body.get("output_text").and_then(Value::as_str) {
+                return Some(text.to_owned());
+            }
+            let parts: Vec<&str> = body
+                .get("output")?
+                .as_array()?
+                .iter()
+                .filter_map(|item| item.get("content")?.as_array())
+                .flatten()
+                .filter(|part| part.get("type").and_then(Value::as_str) == Some("output_text"))
+                .filter_map(|part| part.get("text")?.as_str())
+                .collect();
+            (!parts.is_empty()).then(|| parts.concat())
+        }
+        Endpoint::ChatCompletions => body.pointer("/choices/0/message/content")?.as_str().map(str::to_owned),
+        Endpoint::Completions => body.pointer("/choices/0/text")?.as_str().map(str::to_owned),
+        Endpoint::Embeddings | Endpoint::Moderations => None,
+    }
+}
+
+/// Input and output tokens from a body's `usage`, in either naming the endpoints use.
+pub fn token_usage(body: &Value) -> (Option<i32>, Option<i32>) {
+    let usage = body.get("usage");
+    let count = |names: [&str; 2]| {
+        names
+            .iter()
+            .find_map(|n| usage?.get(*n)?.as_i64())
+            .map(|n| n.clamp(0, i32::MAX as i64) as i32)
+    };
+    (count(["input_tokens", "prompt_tokens"]), count(["output_tokens", "completion_tokens"]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn line(v: Value) -> String {
+        v.to_string()
+    }
+
+    #[test]
+    fn a_response_line_yields_text_and_usage() {
+        let l = line(json!({"id": "batch_req_1", "custom_id": "17", "error": null, "response": {
+            "status_code": 200, "request_id": "r", "body": {"output": [{"type": "message",
+            "content": [{"type": "output_text", "text": "positive"}]}],
+            "usage": {"input_tokens": 12, "output_tokens": 1}}}}));
+        let r = parse_line(Endpoint::Responses, &l).unwrap();
+        assert_eq!(r.request_id, 17);
+        match r.outcome {
+            Outcome::Completed { text, input_tokens, output_tokens, .. } => {
+                assert_eq!(text.as_deref(), Some("positive"));
+                assert_eq!((input_tokens, output_tokens), (Some(12), Some(1)));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn chat_text_is_the_first_choice() {
+        let body = json!({"choices": [{"message": {"content": "hi"}}, {"message": {"content": "no"}}],
+                          "usage": {"prompt_tokens": 3, "completion_tokens": 4}});
+        assert_eq!(answer_text(Endpoint::ChatCompletions, &body).as_deref(), Some("hi"));
+        assert_eq!(token_usage(&body), (Some(3), Some(4)));
+    }
+
+    #[test]
+    fn a_rejected_request_fails_with_the_provider_message() {
+        let l = line(json!({"custom_id": "5", "error": null, "response": {"status_code": 400,
+            "body": {"error": {"message": "Invalid value for temperature", "type": "invalid_request_error"}}}}));
+        match parse_line(Endpoint::Responses, &l).unwrap().outcome {
+            Outcome::Failed { message, .. } => assert_eq!(message, "Invalid value for temperature"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn server_errors_and_unrun_lines_are_retried() {
+        let l = line(json!({"custom_id": "5", "response": {"status_code": 503, "body": {"error": {"message": "busy"}}}}));
+        assert!(matches!(parse_line(Endpoint::Responses, &l).unwrap().outcome, Outcome::Retry { .. }));
+        let l = line(json!({"custom_id": "6", "response": null, "error": {"code": "batch_expired", "message": "late"}}));
+        assert_eq!(
+            parse_line(Endpoint::Responses, &l).unwrap().outcome,
+            Outcome::Retry { reason: "batch_expired: late".into() }
+        );
+    }
+
+    #[test]
+    fn malformed_lines_never_panic() {
+        assert!(parse_line(Endpoint::Responses, "{\"custom_id\":\"1\",\"resp").is_err());
+        assert!(parse_line(Endpoint::Responses, "[]").is_err());
+        assert!(parse_line(Endpoint::Responses, "{\"custom_id\":\"x1\"}").is_err());
+        let r = parse_line(Endpoint::Responses, "{\"custom_id\":\"9\",\"response\":{\"status_code\":200}}").unwrap();
+        assert!(matches!(r.outcome, Outcome::Retry { .. }));
+    }
+}

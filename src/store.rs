@@ -1,0 +1,382 @@
+//! The worker's access to the state tables. Every function here runs inside a transaction the
+//! worker opens around it and makes no network call, so no row lock outlives a step.
+
+use crate::planner::{self, BatchLimits, Candidate, QueuedGroup};
+use crate::provider::BatchInfo;
+use crate::request::Endpoint;
+use crate::results::{custom_id, LineResult, Outcome};
+use pgrx::prelude::*;
+use pgrx::spi::{SpiClient, SpiResult};
+use pgrx::JsonB;
+use serde_json::value::RawValue;
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+fn fail<T>(what: &str, e: impl std::fmt::Display) -> T {
+    error!("llmbatching: {what}: {e}")
+}
+
+fn run(sql: &str, args: &[pgrx::datum::DatumWithOid]) {
+    Spi::run_with_args(sql, args).unwrap_or_else(|e| fail(sql, e))
+}
+
+fn seconds(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+/// Whether the extension is installed in the worker's database.
+pub fn extension_ready() -> bool {
+    Spi::get_one::<bool>("SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'llmbatching')")
+        .unwrap_or_else(|e| fail("checking for the extension", e))
+        .unwrap_or(false)
+}
+
+/// This installation's id, written into every batch's metadata.
+pub fn instance_id() -> String {
+    Spi::get_one::<String>("SELECT id FROM llmbatching.instance")
+        .unwrap_or_else(|e| fail("reading the instance id", e))
+        .unwrap_or_default()
+}
+
+/// A group of queued requests that share one endpoint and model.
+pub struct Group {
+    pub endpoint: String,
+    pub model: String,
+    pub queued: QueuedGroup,
+}
+
+pub fn queued_groups() -> Vec<Group> {
+    Spi::connect(|client| {
+        let rows = client.select(
+            "SELECT endpoint, model, count(*), sum(body_bytes)::bigint,
+                    extract(epoch FROM clock_timestamp() - min(queued_at))::float8
+               FROM llmbatching.requests WHERE state = 'queued' GROUP BY endpoint, model",
+            None,
+            &[],
+        )?;
+        rows.map(|row| {
+            Ok(Group {
+                endpoint: row.get(1)?.unwrap_or_default(),
+                model: row.get(2)?.unwrap_or_default(),
+                queued: QueuedGroup {
+                    requests: row.get::<i64>(3)?.unwrap_or(0) as usize,
+                    body_bytes: row.get::<i64>(4)?.unwrap_or(0) as usize,
+                    oldest_wait: Duration::from_secs_f64(row.get::<f64>(5)?.unwrap_or(0.0).max(0.0)),
+                },
+            })
+        })
+        .collect::<SpiResult<Vec<_>>>()
+    })
+    .unwrap_or_else(|e| fail("reading the queue", e))
+}
+
+/// Claims the oldest queued requests of a group into a new batch (state `pending`); returns
+/// its id, or None when nothing could be claimed. Requests too large for any batch are failed.
+pub fn claim_batch(endpoint: &str, model: &str, limits: BatchLimits) -> Option<i64> {
+    let candidates: Vec<Candidate> = Spi::connect_mut(|client| {
+        client
+            .update(
+                "SELECT id, body_bytes FROM llmbatching.requests
+                  WHERE state = 'queued' AND endpoint = $1 AND model = $2
+                  ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED",
+                None,
+                &[endpoint.into(), model.into(), (limits.max_requests as i64).into()],
+            )?
+            .map(|row| {
+                Ok(Candidate { id: row.get(1)?.unwrap_or(0), body_bytes: row.get::<i32>(2)?.unwrap_or(0) as usize })
+            })
+            .collect::<SpiResult<Vec<_>>>()
+    })
+    .unwrap_or_else(|e| fail("claiming queued requests", e));
+    let split = planner::take_batch(&candidates, limits);
+    if !split.too_large.is_empty() {
+        run(
+            "UPDATE llmbatching.requests SET state = 'failed', finished_at = now(),
+                    error = format('the request is %s bytes, more than one batch file may hold (llmbatching.batch_max_bytes = %s)', body_bytes, $2)
+              WHERE id = ANY($1)",
+            &[split.too_large.into(), (limits.max_bytes as i64).into()],
+        );
+    }
+    if split.batch.is_empty() {
+        return None;
+    }
+    let batch_id = Spi::get_one_with_args::<i64>(
+        "INSERT INTO llmbatching.batches (endpoint, model, request_count) VALUES ($1, $2, $3) RETURNING id",
+        &[endpoint.into(), model.into(), (split.batch.len() as i32).into()],
+    )
+    .unwrap_or_else(|e| fail("creating a batch", e))?;
+    run(
+        "UPDATE llmbatching.requests
+            SET state = 'submitted', batch_id = $1, attempts = attempts + 1, submitted_at = now()
+          WHERE id = ANY($2)",
+        &[batch_id.into(), split.batch.into()],
+    );
+    Some(batch_id)
+}
+
+/// A batch as the worker sees it.
+#[derive(Clone, Debug)]
+pub struct BatchRow {
+    pub id: i64,
+    pub endpoint: String,
+    pub state: String,
+    pub provider_status: Option<String>,
+    pub provider_errors: Option<String>,
+    pub input_file_id: Option<String>,
+    pub provider_batch_id: Option<String>,
+    pub output_file_id: Option<String>,
+    pub error_file_id: Option<String>,
+    pub step_failures: i32,
+    pub create_attempted: bool,
+}
+
+impl BatchRow {
+    pub fn endpoint(&self) -> Endpoint {
+        Endpoint::parse(&self.endpoint).unwrap_or(Endpoint::Responses)
+    }
+}
+
+const BATCH_COLUMNS: &str = "id, endpoint, state, provider_status, provider_errors, input_file_id, provider_batch_id,
+     output_file_id, error_file_id, step_failures, create_attempted_at IS NOT NULL";
+
+fn batch_rows(client: &SpiClient<'_>, sql: &str, args: &[pgrx::datum::DatumWithOid]) -> SpiResult<Vec<BatchRow>> {
+    client
+        .select(sql, None, args)?
+        .map(|row| {
+            Ok(BatchRow {
+                id: row.get(1)?.unwrap_or(0),
+                endpoint: row.get(2)?.unwrap_or_default(),
+                state: row.get(3)?.unwrap_or_default(),
+                provider_status: row.get(4)?,
+                provider_errors: row.get(5)?,
+                input_file_id: row.get(6)?,
+                provider_batch_id: row.get(7)?,
+                output_file_id: row.get(8)?,
+                error_file_id: row.get(9)?,
+                step_failures: row.get(10)?.unwrap_or(0),
+                create_attempted: row.get(11)?.unwrap_or(false),
+            })
+        })
+        .collect()
+}
+
+/// Batches with a step due now, oldest first.
+pub fn batches_due() -> Vec<BatchRow> {
+    let sql = format!(
+        "SELECT {BATCH_COLUMNS} FROM llmbatching.batches
+          WHERE state <> 'done' AND next_check_at <= clock_timestamp() ORDER BY next_check_at, id"
+    );
+    Spi::connect(|client| batch_rows(&client, &sql, &[])).unwrap_or_else(|e| fail("reading open batches", e))
+}
+
+pub fn batch(id: i64) -> Option<BatchRow> {
+    let sql = format!("SELECT {BATCH_COLUMNS} FROM llmbatching.batches WHERE id = $1");
+    Spi::connect(|client| batch_rows(&client, &sql, &[id.into()]))
+        .unwrap_or_else(|e| fail("reading a batch", e))
+        .pop()
+}
+
+#[derive(serde::Serialize)]
+struct InputLine<'a> {
+    custom_id: String,
+    method: &'static str,
+    url: &'a str,
+    body: &'a RawValue,
+}
+
+/// Writes a batch's input file, one JSONL line per request, reading the requests through a
+/// cursor so the file is never held in memory whole. Returns (lines, bytes).
+pub fn write_input_file(batch: &BatchRow, path: &Path) -> std::io::Result<(usize, u64)> {
+    let file = std::fs::File::create(path)?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    let mut lines = 0usize;
+    Spi::connect(|client| -> std::io::Result<()> {
+        let mut cursor = client
+            .open_cursor(
+                "SELECT id, body::text FROM llmbatching.requests
+                  WHERE batch_id = $1 AND state = 'submitted' ORDER BY id",
+                &[batch.id.into()],
+            );
+        loop {
+            let rows = cursor.fetch(1000).unwrap_or_else(|e| fail("reading a batch's requests", e));
+            if rows.is_empty() {
+                return Ok(());
+            }
+            for row in rows {
+                let id: i64 = row.get(1).unwrap_or_else(|e| fail("reading a request id", e)).unwrap_or(0);
+                let body: String = row.get(2).unwrap_or_else(|e| fail("reading a request body", e)).unwrap_or_default();
+                let body: &RawValue = serde_json::from_str(&body).map_err(std::io::Error::other)?;
+                let line = InputLine { custom_id: custom_id(id), method: "POST", url: &batch.endpoint, body };
+                serde_json::to_writer(&mut out, &line)?;
+                out.write_all(b"\n")?;
+                lines += 1;
+            }
+        }
+    })?;
+    out.flush()?;
+    let bytes = out.get_ref().metadata()?.len();
+    Ok((lines, bytes))
+}
+
+pub fn record_uploaded(batch_id: i64, file_id: &str, bytes: u64) {
+    run(
+        "UPDATE llmbatching.batches SET state = 'uploaded', input_file_id = $2, input_bytes = $3,
+                step_failures = 0, last_error = NULL, next_check_at = now()
+          WHERE id = $1",
+        &[batch_id.into(), file_id.into(), (bytes as i64).into()],
+    );
+}
+
+/// Notes that a create call is about to be made, so that after a crash the worker looks for
+/// the batch at the provider before creating it again.
+pub fn record_create_attempt(batch_id: i64) {
+    run("UPDATE llmbatching.batches SET create_attempted_at = now() WHERE id = $1", &[batch_id.into()]);
+}
+
+pub fn record_submitted(batch_id: i64, info: &BatchInfo, poll_interval: Duration) {
+    run(
+        "UPDATE llmbatching.batches SET state = 'submitted', provider_batch_id = $2, provider_status = $3,
+                submitted_at = now(), step_failures = 0, last_error = NULL,
+                next_check_at = now() + make_interval(secs => $4)
+          WHERE id = $1",
+        &[batch_id.into(), info.id.as_str().into(), info.status.as_str().into(), seconds(poll_interval).into()],
+    );
+}
+
+/// Records what a poll saw. A batch that has ended moves to `ingesting`.
+pub fn record_poll(batch_id: i64, info: &BatchInfo, poll_interval: Duration) {
+    let state = if info.status.is_terminal() { "ingesting" } else { "submitted" };
+    run(
+        "UPDATE llmbatching.batches SET
+                state = $2, provider_status = $3, output_file_id = $4, error_file_id = $5,
+                completed_count = $6, failed_count = $7, input_tokens = $8, output_tokens = $9,
+                provider_errors = $10, step_failures = 0, last_error = NULL,
+                ended_at = CASE WHEN $2 = 'ingesting' THEN now() END,
+                next_check_at = CASE WHEN $2 = 'ingesting' THEN now() ELSE now() + make_interval(secs => $11) END
+          WHERE id = $1",
+        &[
+            batch_id.into(),
+            state.into(),
+            info.status.as_str().into(),
+            info.output_file_id.clone().into(),
+            info.error_file_id.clone().into(),
+            (info.completed as i32).into(),
+            (info.failed as i32).into(),
+            info.input_tokens.into(),
+            info.output_tokens.into(),
+            info.errors_text().into(),
+            seconds(poll_interval).into(),
+        ],
+    );
+}
+
+/// Records a failed step and when to try it again.
+pub fn record_step_failure(batch_id: i64, error: &str, retry_in: Duration) {
+    run(
+        "UPDATE llmbatching.batches SET last_error = $2, step_failures = step_failures + 1,
+                next_check_at = now() + make_interval(secs => $3)
+          WHERE id = $1",
+        &[batch_id.into(), error.into(), seconds(retry_in).into()],
+    );
+}
+
+/// Requests go back to the queue with their reason, or fail with it once they have used all
+/// their attempts. `source` yields `(id, reason)` rows; `$1` is the batch, `$2` the max attempts.
+/// Only requests still `submitted` in the batch are touched, so applying the same results
+/// twice changes nothing.
+fn requeue_or_fail(source: &str, args: &[pgrx::datum::DatumWithOid]) {
+    run(
+        &format!(
+            "UPDATE llmbatching.requests r SET
+                    state = CASE WHEN r.attempts >= $2 THEN 'failed' ELSE 'queued' END,
+                    error = CASE WHEN r.attempts >= $2
+                                 THEN x.reason || format(' (gave up after %s attempts)', r.attempts)
+                                 ELSE x.reason END,
+                    batch_id = CASE WHEN r.attempts >= $2 THEN r.batch_id END,
+                    queued_at = now(),
+                    finished_at = CASE WHEN r.attempts >= $2 THEN now() END
+               FROM {source} AS x(id, reason)
+              WHERE r.id = x.id AND r.batch_id = $1 AND r.state = 'submitted'"
+        ),
+        args,
+    );
+}
+
+/// Applies one chunk of result lines of a batch.
+pub fn apply_results(batch_id: i64, results: Vec<LineResult>, max_attempts: i32) {
+    let (mut done_ids, mut responses, mut texts, mut input_tokens, mut output_tokens) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut failed_ids, mut messages, mut failed_bodies) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut retry_ids, mut reasons) = (Vec::new(), Vec::new());
+    for result in results {
+        match result.outcome {
+            Outcome::Completed { response, text, input_tokens: i, output_tokens: o } => {
+                done_ids.push(result.request_id);
+                responses.push(JsonB(response));
+                texts.push(text);
+                input_tokens.push(i);
+                output_tokens.push(o);
+            }
+            Outcome::Failed { message, response } => {
+                failed_ids.push(result.request_id);
+                messages.push(message);
+                failed_bodies.push(response.map(JsonB));
+            }
+            Outcome::Retry { reason } => {
+                retry_ids.push(result.request_id);
+                reasons.push(reason);
+            }
+        }
+    }
+    if !done_ids.is_empty() {
+        run(
+            "UPDATE llmbatching.requests r SET state = 'completed', response = x.response, result_text = x.text,
+                    input_tokens = x.input_tokens, output_tokens = x.output_tokens, error = NULL, finished_at = now()
+               FROM unnest($2::bigint[], $3::jsonb[], $4::text[], $5::int[], $6::int[])
+                    AS x(id, response, text, input_tokens, output_tokens)
+              WHERE r.id = x.id AND r.batch_id = $1 AND r.state = 'submitted'",
+            &[batch_id.into(), done_ids.into(), responses.into(), texts.into(), input_tokens.into(), output_tokens.into()],
+        );
+    }
+    if !failed_ids.is_empty() {
+        run(
+            "UPDATE llmbatching.requests r SET state = 'failed', error = x.message, response = x.response,
+                    finished_at = now()
+               FROM unnest($2::bigint[], $3::text[], $4::jsonb[]) AS x(id, message, response)
+              WHERE r.id = x.id AND r.batch_id = $1 AND r.state = 'submitted'",
+            &[batch_id.into(), failed_ids.into(), messages.into(), failed_bodies.into()],
+        );
+    }
+    if !retry_ids.is_empty() {
+        requeue_or_fail(
+            "unnest($3::bigint[], $4::text[])",
+            &[batch_id.into(), max_attempts.into(), retry_ids.into(), reasons.into()],
+        );
+    }
+}
+
+/// Ends a batch: every request of it that no result line settled goes back to the queue (or
+/// fails, out of attempts) with `reason`, and the batch is `done`.
+pub fn close_batch(batch_id: i64, reason: &str, max_attempts: i32) {
+    requeue_or_fail(
+        "(SELECT id, $3::text FROM llmbatching.requests WHERE batch_id = $1 AND state = 'submitted')",
+        &[batch_id.into(), max_attempts.into(), reason.into()],
+    );
+    run("UPDATE llmbatching.batches SET state = 'done', finished_at = now() WHERE id = $1", &[batch_id.into()]);
+}
+
+/// How long the worker may sleep before something is due: a queued group's wait running out,
+/// or a batch's next step.
+pub fn next_wake(batch_wait: Duration) -> Option<Duration> {
+    Spi::get_one_with_args::<f64>(
+        "SELECT extract(epoch FROM least(
+                    (SELECT min(queued_at) FROM llmbatching.requests WHERE state = 'queued')
+                        + make_interval(secs => $1),
+                    (SELECT min(next_check_at) FROM llmbatching.batches WHERE state <> 'done'))
+                - clock_timestamp())::float8",
+        &[seconds(batch_wait).into()],
+    )
+    .unwrap_or_else(|e| fail("computing the next wake-up", e))
+    .map(|secs| Duration::from_secs_f64(secs.max(0.0)))
+}

@@ -1,0 +1,390 @@
+//! The background worker: forms batches from queued requests, carries each batch through the
+//! provider (upload, create, poll, download) and writes the answers back.
+//!
+//! Every step is recorded in `llmbatching.batches` before the worker moves on, and each step
+//! can be repeated safely, so a worker that dies anywhere picks up where the table says:
+//! - `pending`: the input file is rebuilt from the rows and uploaded again (an orphaned upload
+//!   costs nothing);
+//! - `uploaded`: if a create call may have been made, the provider's batch list is searched for
+//!   our own tags in `metadata` before creating, so a batch is never created twice;
+//! - `submitted`: polled;
+//! - `ingesting`: the files are read again; only requests still `submitted` in this batch are
+//!   updated, so lines applied before the crash are not applied twice.
+//!
+//! Network calls happen between transactions, never inside one.
+
+use crate::config::{self, Settings};
+use crate::planner;
+use crate::provider::openai::OpenAi;
+use crate::provider::{BatchInfo, BatchProvider, BatchStatus, NewBatch, ProviderError};
+use crate::results;
+use crate::store::{self, BatchRow};
+use crate::wakeup;
+use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
+use pgrx::prelude::*;
+use std::ffi::CString;
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Where input and output files are staged, relative to the data directory.
+const STAGING_DIR: &str = "pg_llmbatching";
+/// Result lines applied per transaction while ingesting.
+const INGEST_CHUNK: usize = 1000;
+/// Pages of the provider's batch list searched for a batch whose create call went unrecorded.
+const RECONCILE_PAGES: usize = 20;
+/// A refused step (4xx) that may be a passing glitch, such as "file not found" just after an
+/// upload, is tried this many times before it is taken as final.
+const REFUSALS_BEFORE_GIVING_UP: i32 = 5;
+/// Metadata keys that tag each batch with its row here.
+const META_BATCH_ID: &str = "llmbatching_batch_id";
+const META_INSTANCE: &str = "llmbatching_instance";
+
+pub fn register() {
+    pgrx::bgworkers::BackgroundWorkerBuilder::new("llmbatching worker")
+        .set_type("llmbatching worker")
+        .set_library("llmbatching")
+        .set_function("llmbatching_worker_main")
+        .enable_spi_access()
+        .set_restart_time(Some(Duration::from_secs(5)))
+        .load();
+}
+
+fn shutdown_requested() -> bool {
+    // SAFETY: a sig_atomic_t the SIGTERM handler sets; read volatile as Postgres does.
+    unsafe { std::ptr::read_volatile(&raw const pg_sys::ShutdownRequestPending) != 0 }
+}
+
+/// Shows what the worker is doing in `pg_stat_activity.query`.
+fn report_activity(what: &str) {
+    let text = CString::new(what).unwrap_or_default();
+    let state = if what.is_empty() { pg_sys::BackendState::STATE_IDLE } else { pg_sys::BackendState::STATE_RUNNING };
+    unsafe { pg_sys::pgstat_report_activity(state, text.as_ptr()) };
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn llmbatching_worker_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let database = config::database();
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    wakeup::publish_worker_pid(unsafe { pg_sys::MyProcPid });
+    log!("llmbatching worker started for database \"{database}\"");
+
+    let mut worker = Worker::new();
+    loop {
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        let sleep = worker.run_round();
+        report_activity("");
+        if shutdown_requested() || !BackgroundWorker::wait_latch(Some(sleep)) {
+            break;
+        }
+    }
+    wakeup::publish_worker_pid(0);
+    log!("llmbatching worker stopped");
+}
+
+struct Worker {
+    provider: Option<Box<dyn BatchProvider>>,
+    /// The base URL and key the provider was built with; a change rebuilds it.
+    provider_for: Option<(String, String)>,
+    staging: PathBuf,
+    instance: Option<String>,
+    warned_no_key: bool,
+}
+
+fn tx<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe + std::panic::RefUnwindSafe) -> R {
+    BackgroundWorker::transaction(f)
+}
+
+impl Worker {
+    fn new() -> Worker {
+        let staging = PathBuf::from(STAGING_DIR);
+        // Files left by an earlier run are stale: every step rebuilds or re-downloads its file.
+        let _ = std::fs::remove_dir_all(&staging);
+        if let Err(e) = std::fs::create_dir_all(&staging) {
+            warning!("llmbatching: cannot create {}: {e}", staging.display());
+        }
+        Worker { provider: None, provider_for: None, staging, instance: None, warned_no_key: false }
+    }
+
+    /// Does everything that is due; returns how long to sleep before the next round.
+    fn run_round(&mut self) -> Duration {
+        let settings = Settings::current();
+        let idle = settings.poll_interval;
+        if !tx(store::extension_ready) {
+            return idle.min(Duration::from_secs(10));
+        }
+        if self.instance.is_none() {
+            self.instance = Some(tx(store::instance_id));
+        }
+        if !self.ensure_provider(&settings) {
+            return idle;
+        }
+        self.form_batches(&settings);
+        for batch in tx(store::batches_due) {
+            if shutdown_requested() {
+                break;
+            }
+            self.advance(batch, &settings);
+        }
+        let wait = settings.batch_wait;
+        tx(move || store::next_wake(wait)).unwrap_or(idle).clamp(Duration::from_millis(10), idle)
+    }
+
+    /// Builds the provider client, or rebuilds it after the base URL or key changed.
+    fn ensure_provider(&mut self, settings: &Settings) -> bool {
+        let Some(key) = config::api_key() else {
+            if !self.warned_no_key {
+                warning!("llmbatching: no API key; set llmbatching.api_key or OPENAI_API_KEY. Requests stay queued.");
+                self.warned_no_key = true;
+            }
+            return false;
+        };
+        self.warned_no_key = false;
+        let wanted = (settings.api_base.clone(), key);
+        if self.provider_for.as_ref() != Some(&wanted) {
+            match OpenAi::new(&wanted.0, &wanted.1) {
+                Ok(client) => {
+                    self.provider = Some(Box::new(client));
+                    self.provider_for = Some(wanted);
+                }
+                Err(e) => {
+                    warning!("llmbatching: cannot set up the HTTP client: {e}");
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    fn provider(&self) -> &dyn BatchProvider {
+        self.provider.as_deref().expect("provider is set up before any batch step")
+    }
+
+    /// Claims queued requests into new batches for every group that is due.
+    fn form_batches(&mut self, settings: &Settings) {
+        let (limits, wait) = (settings.limits, settings.batch_wait);
+        loop {
+            let claimed = tx(move || {
+                let mut claimed = 0;
+                for group in store::queued_groups() {
+                    if planner::group_is_due(&group.queued, limits, wait)
+                        && store::claim_batch(&group.endpoint, &group.model, limits).is_some()
+                    {
+                        claimed += 1;
+                    }
+                }
+                claimed
+            });
+            if claimed == 0 || shutdown_requested() {
+                return;
+            }
+        }
+    }
+
+    /// Takes a batch one step, or several while each succeeds at once.
+    fn advance(&mut self, mut batch: BatchRow, settings: &Settings) {
+        loop {
+            report_activity(&format!("llmbatching: batch {} ({})", batch.id, batch.state));
+            let outcome = match batch.state.as_str() {
+                "pending" => self.upload(&batch),
+                "uploaded" => self.create(&batch, settings),
+                "submitted" => self.poll(&batch, settings),
+                "ingesting" => self.ingest(&batch, settings),
+                _ => return,
+            };
+            if let Err(e) = outcome {
+                self.step_failed(&batch, e, settings);
+                return;
+            }
+            let id = batch.id;
+            match tx(move || store::batch(id)) {
+                // Keep going while the batch moved to a step that is due now.
+                Some(next) if next.state != batch.state && next.state != "submitted" && next.state != "done" => batch = next,
+                _ => return,
+            }
+        }
+    }
+
+    fn upload(&mut self, batch: &BatchRow) -> Result<(), ProviderError> {
+        let path = self.staging.join(format!("batch-{}-input.jsonl", batch.id));
+        let written = {
+            let (batch, path) = (batch.clone(), path.clone());
+            tx(move || store::write_input_file(&batch, &path))
+        };
+        let (lines, bytes) = written.map_err(|e| ProviderError::Local(e.to_string()))?;
+        if lines == 0 {
+            let _ = std::fs::remove_file(&path);
+            tx(|| store::close_batch(batch.id, "the batch held no requests", i32::MAX));
+            return Ok(());
+        }
+        let name = format!("llmbatching-{}-{}.jsonl", self.instance_tag(), batch.id);
+        let uploaded = self.provider().upload_batch_file(&path, &name);
+        let _ = std::fs::remove_file(&path);
+        let file_id = uploaded?;
+        tx(|| store::record_uploaded(batch.id, &file_id, bytes));
+        Ok(())
+    }
+
+    fn instance_tag(&self) -> &str {
+        let id = self.instance.as_deref().unwrap_or("");
+        &id[..id.len().min(8)]
+    }
+
+    fn create(&mut self, batch: &BatchRow, settings: &Settings) -> Result<(), ProviderError> {
+        let poll = settings.poll_interval;
+        if batch.create_attempted {
+            if let Some(found) = self.find_created(batch)? {
+                log!("llmbatching: batch {} was already created at the provider as {}", batch.id, found.id);
+                tx(|| store::record_submitted(batch.id, &found, poll));
+                return Ok(());
+            }
+        }
+        tx(|| store::record_create_attempt(batch.id));
+        let input_file_id = batch.input_file_id.as_deref().unwrap_or_default();
+        let request = NewBatch {
+            input_file_id,
+            endpoint: &batch.endpoint,
+            metadata: vec![(META_BATCH_ID, batch.id.to_string()), (META_INSTANCE, self.instance.clone().unwrap_or_default())],
+        };
+        let created = self.provider().create_batch(&request)?;
+        tx(|| store::record_submitted(batch.id, &created, poll));
+        Ok(())
+    }
+
+    /// Looks through the provider's recent batches for one carrying this batch's tags.
+    fn find_created(&self, batch: &BatchRow) -> Result<Option<BatchInfo>, ProviderError> {
+        let (id, instance) = (batch.id.to_string(), self.instance.clone().unwrap_or_default());
+        let ours = |b: &BatchInfo| {
+            b.metadata.get(META_BATCH_ID).and_then(|v| v.as_str()) == Some(id.as_str())
+                && b.metadata.get(META_INSTANCE).and_then(|v| v.as_str()) == Some(instance.as_str())
+        };
+        let mut after: Option<String> = None;
+        for _ in 0..RECONCILE_PAGES {
+            let page = self.provider().list_batches(after.as_deref(), 100)?;
+            if let Some(found) = page.batches.iter().find(|b| ours(b)) {
+                return Ok(Some(found.clone()));
+            }
+            match (page.has_more, page.batches.last()) {
+                (true, Some(last)) => after = Some(last.id.clone()),
+                _ => break,
+            }
+        }
+        Ok(None)
+    }
+
+    fn poll(&mut self, batch: &BatchRow, settings: &Settings) -> Result<(), ProviderError> {
+        let provider_id = batch.provider_batch_id.as_deref().unwrap_or_default();
+        let info = self.provider().get_batch(provider_id)?;
+        if info.status.is_terminal() {
+            log!("llmbatching: batch {} ({provider_id}) ended {}", batch.id, info.status.as_str());
+        }
+        let poll = settings.poll_interval;
+        tx(|| store::record_poll(batch.id, &info, poll));
+        Ok(())
+    }
+
+    /// Downloads and applies the output and error files, then settles what they left out.
+    fn ingest(&mut self, batch: &BatchRow, settings: &Settings) -> Result<(), ProviderError> {
+        let files = [("output", &batch.output_file_id), ("error", &batch.error_file_id)];
+        for (kind, file_id) in files {
+            let Some(file_id) = file_id else { continue };
+            let path = self.staging.join(format!("batch-{}-{kind}.jsonl", batch.id));
+            let downloaded = self.provider().download_file(file_id, &path);
+            let applied = downloaded.and_then(|_| self.apply_file(batch, &path, settings.max_attempts));
+            let _ = std::fs::remove_file(&path);
+            applied?;
+        }
+        let reason = leftover_reason(batch);
+        let max_attempts = settings.max_attempts;
+        tx(|| store::close_batch(batch.id, &reason, max_attempts));
+        Ok(())
+    }
+
+    /// Reads a result file line by line and applies it in chunks, one transaction each.
+    fn apply_file(&self, batch: &BatchRow, path: &std::path::Path, max_attempts: i32) -> Result<(), ProviderError> {
+        let local = |e: std::io::Error| ProviderError::Local(format!("{}: {e}", path.display()));
+        let mut reader = std::io::BufReader::new(std::fs::File::open(path).map_err(local)?);
+        let endpoint = batch.endpoint();
+        let mut chunk = Vec::with_capacity(INGEST_CHUNK);
+        let mut line = Vec::new();
+        let (mut unattributed, mut first_problem) = (0usize, None);
+        loop {
+            line.clear();
+            let read = reader.read_until(b'\n', &mut line).map_err(local)?;
+            if read > 0 {
+                let text = String::from_utf8_lossy(&line);
+                if !text.trim().is_empty() {
+                    match results::parse_line(endpoint, text.trim_end()) {
+                        Ok(result) => chunk.push(result),
+                        Err(why) => {
+                            unattributed += 1;
+                            first_problem.get_or_insert(why);
+                        }
+                    }
+                }
+            }
+            if chunk.len() >= INGEST_CHUNK || (read == 0 && !chunk.is_empty()) {
+                let results = std::mem::take(&mut chunk);
+                let id = batch.id;
+                tx(move || store::apply_results(id, results, max_attempts));
+            }
+            if read == 0 {
+                break;
+            }
+        }
+        if unattributed > 0 {
+            warning!(
+                "llmbatching: batch {}: {unattributed} result lines could not be matched to a request (first: {})",
+                batch.id,
+                first_problem.unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+
+    /// Records a failed step. Passing faults are retried with backoff; a refusal that persists
+    /// ends the batch, and its requests go back to the queue (or fail, out of attempts).
+    fn step_failed(&mut self, batch: &BatchRow, error: ProviderError, settings: &Settings) {
+        let message = format!("{} failed: {error}", step_name(&batch.state));
+        let final_refusal = !error.is_retryable() && batch.step_failures + 1 >= REFUSALS_BEFORE_GIVING_UP;
+        if final_refusal {
+            warning!("llmbatching: batch {}: {message}; giving up on this batch", batch.id);
+            let (id, max_attempts) = (batch.id, settings.max_attempts);
+            tx(move || store::close_batch(id, &message, max_attempts));
+            return;
+        }
+        let base = settings.poll_interval.min(Duration::from_secs(2));
+        let cap = settings.poll_interval.max(Duration::from_secs(300));
+        let delay = planner::retry_delay(batch.step_failures as u32, base, cap, error.retry_after(), rand::random());
+        warning!("llmbatching: batch {}: {message}; retrying in {:.1}s", batch.id, delay.as_secs_f64());
+        let id = batch.id;
+        tx(move || store::record_step_failure(id, &message, delay));
+    }
+}
+
+fn step_name(state: &str) -> &'static str {
+    match state {
+        "pending" => "upload",
+        "uploaded" => "batch creation",
+        "submitted" => "poll",
+        _ => "download",
+    }
+}
+
+/// Why requests that no result line settled go back to the queue.
+fn leftover_reason(batch: &BatchRow) -> String {
+    let status = BatchStatus::parse(batch.provider_status.as_deref().unwrap_or(""));
+    match status {
+        BatchStatus::Expired => "the batch expired before this request ran".into(),
+        BatchStatus::Cancelled => "the batch was cancelled before this request ran".into(),
+        BatchStatus::Failed => format!(
+            "the batch failed at the provider: {}",
+            batch.provider_errors.as_deref().unwrap_or("no reason given")
+        ),
+        _ => "the provider returned no result for this request".into(),
+    }
+}
