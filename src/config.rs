@@ -14,7 +14,19 @@ static BATCH_MAX_REQUESTS: GucSetting<i32> = GucSetting::<i32>::new(PROVIDER_MAX
 static BATCH_MAX_BYTES: GucSetting<i32> = GucSetting::<i32>::new(PROVIDER_MAX_BYTES as i32);
 static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(3);
 
-pub fn register() {
+/// Registers the settings. `preloading`: the library is being loaded at server start, the only
+/// time a setting fixed for the server's lifetime (`llmbatching.database`) may be defined.
+pub fn register(preloading: bool) {
+    if preloading {
+        GucRegistry::define_string_guc(
+            c"llmbatching.database",
+            c"Database the background worker serves.",
+            c"The worker processes the requests of the llmbatching extension installed in this database.",
+            &DATABASE,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+    }
     GucRegistry::define_string_guc(
         c"llmbatching.api_base",
         c"Base URL of the provider's API.",
@@ -30,14 +42,6 @@ pub fn register() {
         &API_KEY,
         GucContext::Sighup,
         GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
-    );
-    GucRegistry::define_string_guc(
-        c"llmbatching.database",
-        c"Database the background worker serves.",
-        c"The worker processes the requests of the llmbatching extension installed in this database.",
-        &DATABASE,
-        GucContext::Postmaster,
-        GucFlags::default(),
     );
     GucRegistry::define_int_guc(
         c"llmbatching.batch_wait",

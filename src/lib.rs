@@ -20,9 +20,10 @@ extension_sql_file!("../sql/api.sql", name = "api", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
-    config::register();
+    let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
+    config::register(preloading);
     // The worker and its wake-up slot need the library loaded at server start.
-    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+    if preloading {
         wakeup::init_shared_memory();
         worker::register();
     }

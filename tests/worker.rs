@@ -3,7 +3,7 @@
 mod common;
 
 use common::{Cluster, EmulatorConfig};
-use llmbatching_emulator::answers::{echo_answer, failure_message, FAIL_MARKER};
+use llmbatching_emulator::answers::{echo_answer, failure_message, FAIL_MARKER, GARBLE_MARKER, TRUNCATE_MARKER};
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -153,9 +153,7 @@ fn restarting_the_worker_and_the_server_mid_batch_loses_nothing() {
     let mut c = cluster.client();
     c.batch_execute("CREATE EXTENSION llmbatching; SELECT llm_submit('m', 'row ' || g) FROM generate_series(1, 200) g")
         .unwrap();
-    cluster.wait_for("a batch to be submitted", Duration::from_secs(60), || {
-        c.query_one("SELECT count(*) FROM llmbatching.batches WHERE state = 'submitted'", &[]).unwrap().get::<_, i64>(0) > 0
-    });
+    cluster.wait_for_a_submitted_batch();
     // The worker dies hard: the postmaster resets every backend and starts it again.
     let pid = cluster.worker_pid();
     std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
@@ -246,4 +244,45 @@ fn embeddings_and_whole_bodies_round_trip() {
     assert_eq!(dims, 8);
     let answer: String = c.query_one("SELECT llm_result($1)", &[&raw]).unwrap().get(0);
     assert_eq!(answer, "[m] from a body");
+}
+
+#[test]
+fn malformed_provider_responses_never_crash_the_worker_and_the_requests_record_the_error() {
+    let cluster = Cluster::start(EmulatorConfig { malformed_polls: 3, ..quick() }, &[("llmbatching.max_attempts", "2")]);
+    let worker = cluster.worker_pid();
+    let mut c = cluster.client();
+    c.batch_execute("CREATE EXTENSION llmbatching").unwrap();
+    let ok: i64 = c.query_one("SELECT llm_submit('m', 'fine')", &[]).unwrap().get(0);
+    let garbled: i64 = c.query_one("SELECT llm_submit('m', $1)", &[&format!("a {GARBLE_MARKER}")]).unwrap().get(0);
+    let truncated: i64 = c.query_one("SELECT llm_submit('m', $1)", &[&format!("b {TRUNCATE_MARKER}")]).unwrap().get(0);
+    cluster.wait_until_settled(SETTLE);
+
+    let answer: String = c.query_one("SELECT llm_result($1)", &[&ok]).unwrap().get(0);
+    assert_eq!(answer, "[m] fine");
+    let status_and_error = |c: &mut postgres::Client, id: i64| -> (String, String) {
+        let row = c.query_one("SELECT llm_status($1), coalesce(llm_error($1), '')", &[&id]).unwrap();
+        (row.get(0), row.get(1))
+    };
+    let (status, error) = status_and_error(&mut c, garbled);
+    assert_eq!(status, "failed");
+    assert!(error.contains("malformed result line") && error.contains("gave up after 2 attempts"), "{error}");
+    let (status, error) = status_and_error(&mut c, truncated);
+    assert_eq!(status, "failed");
+    assert!(error.contains("no result for this request") && error.contains("gave up after 2 attempts"), "{error}");
+    assert_eq!(cluster.worker_pid(), worker, "the worker restarted");
+    assert!(cluster.log().contains("malformed provider response"), "the malformed polls were not seen");
+}
+
+#[test]
+fn the_worker_stops_cleanly_on_sigterm_and_picks_up_after_a_restart() {
+    let cluster = Cluster::start(EmulatorConfig { in_progress_ms: 2000, ..quick() }, &[]);
+    let mut c = cluster.client();
+    c.batch_execute("CREATE EXTENSION llmbatching; SELECT llm_submit('m', 'q' || g) FROM generate_series(1, 30) g")
+        .unwrap();
+    cluster.wait_for_a_submitted_batch();
+    cluster.restart("fast");
+    assert!(cluster.log().contains("llmbatching worker stopped"), "no clean stop in the log");
+    cluster.wait_until_settled(SETTLE);
+    assert_eq!(cluster.count("SELECT count(*) FROM llmbatching.requests WHERE state = 'completed'"), 30);
+    assert_eq!(cluster.emulator.stats().batches_created, 1);
 }

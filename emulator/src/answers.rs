@@ -8,11 +8,17 @@
 //!
 //! A request whose body contains [`FAIL_MARKER`] is rejected by the "model" with status 400,
 //! the way a real endpoint rejects a bad parameter; its error message is [`failure_message`].
+//! Requests containing [`GARBLE_MARKER`] or [`TRUNCATE_MARKER`] get malformed result lines.
 
 use serde_json::{json, Value};
 
 /// Put this anywhere in a request body to make the emulated model reject that one request.
 pub const FAIL_MARKER: &str = "EMULATOR_FAIL";
+
+/// A request containing this gets a result line whose response body is not an object.
+pub const GARBLE_MARKER: &str = "EMULATOR_GARBLE";
+/// A request containing this gets a result line cut off halfway.
+pub const TRUNCATE_MARKER: &str = "EMULATOR_TRUNCATE";
 
 /// The error message a request containing [`FAIL_MARKER`] fails with.
 pub fn failure_message(custom_id: &str) -> String {

@@ -7,7 +7,7 @@
 //! `cancelling` → `cancelled` after a cancel (what ran before the cancel is delivered).
 //! The state is computed lazily from the clock whenever a batch is looked at.
 
-use crate::answers::{run_request, LineResult};
+use crate::answers::{run_request, LineResult, GARBLE_MARKER, TRUNCATE_MARKER};
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -42,6 +42,8 @@ pub struct Config {
     pub enqueued_token_limit: Option<u64>,
     /// If set, requests must carry `Authorization: Bearer <this>`; otherwise any key is accepted.
     pub api_key: Option<String>,
+    /// The next this-many batch lookups (`GET /v1/batches/{id}`) answer truncated JSON.
+    pub malformed_polls: u32,
 }
 
 impl Default for Config {
@@ -56,6 +58,7 @@ impl Default for Config {
             empty_error_file_id_as_string: false,
             enqueued_token_limit: None,
             api_key: None,
+            malformed_polls: 0,
         }
     }
 }
@@ -361,6 +364,8 @@ impl Provider {
             }
         }
         self.next_id += self.batches[i].lines.len() as u64;
+        let mut output: Vec<String> = output.iter().map(mangle).collect();
+        let mut errors: Vec<String> = errors.iter().map(mangle).collect();
         // The provider writes results in the order they finish, not the input order.
         let mut rng = rand::rng();
         output.shuffle(&mut rng);
@@ -391,7 +396,21 @@ fn status_time_field(status: &str) -> &'static str {
     }
 }
 
-fn to_jsonl(lines: &[Value]) -> Vec<u8> {
+/// Serializes a result line, spoiling it as its request asked (see the markers in `answers`).
+fn mangle(line: &Value) -> String {
+    let text = line.to_string();
+    if text.contains(TRUNCATE_MARKER) {
+        return text[..text.floor_char_boundary(text.len() / 2)].to_owned();
+    }
+    if text.contains(GARBLE_MARKER) {
+        let mut garbled = line.clone();
+        garbled["response"]["body"] = json!("<html>Bad Gateway</html>");
+        return garbled.to_string();
+    }
+    text
+}
+
+fn to_jsonl(lines: &[String]) -> Vec<u8> {
     let mut out = Vec::new();
     for line in lines {
         out.extend_from_slice(line.to_string().as_bytes());

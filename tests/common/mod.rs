@@ -122,9 +122,13 @@ impl Cluster {
     }
 
     pub fn client(&self) -> Client {
+        self.client_as("postgres")
+    }
+
+    pub fn client_as(&self, user: &str) -> Client {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            match Client::connect(&format!("host=127.0.0.1 port={} user=postgres dbname=postgres", self.port), NoTls) {
+            match Client::connect(&format!("host=127.0.0.1 port={} user={user} dbname=postgres", self.port), NoTls) {
                 Ok(c) => return c,
                 Err(e) if Instant::now() < deadline => {
                     let _ = e;
@@ -154,6 +158,21 @@ impl Cluster {
             assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Runs a query returning one count.
+    pub fn count(&self, sql: &str) -> i64 {
+        self.client().query_one(sql, &[]).unwrap().get(0)
+    }
+
+    /// Waits until some batch is at the provider, being worked on.
+    pub fn wait_for_a_submitted_batch(&self) {
+        let mut c = self.client();
+        self.wait_for("a batch to be submitted", Duration::from_secs(60), || {
+            c.query_one("SELECT count(*) FROM llmbatching.batches WHERE state = 'submitted'", &[])
+                .map(|r| r.get::<_, i64>(0) > 0)
+                .unwrap_or(false)
+        });
     }
 
     /// Waits until no request is queued or submitted.
