@@ -19,16 +19,3 @@ CREATE FUNCTION llm_error(id bigint) RETURNS text
 LANGUAGE sql STABLE STRICT
 AS $$ SELECT r.error FROM llmbatching.requests r WHERE r.id = llm_error.id AND r.state = 'failed' $$;
 COMMENT ON FUNCTION llm_error(bigint) IS 'Why a request failed; NULL unless it failed';
-
-CREATE FUNCTION llm_cancel(id bigint) RETURNS boolean
-LANGUAGE sql VOLATILE STRICT
-AS $$
-    WITH cancelled AS (
-        UPDATE llmbatching.requests r
-           SET state = 'cancelled', finished_at = now()
-         WHERE r.id = llm_cancel.id AND r.state = 'queued'
-        RETURNING 1
-    )
-    SELECT EXISTS (SELECT FROM cancelled)
-$$;
-COMMENT ON FUNCTION llm_cancel(bigint) IS 'Cancels a request that has not been sent yet; true if it was cancelled';

@@ -27,6 +27,8 @@ CREATE TABLE llmbatching.batches (
                         CHECK (state IN ('pending', 'uploaded', 'submitted', 'ingesting', 'done')),
     provider_status     text,
     request_count       integer NOT NULL,
+    -- Prompt tokens estimated before sending, counted against the model's enqueued-token cap.
+    estimated_tokens    bigint NOT NULL DEFAULT 0,
     input_bytes         bigint,
     input_file_id       text,
     provider_batch_id   text UNIQUE,
@@ -44,10 +46,15 @@ CREATE TABLE llmbatching.batches (
     create_attempted_at timestamptz,
     submitted_at        timestamptz,
     ended_at            timestamptz,
-    finished_at         timestamptz
+    finished_at         timestamptz,
+    -- Every request of the batch was cancelled: cancel it at the provider.
+    cancel_requested_at timestamptz,
+    cancel_sent_at      timestamptz,
+    files_deleted_at    timestamptz
 );
 COMMENT ON TABLE llmbatching.batches IS 'Provider batches: state is llmbatching''s own step, provider_status the provider''s';
 CREATE INDEX batches_open ON llmbatching.batches (next_check_at) WHERE state <> 'done';
+CREATE INDEX batches_finished ON llmbatching.batches (finished_at) WHERE state = 'done';
 
 CREATE TABLE llmbatching.requests (
     id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -75,3 +82,21 @@ COMMENT ON TABLE llmbatching.requests IS 'Every LLM request: its body, its state
 CREATE INDEX requests_queue ON llmbatching.requests (endpoint, model, id) WHERE state = 'queued';
 CREATE INDEX requests_queued_at ON llmbatching.requests (queued_at) WHERE state = 'queued';
 CREATE INDEX requests_batch ON llmbatching.requests (batch_id) WHERE batch_id IS NOT NULL;
+CREATE INDEX requests_finished ON llmbatching.requests (finished_at)
+    WHERE state IN ('completed', 'failed', 'cancelled');
+
+-- Per-model caps on prompt tokens enqueued at the provider at once, overriding
+-- llmbatching.max_enqueued_tokens for that model.
+CREATE TABLE llmbatching.model_limits (
+    model               text PRIMARY KEY,
+    max_enqueued_tokens bigint NOT NULL CHECK (max_enqueued_tokens > 0)
+);
+COMMENT ON TABLE llmbatching.model_limits IS 'Per-model caps on enqueued prompt tokens (the provider''s limit for your tier)';
+
+-- Models whose submissions wait, after the provider refused a batch for the enqueued-token limit.
+CREATE TABLE llmbatching.model_pauses (
+    model        text PRIMARY KEY,
+    paused_until timestamptz NOT NULL,
+    reason       text
+);
+COMMENT ON TABLE llmbatching.model_pauses IS 'Models whose new batches wait until paused_until';

@@ -1,5 +1,6 @@
-//! The write side of the SQL API: `llm_submit` and `llm_submit_body`. Each checks its
-//! arguments, queues one request and returns its id. Nothing is queued when a check fails.
+//! The write side of the SQL API: `llm_submit` and `llm_submit_body`, which check their
+//! arguments, queue one request and return its id (nothing is queued when a check fails), and
+//! `llm_cancel`.
 //! The read side (`llm_status`, `llm_result`, …) is plain SQL in `sql/api.sql`.
 
 use crate::config;
@@ -59,6 +60,39 @@ fn llm_submit_body(body: Option<JsonB>, endpoint: default!(Option<&str>, "'/v1/r
     let body = body.map(|b| b.0).unwrap_or_else(|| raise(RequestError::new("body", "must not be NULL")));
     let model = request::validate_body(&body, "body").unwrap_or_else(|e| raise(e)).to_owned();
     enqueue(endpoint, &model, body, "body")
+}
+
+/// Cancels a request that has no answer yet; true if it was cancelled. A queued request is
+/// simply never sent. A submitted one keeps its place in its batch, and its answer is ignored
+/// when it arrives; once every request of a batch is cancelled, the worker cancels the batch at
+/// the provider.
+#[pg_extern(volatile, parallel_unsafe, strict)]
+fn llm_cancel(id: i64) -> bool {
+    let cancelled = Spi::connect_mut(|client| -> pgrx::spi::SpiResult<bool> {
+        let rows = client.update(
+            "UPDATE llmbatching.requests SET state = 'cancelled', finished_at = now()
+              WHERE id = $1 AND state IN ('queued', 'submitted')
+             RETURNING batch_id",
+            None,
+            &[id.into()],
+        )?;
+        if rows.is_empty() {
+            return Ok(false);
+        }
+        let batch_id: Option<i64> = rows.first().get_one()?;
+        if let Some(batch_id) = batch_id {
+            client.update(
+                "UPDATE llmbatching.batches b SET cancel_requested_at = now(), next_check_at = now()
+                  WHERE b.id = $1 AND b.state <> 'done' AND b.cancel_requested_at IS NULL
+                    AND NOT EXISTS (SELECT FROM llmbatching.requests r WHERE r.batch_id = b.id AND r.state = 'submitted')",
+                None,
+                &[batch_id.into()],
+            )?;
+            wakeup::wake_worker_at_commit();
+        }
+        Ok(true)
+    });
+    cancelled.unwrap_or_else(|e| error!("llmbatching: could not cancel request {id}: {e}"))
 }
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -13,6 +13,11 @@ static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
 static BATCH_MAX_REQUESTS: GucSetting<i32> = GucSetting::<i32>::new(PROVIDER_MAX_REQUESTS as i32);
 static BATCH_MAX_BYTES: GucSetting<i32> = GucSetting::<i32>::new(PROVIDER_MAX_BYTES as i32);
 static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(3);
+static MAX_BATCHES_IN_FLIGHT: GucSetting<i32> = GucSetting::<i32>::new(100);
+static MAX_ENQUEUED_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(0);
+static TOKEN_LIMIT_PAUSE_MS: GucSetting<i32> = GucSetting::<i32>::new(10 * 60 * 1000);
+static DELETE_PROVIDER_FILES: GucSetting<bool> = GucSetting::<bool>::new(true);
+static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(0);
 
 /// Registers the settings. `preloading`: the library is being loaded at server start, the only
 /// time a setting fixed for the server's lifetime (`llmbatching.database`) may be defined.
@@ -93,6 +98,54 @@ pub fn register(preloading: bool) {
         GucContext::Sighup,
         GucFlags::default(),
     );
+    GucRegistry::define_int_guc(
+        c"llmbatching.max_batches_in_flight",
+        c"Most batches open at once (being sent, at the provider, or being read back).",
+        c"New batches wait while this many are open.",
+        &MAX_BATCHES_IN_FLIGHT,
+        1,
+        100_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"llmbatching.max_enqueued_tokens",
+        c"Per-model cap on prompt tokens enqueued at the provider at once; 0 means no cap.",
+        c"Estimated before sending (about 4 bytes of request per token), so batches stay under the provider's enqueued-token limit. llmbatching.model_limits overrides it per model.",
+        &MAX_ENQUEUED_TOKENS,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"llmbatching.token_limit_pause",
+        c"How long a model's new batches wait after the provider refused one for its enqueued-token limit.",
+        c"The refused batch's requests go back to the queue without using up an attempt.",
+        &TOKEN_LIMIT_PAUSE_MS,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_bool_guc(
+        c"llmbatching.delete_provider_files",
+        c"Delete a batch's input, output and error files at the provider once it is read back.",
+        c"Turn off to keep them (the provider deletes them after 30 days by default).",
+        &DELETE_PROVIDER_FILES,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"llmbatching.retention",
+        c"Finished requests and batches older than this are deleted; 0 keeps everything.",
+        c"Counts from when a request completed, failed or was cancelled.",
+        &RETENTION_S,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
     unsafe { pg_sys::MarkGUCPrefixReserved(c"llmbatching".as_ptr()) };
 }
 
@@ -117,6 +170,12 @@ pub struct Settings {
     pub poll_interval: Duration,
     pub limits: BatchLimits,
     pub max_attempts: i32,
+    pub max_batches_in_flight: i64,
+    /// The default per-model cap on enqueued prompt tokens, if any.
+    pub max_enqueued_tokens: Option<i64>,
+    pub token_limit_pause: Duration,
+    pub delete_provider_files: bool,
+    pub retention: Option<Duration>,
 }
 
 impl Settings {
@@ -127,6 +186,11 @@ impl Settings {
             poll_interval: millis(&POLL_INTERVAL_MS),
             limits: batch_limits(),
             max_attempts: MAX_ATTEMPTS.get(),
+            max_batches_in_flight: MAX_BATCHES_IN_FLIGHT.get() as i64,
+            max_enqueued_tokens: Some(MAX_ENQUEUED_TOKENS.get() as i64).filter(|t| *t > 0),
+            token_limit_pause: millis(&TOKEN_LIMIT_PAUSE_MS),
+            delete_provider_files: DELETE_PROVIDER_FILES.get(),
+            retention: Some(Duration::from_secs(RETENTION_S.get().max(0) as u64)).filter(|d| !d.is_zero()),
         }
     }
 }

@@ -26,6 +26,23 @@ impl Candidate {
     fn line_bytes(&self) -> usize {
         self.body_bytes + LINE_OVERHEAD_BYTES
     }
+
+    pub fn estimated_tokens(&self) -> usize {
+        estimate_tokens(self.body_bytes)
+    }
+}
+
+/// Prompt tokens a request body is estimated to hold: about four bytes per token, the usual
+/// rule of thumb for English text. JSON syntax counts too, which errs on the safe side.
+pub fn estimate_tokens(body_bytes: usize) -> usize {
+    body_bytes.div_ceil(4)
+}
+
+/// The enqueued-token allowance of a model: its cap, and how much of it is free now.
+#[derive(Clone, Copy, Debug)]
+pub struct TokenBudget {
+    pub cap: usize,
+    pub available: usize,
 }
 
 /// A group of queued requests (one endpoint and model) as the planner sees it.
@@ -44,28 +61,41 @@ pub fn group_is_due(group: &QueuedGroup, limits: BatchLimits, batch_wait: Durati
 }
 
 /// How the candidates (oldest first) are split off into the next batch.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Default, PartialEq)]
 pub struct Split {
     /// The ids that go into the batch.
     pub batch: Vec<i64>,
-    /// Ids too large to fit in any batch on their own.
-    pub too_large: Vec<i64>,
+    /// Their estimated prompt tokens.
+    pub estimated_tokens: usize,
+    /// Ids too large for any batch file, even alone.
+    pub too_many_bytes: Vec<i64>,
+    /// Ids whose estimated tokens exceed the model's whole enqueued-token cap.
+    pub too_many_tokens: Vec<i64>,
 }
 
-/// Takes the longest run of candidates, oldest first, that fits in one batch. A request that
-/// could never fit, even alone, is set aside so it does not block the queue.
-pub fn take_batch(candidates: &[Candidate], limits: BatchLimits) -> Split {
-    let mut split = Split { batch: Vec::new(), too_large: Vec::new() };
+/// Takes the longest run of candidates, oldest first, that fits in one batch and in the
+/// model's free token budget. A request that could never fit, even alone, is set aside so it
+/// does not block the queue.
+pub fn take_batch(candidates: &[Candidate], limits: BatchLimits, budget: Option<TokenBudget>) -> Split {
+    let mut split = Split::default();
     let mut bytes = 0usize;
     for c in candidates {
         if c.line_bytes() > limits.max_bytes {
-            split.too_large.push(c.id);
+            split.too_many_bytes.push(c.id);
             continue;
         }
-        if split.batch.len() == limits.max_requests || bytes + c.line_bytes() > limits.max_bytes {
+        if budget.is_some_and(|b| c.estimated_tokens() > b.cap) {
+            split.too_many_tokens.push(c.id);
+            continue;
+        }
+        let full = split.batch.len() == limits.max_requests
+            || bytes + c.line_bytes() > limits.max_bytes
+            || budget.is_some_and(|b| split.estimated_tokens + c.estimated_tokens() > b.available);
+        if full {
             break;
         }
         bytes += c.line_bytes();
+        split.estimated_tokens += c.estimated_tokens();
         split.batch.push(c.id);
     }
     split
@@ -91,21 +121,40 @@ mod tests {
     #[test]
     fn a_batch_stops_at_the_request_limit() {
         let limits = BatchLimits { max_requests: 2, max_bytes: 1 << 20 };
-        assert_eq!(take_batch(&candidates(&[10, 10, 10]), limits).batch, vec![1, 2]);
+        assert_eq!(take_batch(&candidates(&[10, 10, 10]), limits, None).batch, vec![1, 2]);
     }
 
     #[test]
     fn a_batch_stops_at_the_byte_limit() {
         let line = 100 + LINE_OVERHEAD_BYTES;
         let limits = BatchLimits { max_requests: 100, max_bytes: 2 * line + 1 };
-        assert_eq!(take_batch(&candidates(&[100, 100, 100]), limits).batch, vec![1, 2]);
+        assert_eq!(take_batch(&candidates(&[100, 100, 100]), limits, None).batch, vec![1, 2]);
     }
 
     #[test]
     fn a_request_too_large_for_any_batch_is_set_aside() {
         let limits = BatchLimits { max_requests: 100, max_bytes: 1000 };
-        let split = take_batch(&candidates(&[10, 5000, 10]), limits);
-        assert_eq!(split, Split { batch: vec![1, 3], too_large: vec![2] });
+        let split = take_batch(&candidates(&[10, 5000, 10]), limits, None);
+        assert_eq!(split.batch, vec![1, 3]);
+        assert_eq!(split.too_many_bytes, vec![2]);
+    }
+
+    #[test]
+    fn a_batch_stops_at_the_free_token_budget() {
+        let limits = BatchLimits { max_requests: 100, max_bytes: 1 << 20 };
+        // 400-byte bodies are about 100 tokens each.
+        let budget = TokenBudget { cap: 1000, available: 250 };
+        let split = take_batch(&candidates(&[400, 400, 400]), limits, Some(budget));
+        assert_eq!((split.batch, split.estimated_tokens), (vec![1, 2], 200));
+        let none_free = TokenBudget { cap: 1000, available: 50 };
+        assert!(take_batch(&candidates(&[400]), limits, Some(none_free)).batch.is_empty());
+    }
+
+    #[test]
+    fn a_request_over_the_whole_token_cap_is_set_aside() {
+        let limits = BatchLimits { max_requests: 100, max_bytes: 1 << 20 };
+        let split = take_batch(&candidates(&[40, 8000, 40]), limits, Some(TokenBudget { cap: 1000, available: 1000 }));
+        assert_eq!((split.batch, split.too_many_tokens), (vec![1, 3], vec![2]));
     }
 
     #[test]

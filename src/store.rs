@@ -1,7 +1,7 @@
 //! The worker's access to the state tables. Every function here runs inside a transaction the
 //! worker opens around it and makes no network call, so no row lock outlives a step.
 
-use crate::planner::{self, BatchLimits, Candidate, QueuedGroup};
+use crate::planner::{self, BatchLimits, Candidate, QueuedGroup, TokenBudget};
 use crate::provider::BatchInfo;
 use crate::request::Endpoint;
 use crate::results::{custom_id, LineResult, Outcome};
@@ -51,7 +51,11 @@ pub fn queued_groups() -> Vec<Group> {
         let rows = client.select(
             "SELECT endpoint, model, count(*), sum(body_bytes)::bigint,
                     extract(epoch FROM clock_timestamp() - min(queued_at))::float8
-               FROM llmbatching.requests WHERE state = 'queued' GROUP BY endpoint, model",
+               FROM llmbatching.requests r
+              WHERE state = 'queued'
+                AND NOT EXISTS (SELECT FROM llmbatching.model_pauses p
+                                 WHERE p.model = r.model AND p.paused_until > now())
+              GROUP BY endpoint, model",
             None,
             &[],
         )?;
@@ -71,9 +75,30 @@ pub fn queued_groups() -> Vec<Group> {
     .unwrap_or_else(|e| fail("reading the queue", e))
 }
 
+/// How many batches are open: being sent, at the provider, or being read back.
+pub fn open_batch_count() -> i64 {
+    Spi::get_one::<i64>("SELECT count(*) FROM llmbatching.batches WHERE state <> 'done'")
+        .unwrap_or_else(|e| fail("counting open batches", e))
+        .unwrap_or(0)
+}
+
+/// The model's enqueued-token cap (its row in `model_limits`, else `default_cap`) and how
+/// much of it the model's open batches leave free. None: no cap.
+pub fn token_budget(model: &str, default_cap: Option<i64>) -> Option<TokenBudget> {
+    let (cap, used) = Spi::get_two_with_args::<i64, i64>(
+        "SELECT coalesce((SELECT max_enqueued_tokens FROM llmbatching.model_limits WHERE model = $1), $2),
+                (SELECT coalesce(sum(estimated_tokens), 0)::bigint FROM llmbatching.batches
+                  WHERE model = $1 AND state IN ('pending', 'uploaded', 'submitted'))",
+        &[model.into(), default_cap.into()],
+    )
+    .unwrap_or_else(|e| fail("reading the token budget", e));
+    let cap = cap? as usize;
+    Some(TokenBudget { cap, available: cap.saturating_sub(used.unwrap_or(0).max(0) as usize) })
+}
+
 /// Claims the oldest queued requests of a group into a new batch (state `pending`); returns
-/// its id, or None when nothing could be claimed. Requests too large for any batch are failed.
-pub fn claim_batch(endpoint: &str, model: &str, limits: BatchLimits) -> Option<i64> {
+/// its id, or None when nothing could be claimed. Requests that could never fit are failed.
+pub fn claim_batch(endpoint: &str, model: &str, limits: BatchLimits, budget: Option<TokenBudget>) -> Option<i64> {
     let candidates: Vec<Candidate> = Spi::connect_mut(|client| {
         client
             .update(
@@ -89,21 +114,32 @@ pub fn claim_batch(endpoint: &str, model: &str, limits: BatchLimits) -> Option<i
             .collect::<SpiResult<Vec<_>>>()
     })
     .unwrap_or_else(|e| fail("claiming queued requests", e));
-    let split = planner::take_batch(&candidates, limits);
-    if !split.too_large.is_empty() {
+    let split = planner::take_batch(&candidates, limits, budget);
+    if !split.too_many_bytes.is_empty() {
         run(
             "UPDATE llmbatching.requests SET state = 'failed', finished_at = now(),
                     error = format('the request is %s bytes, more than one batch file may hold (llmbatching.batch_max_bytes = %s)', body_bytes, $2)
               WHERE id = ANY($1)",
-            &[split.too_large.into(), (limits.max_bytes as i64).into()],
+            &[split.too_many_bytes.into(), (limits.max_bytes as i64).into()],
+        );
+    }
+    if !split.too_many_tokens.is_empty() {
+        let cap = budget.map(|b| b.cap as i64).unwrap_or(0);
+        run(
+            "UPDATE llmbatching.requests SET state = 'failed', finished_at = now(),
+                    error = format('the request is estimated at %s prompt tokens, more than the model''s enqueued-token cap of %s',
+                                   (body_bytes + 3) / 4, $2)
+              WHERE id = ANY($1)",
+            &[split.too_many_tokens.into(), cap.into()],
         );
     }
     if split.batch.is_empty() {
         return None;
     }
     let batch_id = Spi::get_one_with_args::<i64>(
-        "INSERT INTO llmbatching.batches (endpoint, model, request_count) VALUES ($1, $2, $3) RETURNING id",
-        &[endpoint.into(), model.into(), (split.batch.len() as i32).into()],
+        "INSERT INTO llmbatching.batches (endpoint, model, request_count, estimated_tokens)
+         VALUES ($1, $2, $3, $4) RETURNING id",
+        &[endpoint.into(), model.into(), (split.batch.len() as i32).into(), (split.estimated_tokens as i64).into()],
     )
     .unwrap_or_else(|e| fail("creating a batch", e))?;
     run(
@@ -120,6 +156,7 @@ pub fn claim_batch(endpoint: &str, model: &str, limits: BatchLimits) -> Option<i
 pub struct BatchRow {
     pub id: i64,
     pub endpoint: String,
+    pub model: String,
     pub state: String,
     pub provider_status: Option<String>,
     pub provider_errors: Option<String>,
@@ -129,6 +166,10 @@ pub struct BatchRow {
     pub error_file_id: Option<String>,
     pub step_failures: i32,
     pub create_attempted: bool,
+    /// Result lines the provider's request counts promise (completed + failed).
+    pub counted_results: i64,
+    pub cancel_requested: bool,
+    pub cancel_sent: bool,
 }
 
 impl BatchRow {
@@ -138,7 +179,8 @@ impl BatchRow {
 }
 
 const BATCH_COLUMNS: &str = "id, endpoint, state, provider_status, provider_errors, input_file_id, provider_batch_id,
-     output_file_id, error_file_id, step_failures, create_attempted_at IS NOT NULL";
+     output_file_id, error_file_id, step_failures, create_attempted_at IS NOT NULL, model,
+     (completed_count + failed_count)::bigint, cancel_requested_at IS NOT NULL, cancel_sent_at IS NOT NULL";
 
 fn batch_rows(client: &SpiClient<'_>, sql: &str, args: &[pgrx::datum::DatumWithOid]) -> SpiResult<Vec<BatchRow>> {
     client
@@ -156,6 +198,10 @@ fn batch_rows(client: &SpiClient<'_>, sql: &str, args: &[pgrx::datum::DatumWithO
                 error_file_id: row.get(9)?,
                 step_failures: row.get(10)?.unwrap_or(0),
                 create_attempted: row.get(11)?.unwrap_or(false),
+                model: row.get(12)?.unwrap_or_default(),
+                counted_results: row.get(13)?.unwrap_or(0),
+                cancel_requested: row.get(14)?.unwrap_or(false),
+                cancel_sent: row.get(15)?.unwrap_or(false),
             })
         })
         .collect()
@@ -282,20 +328,22 @@ pub fn record_step_failure(batch_id: i64, error: &str, retry_in: Duration) {
 }
 
 /// Requests go back to the queue with their reason, or fail with it once they have used all
-/// their attempts. `source` yields `(id, reason)` rows; `$1` is the batch, `$2` the max attempts.
-/// Only requests still `submitted` in the batch are touched, so applying the same results
-/// twice changes nothing.
+/// their attempts. `source` yields `(id, reason)` rows; `$1` is the batch, `$2` the max attempts,
+/// `$3` how many attempts to give back (1 when the provider refused the batch through no fault
+/// of its requests). Only requests still `submitted` in the batch are touched, so applying the
+/// same results twice changes nothing.
 fn requeue_or_fail(source: &str, args: &[pgrx::datum::DatumWithOid]) {
     run(
         &format!(
             "UPDATE llmbatching.requests r SET
-                    state = CASE WHEN r.attempts >= $2 THEN 'failed' ELSE 'queued' END,
-                    error = CASE WHEN r.attempts >= $2
-                                 THEN x.reason || format(' (gave up after %s attempts)', r.attempts)
+                    attempts = r.attempts - $3,
+                    state = CASE WHEN r.attempts - $3 >= $2 THEN 'failed' ELSE 'queued' END,
+                    error = CASE WHEN r.attempts - $3 >= $2
+                                 THEN x.reason || format(' (gave up after %s attempts)', r.attempts - $3)
                                  ELSE x.reason END,
-                    batch_id = CASE WHEN r.attempts >= $2 THEN r.batch_id END,
+                    batch_id = CASE WHEN r.attempts - $3 >= $2 THEN r.batch_id END,
                     queued_at = now(),
-                    finished_at = CASE WHEN r.attempts >= $2 THEN now() END
+                    finished_at = CASE WHEN r.attempts - $3 >= $2 THEN now() END
                FROM {source} AS x(id, reason)
               WHERE r.id = x.id AND r.batch_id = $1 AND r.state = 'submitted'"
         ),
@@ -350,20 +398,64 @@ pub fn apply_results(batch_id: i64, results: Vec<LineResult>, max_attempts: i32)
     }
     if !retry_ids.is_empty() {
         requeue_or_fail(
-            "unnest($3::bigint[], $4::text[])",
-            &[batch_id.into(), max_attempts.into(), retry_ids.into(), reasons.into()],
+            "unnest($4::bigint[], $5::text[])",
+            &[batch_id.into(), max_attempts.into(), 0i32.into(), retry_ids.into(), reasons.into()],
         );
     }
 }
 
 /// Ends a batch: every request of it that no result line settled goes back to the queue (or
-/// fails, out of attempts) with `reason`, and the batch is `done`.
-pub fn close_batch(batch_id: i64, reason: &str, max_attempts: i32) {
+/// fails, out of attempts) with `reason`, and the batch is `done`. With `refund_attempt` the
+/// requests get back the attempt this batch used.
+pub fn close_batch(batch_id: i64, reason: &str, max_attempts: i32, refund_attempt: bool) {
     requeue_or_fail(
-        "(SELECT id, $3::text FROM llmbatching.requests WHERE batch_id = $1 AND state = 'submitted')",
-        &[batch_id.into(), max_attempts.into(), reason.into()],
+        "(SELECT id, $4::text FROM llmbatching.requests WHERE batch_id = $1 AND state = 'submitted')",
+        &[batch_id.into(), max_attempts.into(), (refund_attempt as i32).into(), reason.into()],
     );
     run("UPDATE llmbatching.batches SET state = 'done', finished_at = now() WHERE id = $1", &[batch_id.into()]);
+}
+
+/// Holds back a model's new batches until `pause` has passed.
+pub fn pause_model(model: &str, pause: Duration, reason: &str) {
+    run(
+        "INSERT INTO llmbatching.model_pauses (model, paused_until, reason)
+         VALUES ($1, now() + make_interval(secs => $2), $3)
+         ON CONFLICT (model) DO UPDATE SET paused_until = excluded.paused_until, reason = excluded.reason",
+        &[model.into(), seconds(pause).into(), reason.into()],
+    );
+}
+
+pub fn record_cancel_sent(batch_id: i64) {
+    run("UPDATE llmbatching.batches SET cancel_sent_at = now() WHERE id = $1", &[batch_id.into()]);
+}
+
+pub fn record_files_deleted(batch_id: i64) {
+    run("UPDATE llmbatching.batches SET files_deleted_at = now() WHERE id = $1", &[batch_id.into()]);
+}
+
+/// Deletes finished requests, then done batches left without requests, older than `retention`.
+/// Returns how many requests and batches went.
+pub fn purge_finished(retention: Duration) -> (i64, i64) {
+    let count = |sql: &str| {
+        Spi::get_one_with_args::<i64>(sql, &[seconds(retention).into()])
+            .unwrap_or_else(|e| fail("purging finished rows", e))
+            .unwrap_or(0)
+    };
+    let requests = count(
+        "WITH gone AS (DELETE FROM llmbatching.requests
+                        WHERE state IN ('completed', 'failed', 'cancelled')
+                          AND finished_at < now() - make_interval(secs => $1)
+                       RETURNING 1)
+         SELECT count(*) FROM gone",
+    );
+    let batches = count(
+        "WITH gone AS (DELETE FROM llmbatching.batches b
+                        WHERE b.state = 'done' AND b.finished_at < now() - make_interval(secs => $1)
+                          AND NOT EXISTS (SELECT FROM llmbatching.requests r WHERE r.batch_id = b.id)
+                       RETURNING 1)
+         SELECT count(*) FROM gone",
+    );
+    (requests, batches)
 }
 
 /// How long the worker may sleep before something is due: a queued group's wait running out,
@@ -373,7 +465,8 @@ pub fn next_wake(batch_wait: Duration) -> Option<Duration> {
         "SELECT extract(epoch FROM least(
                     (SELECT min(queued_at) FROM llmbatching.requests WHERE state = 'queued')
                         + make_interval(secs => $1),
-                    (SELECT min(next_check_at) FROM llmbatching.batches WHERE state <> 'done'))
+                    (SELECT min(next_check_at) FROM llmbatching.batches WHERE state <> 'done'),
+                    (SELECT min(paused_until) FROM llmbatching.model_pauses WHERE paused_until > now()))
                 - clock_timestamp())::float8",
         &[seconds(batch_wait).into()],
     )

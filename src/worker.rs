@@ -36,6 +36,10 @@ const RECONCILE_PAGES: usize = 20;
 /// A refused step (4xx) that may be a passing glitch, such as "file not found" just after an
 /// upload, is tried this many times before it is taken as final.
 const REFUSALS_BEFORE_GIVING_UP: i32 = 5;
+/// Finished rows are purged at most this often (or once per retention period, if shorter).
+const PURGE_EVERY: Duration = Duration::from_secs(60);
+/// The batch error code of the provider's enqueued-token limit.
+const TOKEN_LIMIT_CODE: &str = "token_limit_exceeded";
 /// Metadata keys that tag each batch with its row here.
 const META_BATCH_ID: &str = "llmbatching_batch_id";
 const META_INSTANCE: &str = "llmbatching_instance";
@@ -93,6 +97,7 @@ struct Worker {
     staging: PathBuf,
     instance: Option<String>,
     warned_no_key: bool,
+    last_purge: Option<std::time::Instant>,
 }
 
 fn tx<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe + std::panic::RefUnwindSafe) -> R {
@@ -107,7 +112,7 @@ impl Worker {
         if let Err(e) = std::fs::create_dir_all(&staging) {
             warning!("llmbatching: cannot create {}: {e}", staging.display());
         }
-        Worker { provider: None, provider_for: None, staging, instance: None, warned_no_key: false }
+        Worker { provider: None, provider_for: None, staging, instance: None, warned_no_key: false, last_purge: None }
     }
 
     /// Does everything that is due; returns how long to sleep before the next round.
@@ -120,6 +125,7 @@ impl Worker {
         if self.instance.is_none() {
             self.instance = Some(tx(store::instance_id));
         }
+        self.purge_if_due(&settings);
         if !self.ensure_provider(&settings) {
             return idle;
         }
@@ -164,16 +170,36 @@ impl Worker {
         self.provider.as_deref().expect("provider is set up before any batch step")
     }
 
-    /// Claims queued requests into new batches for every group that is due.
+    /// Deletes finished rows older than `llmbatching.retention`, at most once a minute.
+    fn purge_if_due(&mut self, settings: &Settings) {
+        let Some(retention) = settings.retention else { return };
+        if self.last_purge.is_some_and(|at| at.elapsed() < PURGE_EVERY.min(retention)) {
+            return;
+        }
+        self.last_purge = Some(std::time::Instant::now());
+        let (requests, batches) = tx(move || store::purge_finished(retention));
+        if requests + batches > 0 {
+            log!("llmbatching: purged {requests} finished requests and {batches} batches past llmbatching.retention");
+        }
+    }
+
+    /// Claims queued requests into new batches for every group that is due, within the
+    /// limits on open batches and on each model's enqueued tokens.
     fn form_batches(&mut self, settings: &Settings) {
         let (limits, wait) = (settings.limits, settings.batch_wait);
+        let (max_open, default_token_cap) = (settings.max_batches_in_flight, settings.max_enqueued_tokens);
         loop {
             let claimed = tx(move || {
                 let mut claimed = 0;
                 for group in store::queued_groups() {
-                    if planner::group_is_due(&group.queued, limits, wait)
-                        && store::claim_batch(&group.endpoint, &group.model, limits).is_some()
-                    {
+                    if store::open_batch_count() >= max_open {
+                        break;
+                    }
+                    if !planner::group_is_due(&group.queued, limits, wait) {
+                        continue;
+                    }
+                    let budget = store::token_budget(&group.model, default_token_cap);
+                    if store::claim_batch(&group.endpoint, &group.model, limits, budget).is_some() {
                         claimed += 1;
                     }
                 }
@@ -192,6 +218,7 @@ impl Worker {
             let outcome = match batch.state.as_str() {
                 "pending" => self.upload(&batch),
                 "uploaded" => self.create(&batch, settings),
+                "submitted" if batch.cancel_requested && !batch.cancel_sent => self.cancel(&batch),
                 "submitted" => self.poll(&batch, settings),
                 "ingesting" => self.ingest(&batch, settings),
                 _ => return,
@@ -203,7 +230,9 @@ impl Worker {
             let id = batch.id;
             match tx(move || store::batch(id)) {
                 // Keep going while the batch moved to a step that is due now.
-                Some(next) if next.state != batch.state && next.state != "submitted" && next.state != "done" => batch = next,
+                Some(next) if next.state != "done" && (next.state != batch.state || next.cancel_sent != batch.cancel_sent) => {
+                    batch = next
+                }
                 _ => return,
             }
         }
@@ -218,7 +247,7 @@ impl Worker {
         let (lines, bytes) = written.map_err(|e| ProviderError::Local(e.to_string()))?;
         if lines == 0 {
             let _ = std::fs::remove_file(&path);
-            tx(|| store::close_batch(batch.id, "the batch held no requests", i32::MAX));
+            tx(|| store::close_batch(batch.id, "the batch held no requests", i32::MAX, false));
             return Ok(());
         }
         let name = format!("llmbatching-{}-{}.jsonl", self.instance_tag(), batch.id);
@@ -236,6 +265,12 @@ impl Worker {
 
     fn create(&mut self, batch: &BatchRow, settings: &Settings) -> Result<(), ProviderError> {
         let poll = settings.poll_interval;
+        if batch.cancel_requested {
+            let (id, max_attempts) = (batch.id, settings.max_attempts);
+            tx(move || store::close_batch(id, "the batch was cancelled before it was sent", max_attempts, false));
+            self.delete_files(batch, settings);
+            return Ok(());
+        }
         if batch.create_attempted {
             if let Some(found) = self.find_created(batch)? {
                 log!("llmbatching: batch {} was already created at the provider as {}", batch.id, found.id);
@@ -276,6 +311,20 @@ impl Worker {
         Ok(None)
     }
 
+    /// Cancels at the provider a batch whose every request was cancelled. A refusal means the
+    /// batch already ended, which the next poll will show.
+    fn cancel(&mut self, batch: &BatchRow) -> Result<(), ProviderError> {
+        let provider_id = batch.provider_batch_id.as_deref().unwrap_or_default();
+        match self.provider().cancel_batch(provider_id) {
+            Ok(_) | Err(ProviderError::Rejected { .. }) => {
+                log!("llmbatching: batch {} ({provider_id}): every request was cancelled; cancelled at the provider", batch.id);
+                tx(|| store::record_cancel_sent(batch.id));
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     fn poll(&mut self, batch: &BatchRow, settings: &Settings) -> Result<(), ProviderError> {
         let provider_id = batch.provider_batch_id.as_deref().unwrap_or_default();
         let info = self.provider().get_batch(provider_id)?;
@@ -290,28 +339,67 @@ impl Worker {
     /// Downloads and applies the output and error files, then settles what they left out.
     fn ingest(&mut self, batch: &BatchRow, settings: &Settings) -> Result<(), ProviderError> {
         let files = [("output", &batch.output_file_id), ("error", &batch.error_file_id)];
+        let mut lines = 0;
         for (kind, file_id) in files {
             let Some(file_id) = file_id else { continue };
             let path = self.staging.join(format!("batch-{}-{kind}.jsonl", batch.id));
             let downloaded = self.provider().download_file(file_id, &path);
             let applied = downloaded.and_then(|_| self.apply_file(batch, &path, settings.max_attempts));
             let _ = std::fs::remove_file(&path);
-            applied?;
+            lines += applied?;
+        }
+        // Fewer lines than the provider counted means a download was cut short: read the files
+        // again rather than send the missing requests a second time. Applying them twice is
+        // harmless. A provider that keeps delivering short files is believed in the end.
+        if lines < batch.counted_results && batch.step_failures + 1 < REFUSALS_BEFORE_GIVING_UP {
+            return Err(ProviderError::Malformed(format!(
+                "the result files hold {lines} readable lines, the provider counted {}",
+                batch.counted_results
+            )));
+        }
+        let token_limited = batch.provider_status.as_deref() == Some("failed")
+            && batch.provider_errors.as_deref().is_some_and(|e| e.contains(TOKEN_LIMIT_CODE));
+        if token_limited {
+            // Nothing ran: the model's queue at the provider was full. Wait, then send again.
+            let pause = settings.token_limit_pause;
+            warning!(
+                "llmbatching: batch {} refused for the enqueued-token limit of model \"{}\"; its requests are queued again and the model waits {:.0}s",
+                batch.id, batch.model, pause.as_secs_f64()
+            );
+            let reason = leftover_reason(batch);
+            tx(|| store::pause_model(&batch.model, pause, &reason));
         }
         let reason = leftover_reason(batch);
         let max_attempts = settings.max_attempts;
-        tx(|| store::close_batch(batch.id, &reason, max_attempts));
+        tx(|| store::close_batch(batch.id, &reason, max_attempts, token_limited));
+        self.delete_files(batch, settings);
         Ok(())
     }
 
+    /// Deletes a finished batch's files at the provider, unless told to keep them. Best
+    /// effort: a file left behind expires at the provider on its own.
+    fn delete_files(&mut self, batch: &BatchRow, settings: &Settings) {
+        if !settings.delete_provider_files {
+            return;
+        }
+        let files = [&batch.input_file_id, &batch.output_file_id, &batch.error_file_id];
+        for file_id in files.into_iter().flatten() {
+            if let Err(e) = self.provider().delete_file(file_id) {
+                warning!("llmbatching: batch {}: could not delete file {file_id} at the provider: {e}", batch.id);
+            }
+        }
+        tx(|| store::record_files_deleted(batch.id));
+    }
+
     /// Reads a result file line by line and applies it in chunks, one transaction each.
-    fn apply_file(&self, batch: &BatchRow, path: &std::path::Path, max_attempts: i32) -> Result<(), ProviderError> {
+    /// Returns how many lines named a request.
+    fn apply_file(&self, batch: &BatchRow, path: &std::path::Path, max_attempts: i32) -> Result<i64, ProviderError> {
         let local = |e: std::io::Error| ProviderError::Local(format!("{}: {e}", path.display()));
         let mut reader = std::io::BufReader::new(std::fs::File::open(path).map_err(local)?);
         let endpoint = batch.endpoint();
         let mut chunk = Vec::with_capacity(INGEST_CHUNK);
         let mut line = Vec::new();
-        let (mut unattributed, mut first_problem) = (0usize, None);
+        let (mut attributed, mut unattributed, mut first_problem) = (0i64, 0usize, None);
         loop {
             line.clear();
             let read = reader.read_until(b'\n', &mut line).map_err(local)?;
@@ -319,7 +407,10 @@ impl Worker {
                 let text = String::from_utf8_lossy(&line);
                 if !text.trim().is_empty() {
                     match results::parse_line(endpoint, text.trim_end()) {
-                        Ok(result) => chunk.push(result),
+                        Ok(result) => {
+                            attributed += 1;
+                            chunk.push(result);
+                        }
                         Err(why) => {
                             unattributed += 1;
                             first_problem.get_or_insert(why);
@@ -343,7 +434,7 @@ impl Worker {
                 first_problem.unwrap_or_default()
             );
         }
-        Ok(())
+        Ok(attributed)
     }
 
     /// Records a failed step. Passing faults are retried with backoff; a refusal that persists
@@ -354,7 +445,8 @@ impl Worker {
         if final_refusal {
             warning!("llmbatching: batch {}: {message}; giving up on this batch", batch.id);
             let (id, max_attempts) = (batch.id, settings.max_attempts);
-            tx(move || store::close_batch(id, &message, max_attempts));
+            tx(move || store::close_batch(id, &message, max_attempts, false));
+            self.delete_files(batch, settings);
             return;
         }
         let base = settings.poll_interval.min(Duration::from_secs(2));

@@ -44,6 +44,30 @@ pub struct Config {
     pub api_key: Option<String>,
     /// The next this-many batch lookups (`GET /v1/batches/{id}`) answer truncated JSON.
     pub malformed_polls: u32,
+    /// Share of lines that fail at random with `line_failure_status` (a server error by default).
+    pub line_failure_rate: f64,
+    pub line_failure_status: u16,
+    /// Faults of the HTTP calls, by operation: `upload`, `create`, `get`, `list`, `cancel`,
+    /// `content`, `file`, `delete`.
+    pub faults: BTreeMap<String, Fault>,
+}
+
+/// Faults injected into one kind of HTTP call; each rate is a share of calls, drawn per call.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Fault {
+    /// Answer with an error before doing anything.
+    pub error_rate: f64,
+    /// The statuses such errors use, picked at random (default: 500).
+    pub statuses: Vec<u16>,
+    /// `Retry-After` seconds sent with those errors.
+    pub retry_after: Option<u64>,
+    /// Do the work, then drop the connection instead of answering.
+    pub drop_rate: f64,
+    /// Do the work, then send only the first half of the answer.
+    pub truncate_rate: f64,
+    /// Added latency, in milliseconds.
+    pub delay_ms: u64,
 }
 
 impl Default for Config {
@@ -59,6 +83,9 @@ impl Default for Config {
             enqueued_token_limit: None,
             api_key: None,
             malformed_polls: 0,
+            line_failure_rate: 0.0,
+            line_failure_status: 500,
+            faults: BTreeMap::new(),
         }
     }
 }
@@ -69,7 +96,10 @@ pub struct Stats {
     pub files_uploaded: u64,
     pub files_deleted: u64,
     pub batches_created: u64,
-    /// For each custom_id, how many batches ran it (delivered an answer or a model error).
+    pub faults_injected: u64,
+    /// The most batches open (not yet ended) at once.
+    pub max_open_batches: u64,
+    /// For each custom_id, how many batches answered it: the runs that are billed.
     pub runs_per_custom_id: BTreeMap<String, u32>,
 }
 
@@ -261,6 +291,9 @@ impl Provider {
         self.stats.batches_created += 1;
         let object = batch.object(&self.config);
         self.batches.push(batch);
+        self.advance();
+        let open = self.batches.iter().filter(|b| !b.is_terminal()).count() as u64;
+        self.stats.max_open_batches = self.stats.max_open_batches.max(open);
         Ok(object)
     }
 
@@ -330,6 +363,7 @@ impl Provider {
     /// its final status.
     fn finish(&mut self, i: usize, ended: Ending) {
         let endpoint = self.batches[i].endpoint.clone();
+        let (line_failure_rate, line_failure_status) = (self.config.line_failure_rate, self.config.line_failure_status);
         let (status, ran, not_run_code, not_run_message) = match ended {
             Ending::Completed => ("completed", usize::MAX, "", ""),
             Ending::Expired(ran) => ("expired", ran, "batch_expired",
@@ -348,9 +382,15 @@ impl Provider {
                                    "error": {"code": not_run_code, "message": not_run_message}}));
                 continue;
             }
-            *self.stats.runs_per_custom_id.entry(line.custom_id.clone()).or_default() += 1;
-            match run_request(&endpoint, &line.custom_id, &line.body, seq) {
+            let outcome = if rand::random::<f64>() < line_failure_rate {
+                LineResult::Rejected { status: line_failure_status, body: json!({"error": {
+                    "message": "Emulated transient failure", "type": "server_error", "param": null, "code": null}}) }
+            } else {
+                run_request(&endpoint, &line.custom_id, &line.body, seq)
+            };
+            match outcome {
                 LineResult::Ok(body) => {
+                    *self.stats.runs_per_custom_id.entry(line.custom_id.clone()).or_default() += 1;
                     let usage = &body["usage"];
                     input_tokens += usage["input_tokens"].as_u64().or(usage["prompt_tokens"].as_u64()).unwrap_or(0);
                     output_tokens +=
@@ -668,6 +708,15 @@ mod tests {
         let mut p = provider(instant());
         let err = p.upload("in.jsonl", "batch", b"\xEF\xBB\xBF{}".to_vec()).unwrap_err();
         assert_eq!(err.status, 400);
+    }
+
+    #[test]
+    fn random_line_failures_are_not_billed() {
+        let mut p = provider(Config { line_failure_rate: 1.0, ..instant() });
+        let id = create(&mut p, line("1", "m", "/v1/responses"));
+        let b = p.get_batch(&id).unwrap();
+        assert_eq!(b["request_counts"]["failed"], 1);
+        assert!(p.stats.runs_per_custom_id.is_empty());
     }
 
     #[test]

@@ -13,7 +13,7 @@
 pub mod answers;
 pub mod batches;
 
-pub use batches::{Config, Stats};
+pub use batches::{Config, Fault, Stats};
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, Request, State};
@@ -128,6 +128,59 @@ async fn get_stats(State(shared): State<Shared>) -> Json<Value> {
     Json(serde_json::to_value(&lock(&shared).stats).unwrap_or_default())
 }
 
+/// The operation a call performs, as named in [`Config::faults`].
+fn operation(method: &axum::http::Method, path: &str) -> &'static str {
+    let parts: Vec<&str> = path.trim_start_matches("/v1").trim_matches('/').split('/').collect();
+    match (method.as_str(), parts.as_slice()) {
+        ("POST", ["files"]) => "upload",
+        ("GET", ["files", _]) => "file",
+        ("GET", ["files", _, "content"]) => "content",
+        ("DELETE", ["files", _]) => "delete",
+        ("POST", ["batches"]) => "create",
+        ("GET", ["batches"]) => "list",
+        ("GET", ["batches", _]) => "get",
+        ("POST", ["batches", _, "cancel"]) => "cancel",
+        _ => "other",
+    }
+}
+
+/// Applies the configured faults of the call's operation: delay, error before the work, or
+/// a lost or truncated answer after it.
+async fn inject_faults(State(shared): State<Shared>, request: Request, next: Next) -> Response {
+    let op = operation(request.method(), request.uri().path());
+    let Some(fault) = lock(&shared).config.faults.get(op).cloned() else {
+        return next.run(request).await;
+    };
+    if fault.delay_ms > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(fault.delay_ms)).await;
+    }
+    if rand::random::<f64>() < fault.error_rate {
+        lock(&shared).stats.faults_injected += 1;
+        let status = fault.statuses.get(rand::random_range(0..fault.statuses.len().max(1))).copied().unwrap_or(500);
+        let mut response = ApiError::new(status, format!("Emulated fault on {op}")).into_response();
+        if let Some(seconds) = fault.retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, seconds.into());
+        }
+        return response;
+    }
+    let response = next.run(request).await;
+    if rand::random::<f64>() < fault.drop_rate {
+        lock(&shared).stats.faults_injected += 1;
+        // Headers go out, then the body fails: the client loses the connection mid-answer.
+        let broken = futures_util::stream::once(async { Err::<Bytes, std::io::Error>(std::io::Error::other("dropped")) });
+        return (response.status(), axum::body::Body::from_stream(broken)).into_response();
+    }
+    if rand::random::<f64>() < fault.truncate_rate {
+        lock(&shared).stats.faults_injected += 1;
+        let (parts, body) = response.into_parts();
+        let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap_or_default();
+        let mut parts = parts;
+        parts.headers.remove(header::CONTENT_LENGTH);
+        return Response::from_parts(parts, axum::body::Body::from(bytes.slice(..bytes.len() / 2)));
+    }
+    response
+}
+
 /// Refuses `/v1` calls without a bearer token (or with the wrong one, when a key is set).
 async fn require_key(State(shared): State<Shared>, headers: HeaderMap, request: Request, next: Next) -> Response {
     let given = headers
@@ -155,6 +208,7 @@ pub fn router(shared: Arc<Mutex<Provider>>) -> Router {
         .route("/batches/{id}", get(get_batch))
         .route("/batches/{id}/cancel", post(cancel_batch))
         .layer(middleware::from_fn_with_state(shared.clone(), require_key))
+        .layer(middleware::from_fn_with_state(shared.clone(), inject_faults))
         .layer(DefaultBodyLimit::max(batches::MAX_FILE_BYTES + 1024 * 1024));
     Router::new()
         .nest("/v1", api)
@@ -215,5 +269,22 @@ impl Drop for Emulator {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::operation;
+    use axum::http::Method;
+
+    #[test]
+    fn calls_map_to_their_operation() {
+        assert_eq!(operation(&Method::POST, "/files"), "upload");
+        assert_eq!(operation(&Method::GET, "/v1/files/file-1/content"), "content");
+        assert_eq!(operation(&Method::DELETE, "/files/file-1"), "delete");
+        assert_eq!(operation(&Method::POST, "/batches"), "create");
+        assert_eq!(operation(&Method::GET, "/batches"), "list");
+        assert_eq!(operation(&Method::GET, "/batches/batch-1"), "get");
+        assert_eq!(operation(&Method::POST, "/batches/batch-1/cancel"), "cancel");
     }
 }
