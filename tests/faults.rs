@@ -191,3 +191,17 @@ fn retention_removes_finished_rows_once_they_are_old_enough() {
     });
     assert_eq!(cluster.count("SELECT count(*) FROM llmbatching.requests WHERE state = 'queued'"), 1, "open work is kept");
 }
+
+#[test]
+fn a_batch_whose_create_answer_was_lost_is_found_again_not_created_twice() {
+    let mut faults = std::collections::BTreeMap::new();
+    faults.insert("create".to_string(), Fault { drop_rate: 1.0, ..Fault::default() });
+    let cluster = Cluster::start(EmulatorConfig { faults, ..quick() }, &[]);
+    cluster.client().batch_execute("CREATE EXTENSION llmbatching").unwrap();
+    submit(&cluster, 5);
+    // Every create answer is lost, so only finding the batch again can complete the work.
+    cluster.wait_until_settled(SETTLE);
+    assert_eq!(cluster.count("SELECT count(*) FROM llmbatching.requests WHERE state = 'completed'"), 5);
+    assert_eq!(cluster.emulator.stats().batches_created, 1, "the batch was created twice");
+    assert!(cluster.log().contains("was already created at the provider"));
+}
