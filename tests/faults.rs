@@ -205,3 +205,22 @@ fn a_batch_whose_create_answer_was_lost_is_found_again_not_created_twice() {
     assert_eq!(cluster.emulator.stats().batches_created, 1, "the batch was created twice");
     assert!(cluster.log().contains("was already created at the provider"));
 }
+
+#[test]
+fn a_batch_that_lingers_in_validating_and_finalizing_is_polled_until_it_ends() {
+    let lingering = EmulatorConfig { validating_ms: 1500, in_progress_ms: 200, finalizing_ms: 1500, ..quick() };
+    let cluster = Cluster::start(lingering, &[]);
+    let mut c = cluster.client();
+    c.batch_execute("CREATE EXTENSION llmbatching").unwrap();
+    submit(&cluster, 3);
+    let mut seen = std::collections::BTreeSet::new();
+    cluster.wait_for("the batch to complete", SETTLE, || {
+        let status: Option<String> =
+            c.query_opt("SELECT provider_status FROM llmbatching.batches", &[]).unwrap().and_then(|r| r.get(0));
+        seen.extend(status.clone());
+        status.as_deref() == Some("completed")
+    });
+    assert!(seen.contains("validating") && seen.contains("finalizing"), "{seen:?}");
+    cluster.wait_until_settled(SETTLE);
+    assert_eq!(cluster.count("SELECT count(*) FROM llmbatching.requests WHERE state = 'completed'"), 3);
+}
