@@ -69,6 +69,11 @@ CREATE TABLE llmbatching.requests (
     attempts        integer NOT NULL DEFAULT 0,
     response        jsonb,
     result_text     text,
+    -- The answer as JSON, for requests that asked for a structured answer.
+    result_json     jsonb,
+    -- What the answer must be: {"type": "json"} or {"type": "label", "labels": [...]}.
+    answer_format   jsonb,
+    job             text,
     error           text,
     input_tokens    integer,
     output_tokens   integer,
@@ -82,6 +87,7 @@ COMMENT ON TABLE llmbatching.requests IS 'Every LLM request: its body, its state
 CREATE INDEX requests_queue ON llmbatching.requests (endpoint, model, id) WHERE state = 'queued';
 CREATE INDEX requests_queued_at ON llmbatching.requests (queued_at) WHERE state = 'queued';
 CREATE INDEX requests_batch ON llmbatching.requests (batch_id) WHERE batch_id IS NOT NULL;
+CREATE INDEX requests_job ON llmbatching.requests (job, state) WHERE job IS NOT NULL;
 CREATE INDEX requests_finished ON llmbatching.requests (finished_at)
     WHERE state IN ('completed', 'failed', 'cancelled');
 
@@ -100,3 +106,17 @@ CREATE TABLE llmbatching.model_pauses (
     reason       text
 );
 COMMENT ON TABLE llmbatching.model_pauses IS 'Models whose new batches wait until paused_until';
+
+-- Where an answer is written when it arrives: a column of one row of a user table, found by
+-- the row's primary key.
+CREATE TABLE llmbatching.writebacks (
+    request_id    bigint PRIMARY KEY REFERENCES llmbatching.requests (id) ON DELETE CASCADE,
+    target        regclass NOT NULL,
+    target_column name NOT NULL,
+    row_key       jsonb NOT NULL,
+    written_at    timestamptz,
+    -- 'written', 'row missing' (deleted, or its key changed), or 'error: ...'
+    outcome       text
+);
+COMMENT ON TABLE llmbatching.writebacks IS 'Answers to write into a table column when they arrive, and what happened';
+CREATE INDEX writebacks_pending ON llmbatching.writebacks (target, target_column) WHERE written_at IS NULL;

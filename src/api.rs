@@ -4,7 +4,7 @@
 //! The read side (`llm_status`, `llm_result`, …) is plain SQL in `sql/api.sql`.
 
 use crate::config;
-use crate::request::{self, Endpoint, RequestError};
+use crate::request::{self, AnswerFormat, Endpoint, RequestError};
 use crate::wakeup;
 use pgrx::prelude::*;
 use pgrx::JsonB;
@@ -23,18 +23,51 @@ fn endpoint_of(endpoint: Option<&str>) -> Endpoint {
     Endpoint::parse(endpoint).unwrap_or_else(|e| raise(e))
 }
 
+fn job_of(job: Option<&str>) -> Option<&str> {
+    match job {
+        Some(j) if j.trim().is_empty() => raise(RequestError::new("job", "must not be empty (leave it NULL for none)")),
+        other => other,
+    }
+}
+
 /// Queues a checked body; returns the request's id.
-fn enqueue(endpoint: Endpoint, model: &str, body: Value, argument: &'static str) -> i64 {
+fn enqueue(
+    endpoint: Endpoint,
+    model: &str,
+    body: Value,
+    argument: &'static str,
+    job: Option<&str>,
+    format: Option<AnswerFormat>,
+) -> i64 {
     let max_bytes = config::batch_limits().max_bytes;
     request::check_size(body.to_string().len(), max_bytes, argument).unwrap_or_else(|e| raise(e));
     let id = Spi::get_one_with_args::<i64>(
-        "INSERT INTO llmbatching.requests (endpoint, model, body) VALUES ($1, $2, $3) RETURNING id",
-        &[endpoint.path().into(), model.into(), JsonB(body).into()],
+        "INSERT INTO llmbatching.requests (endpoint, model, body, job, answer_format)
+         VALUES ($1, $2, $3, $4, $5) RETURNING id",
+        &[
+            endpoint.path().into(),
+            model.into(),
+            JsonB(body).into(),
+            job_of(job).into(),
+            format.map(|f| JsonB(f.to_json())).into(),
+        ],
     )
     .unwrap_or_else(|e| error!("llmbatching: could not queue the request: {e}"))
     .unwrap_or_else(|| error!("llmbatching: queueing the request returned no id"));
     wakeup::wake_worker_at_commit();
     id
+}
+
+/// The body `llm_submit` builds, shared by its structured variants.
+fn built_body(
+    endpoint: Endpoint,
+    model: Option<&str>,
+    input: Option<&str>,
+    instructions: Option<&str>,
+    options: Option<JsonB>,
+) -> Value {
+    let options = options.map(|o| o.0);
+    request::build_body(endpoint, model, input, instructions, options.as_ref()).unwrap_or_else(|e| raise(e))
 }
 
 /// Queues a request built from a model and an input; returns its id.
@@ -45,21 +78,64 @@ fn llm_submit(
     instructions: default!(Option<&str>, "NULL"),
     options: default!(Option<JsonB>, "'{}'"),
     endpoint: default!(Option<&str>, "'/v1/responses'"),
+    job: default!(Option<&str>, "NULL"),
 ) -> i64 {
     let endpoint = endpoint_of(endpoint);
-    let options = options.map(|o| o.0);
-    let body = request::build_body(endpoint, model, input, instructions, options.as_ref()).unwrap_or_else(|e| raise(e));
-    let model = model.unwrap_or_default().to_owned();
-    enqueue(endpoint, &model, body, "input")
+    let body = built_body(endpoint, model, input, instructions, options);
+    enqueue(endpoint, model.unwrap_or_default(), body, "input", job, None)
+}
+
+/// Queues a request whose answer must be JSON following `schema`; read it with
+/// `llm_answer_json`.
+#[pg_extern(volatile, parallel_unsafe)]
+fn llm_submit_json(
+    model: Option<&str>,
+    input: Option<&str>,
+    schema: Option<JsonB>,
+    instructions: default!(Option<&str>, "NULL"),
+    options: default!(Option<JsonB>, "'{}'"),
+    endpoint: default!(Option<&str>, "'/v1/responses'"),
+    job: default!(Option<&str>, "NULL"),
+) -> i64 {
+    let endpoint = endpoint_of(endpoint);
+    let schema = schema.map(|s| s.0).unwrap_or_else(|| raise(RequestError::new("schema", "must not be NULL")));
+    let body = built_body(endpoint, model, input, instructions, options);
+    let body = request::with_json_schema(endpoint, body, &schema).unwrap_or_else(|e| raise(e));
+    enqueue(endpoint, model.unwrap_or_default(), body, "input", job, Some(AnswerFormat::Json))
+}
+
+/// Queues a request whose answer is one of `labels`; `llm_result` is then always one of them,
+/// or the request fails saying what the model answered instead.
+#[pg_extern(volatile, parallel_unsafe)]
+fn llm_submit_label(
+    model: Option<&str>,
+    input: Option<&str>,
+    labels: Option<Vec<Option<String>>>,
+    instructions: default!(Option<&str>, "NULL"),
+    options: default!(Option<JsonB>, "'{}'"),
+    endpoint: default!(Option<&str>, "'/v1/responses'"),
+    job: default!(Option<&str>, "NULL"),
+) -> i64 {
+    let endpoint = endpoint_of(endpoint);
+    let labels = labels.unwrap_or_else(|| raise(RequestError::new("labels", "must not be NULL")));
+    let labels: Vec<Option<&str>> = labels.iter().map(Option::as_deref).collect();
+    let (schema, labels) = request::label_schema(&labels).unwrap_or_else(|e| raise(e));
+    let body = built_body(endpoint, model, input, instructions, options);
+    let body = request::with_json_schema(endpoint, body, &schema).unwrap_or_else(|e| raise(e));
+    enqueue(endpoint, model.unwrap_or_default(), body, "input", job, Some(AnswerFormat::Label(labels)))
 }
 
 /// Queues a request given as a complete body for the endpoint; returns its id.
 #[pg_extern(volatile, parallel_unsafe)]
-fn llm_submit_body(body: Option<JsonB>, endpoint: default!(Option<&str>, "'/v1/responses'")) -> i64 {
+fn llm_submit_body(
+    body: Option<JsonB>,
+    endpoint: default!(Option<&str>, "'/v1/responses'"),
+    job: default!(Option<&str>, "NULL"),
+) -> i64 {
     let endpoint = endpoint_of(endpoint);
     let body = body.map(|b| b.0).unwrap_or_else(|| raise(RequestError::new("body", "must not be NULL")));
     let model = request::validate_body(&body, "body").unwrap_or_else(|e| raise(e)).to_owned();
-    enqueue(endpoint, &model, body, "body")
+    enqueue(endpoint, &model, body, "body", job, None)
 }
 
 /// Cancels a request that has no answer yet; true if it was cancelled. A queued request is

@@ -16,7 +16,8 @@ mod worker;
 pgrx::pg_module_magic!();
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
-extension_sql_file!("../sql/api.sql", name = "api", finalize);
+extension_sql_file!("../sql/api.sql", name = "api", requires = ["schema"]);
+extension_sql_file!("../sql/pipelines.sql", name = "pipelines", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {

@@ -156,6 +156,81 @@ pub fn validate_body<'a>(body: &'a Value, argument: &'static str) -> Result<&'a 
     Ok(model)
 }
 
+/// What a request's answer must be, checked when it arrives.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AnswerFormat {
+    /// JSON (the model was given a JSON schema).
+    Json,
+    /// One of these labels.
+    Label(Vec<String>),
+}
+
+impl AnswerFormat {
+    pub fn to_json(&self) -> Value {
+        match self {
+            AnswerFormat::Json => json!({"type": "json"}),
+            AnswerFormat::Label(labels) => json!({"type": "label", "labels": labels}),
+        }
+    }
+
+    pub fn from_json(v: &Value) -> Option<AnswerFormat> {
+        match v.get("type")?.as_str()? {
+            "json" => Some(AnswerFormat::Json),
+            "label" => Some(AnswerFormat::Label(
+                v.get("labels")?.as_array()?.iter().filter_map(|l| l.as_str().map(str::to_owned)).collect(),
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// Asks for an answer following `schema`: `text.format` for Responses, `response_format` for
+/// Chat Completions.
+pub fn with_json_schema(endpoint: Endpoint, mut body: Value, schema: &Value) -> Result<Value, RequestError> {
+    if !schema.is_object() {
+        return Err(RequestError::new("schema", "must be a JSON object (a JSON schema)"));
+    }
+    let format = match endpoint {
+        Endpoint::Responses => json!({"text": {"format": {"type": "json_schema", "name": "answer", "schema": schema, "strict": true}}}),
+        Endpoint::ChatCompletions => json!({"response_format": {"type": "json_schema",
+            "json_schema": {"name": "answer", "schema": schema, "strict": true}}}),
+        other => {
+            return Err(RequestError::new(
+                "endpoint",
+                format!("structured answers need /v1/responses or /v1/chat/completions, not {}", other.path()),
+            ))
+        }
+    };
+    let (Value::Object(body_map), Value::Object(format_map)) = (&mut body, format) else {
+        return Err(RequestError::new("body", "must be a JSON object"));
+    };
+    for (key, value) in format_map {
+        if body_map.contains_key(&key) {
+            return Err(RequestError::new("options", format!("may not set \"{key}\" when a schema is given")));
+        }
+        body_map.insert(key, value);
+    }
+    Ok(body)
+}
+
+/// The JSON schema of an answer that picks one of `labels`: `{"label": <one of them>}`.
+pub fn label_schema(labels: &[Option<&str>]) -> Result<(Value, Vec<String>), RequestError> {
+    let mut list: Vec<String> = Vec::with_capacity(labels.len());
+    for label in labels {
+        match label {
+            Some(l) if !l.trim().is_empty() && !list.iter().any(|x| x == l) => list.push((*l).to_owned()),
+            Some(l) if !l.trim().is_empty() => return Err(RequestError::new("labels", format!("lists \"{l}\" twice"))),
+            _ => return Err(RequestError::new("labels", "may not hold NULL or empty labels")),
+        }
+    }
+    if list.len() < 2 {
+        return Err(RequestError::new("labels", "must hold at least two labels"));
+    }
+    let schema = json!({"type": "object", "additionalProperties": false, "required": ["label"],
+                        "properties": {"label": {"type": "string", "enum": list}}});
+    Ok((schema, list))
+}
+
 /// Checks that a body of `body_bytes` fits in one batch input file of at most `max_file_bytes`.
 pub fn check_size(body_bytes: usize, max_file_bytes: usize, argument: &'static str) -> Result<(), RequestError> {
     if body_bytes + LINE_OVERHEAD_BYTES > max_file_bytes {
@@ -221,6 +296,28 @@ mod tests {
         assert_eq!(validate_body(&json!({"input": "x"}), "body").unwrap_err().argument, "body");
         assert_eq!(validate_body(&json!({"model": 3}), "body").unwrap_err().argument, "body");
         assert_eq!(validate_body(&json!({"model": "m"}), "body").unwrap(), "m");
+    }
+
+    #[test]
+    fn schemas_go_where_each_endpoint_expects_them() {
+        let schema = json!({"type": "object"});
+        let body = with_json_schema(Endpoint::Responses, json!({"model": "m"}), &schema).unwrap();
+        assert_eq!(body["text"]["format"]["schema"], schema);
+        let body = with_json_schema(Endpoint::ChatCompletions, json!({"model": "m"}), &schema).unwrap();
+        assert_eq!(body["response_format"]["json_schema"]["schema"], schema);
+        assert_eq!(with_json_schema(Endpoint::Embeddings, json!({}), &schema).unwrap_err().argument, "endpoint");
+        assert_eq!(with_json_schema(Endpoint::Responses, json!({"text": {}}), &schema).unwrap_err().argument, "options");
+        assert_eq!(with_json_schema(Endpoint::Responses, json!({}), &json!(1)).unwrap_err().argument, "schema");
+    }
+
+    #[test]
+    fn labels_must_be_distinct_and_at_least_two() {
+        let (schema, labels) = label_schema(&[Some("yes"), Some("no")]).unwrap();
+        assert_eq!(schema["properties"]["label"]["enum"], json!(["yes", "no"]));
+        assert_eq!(AnswerFormat::from_json(&AnswerFormat::Label(labels.clone()).to_json()), Some(AnswerFormat::Label(labels)));
+        assert_eq!(label_schema(&[Some("yes")]).unwrap_err().argument, "labels");
+        assert_eq!(label_schema(&[Some("yes"), Some("yes")]).unwrap_err().argument, "labels");
+        assert_eq!(label_schema(&[Some("yes"), None]).unwrap_err().argument, "labels");
     }
 
     #[test]

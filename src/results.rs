@@ -1,7 +1,7 @@
 //! Reading a finished batch's output and error files, one line at a time, into what happened
 //! to each request. Pure: no database, no network.
 
-use crate::request::Endpoint;
+use crate::request::{AnswerFormat, Endpoint};
 use serde_json::Value;
 
 /// What one result line says about its request.
@@ -106,6 +106,23 @@ pub fn answer_text(endpoint: Endpoint, body: &Value) -> Option<String> {
     }
 }
 
+/// Checks a completed answer against the format its request asked for. Returns the answer
+/// text to keep and the parsed JSON answer, or why the answer is not acceptable.
+pub fn check_answer(format: &AnswerFormat, text: Option<&str>) -> Result<(Option<String>, Value), String> {
+    let text = text.ok_or("the answer has no text")?;
+    let json: Value = serde_json::from_str(text).map_err(|e| format!("the answer is not valid JSON ({e}): {text:.200}"))?;
+    match format {
+        AnswerFormat::Json => Ok((Some(text.to_owned()), json)),
+        AnswerFormat::Label(labels) => {
+            let label = json.get("label").and_then(Value::as_str).ok_or_else(|| format!("the answer names no label: {text:.200}"))?;
+            if !labels.iter().any(|l| l == label) {
+                return Err(format!("the answer \"{label:.100}\" is not one of the labels {}", labels.join(", ")));
+            }
+            Ok((Some(label.to_owned()), json))
+        }
+    }
+}
+
 /// Input and output tokens from a body's `usage`, in either naming the endpoints use.
 pub fn token_usage(body: &Value) -> (Option<i32>, Option<i32>) {
     let usage = body.get("usage");
@@ -171,6 +188,17 @@ mod tests {
             parse_line(Endpoint::Responses, &l).unwrap().outcome,
             Outcome::Retry { reason: "batch_expired: late".into() }
         );
+    }
+
+    #[test]
+    fn labelled_answers_must_be_on_the_list() {
+        let labels = AnswerFormat::Label(vec!["positive".into(), "negative".into()]);
+        let (text, json) = check_answer(&labels, Some(r#"{"label": "negative"}"#)).unwrap();
+        assert_eq!((text.as_deref(), json), (Some("negative"), json!({"label": "negative"})));
+        assert!(check_answer(&labels, Some(r#"{"label": "meh"}"#)).unwrap_err().contains("not one of the labels"));
+        assert!(check_answer(&labels, Some("positive")).unwrap_err().contains("not valid JSON"));
+        assert!(check_answer(&AnswerFormat::Json, Some("[1, 2]")).is_ok());
+        assert!(check_answer(&AnswerFormat::Json, None).is_err());
     }
 
     #[test]

@@ -4,7 +4,10 @@
 use crate::planner::{self, BatchLimits, Candidate, QueuedGroup, TokenBudget};
 use crate::provider::BatchInfo;
 use crate::request::Endpoint;
-use crate::results::{custom_id, LineResult, Outcome};
+use crate::request::AnswerFormat;
+use crate::results::{check_answer, custom_id, LineResult, Outcome};
+use serde_json::Value;
+use std::collections::HashMap;
 use pgrx::prelude::*;
 use pgrx::spi::{SpiClient, SpiResult};
 use pgrx::JsonB;
@@ -351,13 +354,59 @@ fn requeue_or_fail(source: &str, args: &[pgrx::datum::DatumWithOid]) {
     );
 }
 
+/// The answer formats the given requests asked for (only those that asked for one).
+fn answer_formats(ids: Vec<i64>) -> HashMap<i64, AnswerFormat> {
+    if ids.is_empty() {
+        return HashMap::new();
+    }
+    Spi::connect(|client| {
+        client
+            .select(
+                "SELECT id, answer_format FROM llmbatching.requests WHERE id = ANY($1) AND answer_format IS NOT NULL",
+                None,
+                &[ids.into()],
+            )?
+            .map(|row| Ok((row.get::<i64>(1)?.unwrap_or(0), row.get::<JsonB>(2)?)))
+            .collect::<SpiResult<Vec<_>>>()
+    })
+    .unwrap_or_else(|e| fail("reading answer formats", e))
+    .into_iter()
+    .filter_map(|(id, format)| Some((id, AnswerFormat::from_json(&format?.0)?)))
+    .collect()
+}
+
+/// Holds each answer to the format its request asked for: a structured answer is parsed (the
+/// JSON comes back beside the result), and one that breaks its format fails the request.
+fn enforce_answer_formats(results: Vec<LineResult>) -> Vec<(LineResult, Option<Value>)> {
+    let completed = results.iter().filter(|r| matches!(r.outcome, Outcome::Completed { .. })).map(|r| r.request_id);
+    let formats = answer_formats(completed.collect());
+    results
+        .into_iter()
+        .map(|mut result| {
+            let Some(format) = formats.get(&result.request_id) else { return (result, None) };
+            let Outcome::Completed { response, text, .. } = &mut result.outcome else { return (result, None) };
+            match check_answer(format, text.as_deref()) {
+                Ok((checked, json)) => {
+                    *text = checked;
+                    (result, Some(json))
+                }
+                Err(message) => {
+                    let response = Some(std::mem::take(response));
+                    result.outcome = Outcome::Failed { message, response };
+                    (result, None)
+                }
+            }
+        })
+        .collect()
+}
+
 /// Applies one chunk of result lines of a batch.
 pub fn apply_results(batch_id: i64, results: Vec<LineResult>, max_attempts: i32) {
-    let (mut done_ids, mut responses, mut texts, mut input_tokens, mut output_tokens) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut done_ids, mut responses, mut texts, mut input_tokens, mut output_tokens, mut answers) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut failed_ids, mut messages, mut failed_bodies) = (Vec::new(), Vec::new(), Vec::new());
     let (mut retry_ids, mut reasons) = (Vec::new(), Vec::new());
-    for result in results {
+    for (result, answer) in enforce_answer_formats(results) {
         match result.outcome {
             Outcome::Completed { response, text, input_tokens: i, output_tokens: o } => {
                 done_ids.push(result.request_id);
@@ -365,6 +414,7 @@ pub fn apply_results(batch_id: i64, results: Vec<LineResult>, max_attempts: i32)
                 texts.push(text);
                 input_tokens.push(i);
                 output_tokens.push(o);
+                answers.push(answer.map(JsonB));
             }
             Outcome::Failed { message, response } => {
                 failed_ids.push(result.request_id);
@@ -380,11 +430,20 @@ pub fn apply_results(batch_id: i64, results: Vec<LineResult>, max_attempts: i32)
     if !done_ids.is_empty() {
         run(
             "UPDATE llmbatching.requests r SET state = 'completed', response = x.response, result_text = x.text,
-                    input_tokens = x.input_tokens, output_tokens = x.output_tokens, error = NULL, finished_at = now()
-               FROM unnest($2::bigint[], $3::jsonb[], $4::text[], $5::int[], $6::int[])
-                    AS x(id, response, text, input_tokens, output_tokens)
+                    result_json = x.answer, input_tokens = x.input_tokens, output_tokens = x.output_tokens,
+                    error = NULL, finished_at = now()
+               FROM unnest($2::bigint[], $3::jsonb[], $4::text[], $5::int[], $6::int[], $7::jsonb[])
+                    AS x(id, response, text, input_tokens, output_tokens, answer)
               WHERE r.id = x.id AND r.batch_id = $1 AND r.state = 'submitted'",
-            &[batch_id.into(), done_ids.into(), responses.into(), texts.into(), input_tokens.into(), output_tokens.into()],
+            &[
+                batch_id.into(),
+                done_ids.into(),
+                responses.into(),
+                texts.into(),
+                input_tokens.into(),
+                output_tokens.into(),
+                answers.into(),
+            ],
         );
     }
     if !failed_ids.is_empty() {

@@ -5,6 +5,10 @@
 //!   is the last user text of the request.
 //! - Embeddings answer an 8-dimensional vector computed from the bytes of each input.
 //! - Moderations answer `flagged: false`.
+//! - A request asking for structured output (`text.format` or `response_format` of type
+//!   `json_schema`) answers JSON built from its schema: each string property holds the prompt,
+//!   and a property with an `enum` holds the first choice that appears in the prompt (ignoring
+//!   case), or the first choice if none does. See [`structured_answer`].
 //!
 //! A request whose body contains [`FAIL_MARKER`] is rejected by the "model" with status 400,
 //! the way a real endpoint rejects a bad parameter; its error message is [`failure_message`].
@@ -14,6 +18,9 @@ use serde_json::{json, Value};
 
 /// Put this anywhere in a request body to make the emulated model reject that one request.
 pub const FAIL_MARKER: &str = "EMULATOR_FAIL";
+
+/// A request with a label schema containing this answers a label that is not on its list.
+pub const OFF_LABEL_MARKER: &str = "EMULATOR_OFF_LABEL";
 
 /// A request containing this gets a result line whose response body is not an object.
 pub const GARBLE_MARKER: &str = "EMULATOR_GARBLE";
@@ -94,9 +101,49 @@ fn last_user_text(input: &Value) -> String {
     }
 }
 
+/// The JSON the emulated model answers for a schema and a prompt.
+pub fn structured_answer(schema: &Value, prompt: &str) -> Value {
+    if let Some(choices) = schema.get("enum").and_then(Value::as_array) {
+        let lower = prompt.to_lowercase();
+        if prompt.contains(OFF_LABEL_MARKER) {
+            return json!("not-a-label");
+        }
+        let matching = choices.iter().find(|c| c.as_str().is_some_and(|c| lower.contains(&c.to_lowercase())));
+        return matching.or(choices.first()).cloned().unwrap_or(Value::Null);
+    }
+    match schema.get("type").and_then(Value::as_str) {
+        Some("object") => {
+            let properties = schema.get("properties").and_then(Value::as_object);
+            let fields = properties.into_iter().flatten().map(|(k, s)| (k.clone(), structured_answer(s, prompt)));
+            Value::Object(fields.collect())
+        }
+        Some("array") => json!([]),
+        Some("integer") | Some("number") => json!(prompt.chars().count()),
+        Some("boolean") => json!(true),
+        _ => json!(prompt),
+    }
+}
+
+/// The schema a body asks its answer to follow, if any.
+fn requested_schema(body: &Value) -> Option<&Value> {
+    let format = body.pointer("/text/format").or_else(|| body.get("response_format"))?;
+    if format.get("type").and_then(Value::as_str) != Some("json_schema") {
+        return None;
+    }
+    format.get("schema").or_else(|| format.pointer("/json_schema/schema"))
+}
+
+/// The answer text: JSON following the requested schema, or the echo.
+fn answer_for(model: &str, body: &Value, prompt: &str) -> String {
+    match requested_schema(body) {
+        Some(schema) => structured_answer(schema, prompt).to_string(),
+        None => echo_answer(model, prompt),
+    }
+}
+
 fn response(model: &str, body: &Value, seq: u64) -> Value {
     let prompt = last_user_text(body.get("input").unwrap_or(&Value::Null));
-    let answer = echo_answer(model, &prompt);
+    let answer = answer_for(model, body, &prompt);
     let (input_tokens, output_tokens) = (tokens(&prompt), tokens(&answer));
     json!({
         "id": format!("resp_{seq:012}"), "object": "response", "status": "completed", "model": model,
@@ -111,7 +158,7 @@ fn response(model: &str, body: &Value, seq: u64) -> Value {
 
 fn chat_completion(model: &str, body: &Value, seq: u64) -> Value {
     let prompt = last_user_text(body.get("messages").unwrap_or(&Value::Null));
-    let answer = echo_answer(model, &prompt);
+    let answer = answer_for(model, body, &prompt);
     let (prompt_tokens, completion_tokens) = (tokens(&prompt), tokens(&answer));
     json!({
         "id": format!("chatcmpl-{seq:012}"), "object": "chat.completion", "model": model,
@@ -184,6 +231,18 @@ mod tests {
             }
             LineResult::Ok(_) => panic!("expected a rejection"),
         }
+    }
+
+    #[test]
+    fn structured_answers_follow_the_schema() {
+        let schema = json!({"type": "object", "properties": {
+            "label": {"type": "string", "enum": ["positive", "negative"]}, "why": {"type": "string"}}});
+        let body = json!({"model": "m", "input": "Quite NEGATIVE review",
+                          "text": {"format": {"type": "json_schema", "name": "a", "schema": schema}}});
+        let LineResult::Ok(v) = run_request("/v1/responses", "1", &body, 1) else { panic!() };
+        let text = v["output"][0]["content"][0]["text"].as_str().unwrap();
+        let answer: Value = serde_json::from_str(text).unwrap();
+        assert_eq!(answer, json!({"label": "negative", "why": "Quite NEGATIVE review"}));
     }
 
     #[test]

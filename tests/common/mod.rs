@@ -125,10 +125,21 @@ impl Cluster {
         self.client_as("postgres")
     }
 
+    /// A client whose NOTICE messages are collected into `notices`.
+    pub fn client_with_notices(&self, notices: std::sync::Arc<std::sync::Mutex<Vec<String>>>) -> Client {
+        let mut config: postgres::Config = self.connection_string("postgres").parse().unwrap();
+        config.notice_callback(move |notice| notices.lock().unwrap().push(notice.message().to_owned()));
+        config.connect(NoTls).unwrap()
+    }
+
+    fn connection_string(&self, user: &str) -> String {
+        format!("host=127.0.0.1 port={} user={user} dbname=postgres", self.port)
+    }
+
     pub fn client_as(&self, user: &str) -> Client {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            match Client::connect(&format!("host=127.0.0.1 port={} user={user} dbname=postgres", self.port), NoTls) {
+            match Client::connect(&self.connection_string(user), NoTls) {
                 Ok(c) => return c,
                 Err(e) if Instant::now() < deadline => {
                     let _ = e;

@@ -1,0 +1,291 @@
+//! Pipelines as users build them: classifying a table in place, jobs and their progress,
+//! waiting and notification, structured answers and embeddings.
+
+mod common;
+
+use common::{Cluster, EmulatorConfig};
+use postgres::fallible_iterator::FallibleIterator;
+use llmbatching_emulator::answers::{echo_answer, embedding_of, OFF_LABEL_MARKER};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const SETTLE: Duration = Duration::from_secs(180);
+
+fn quick() -> EmulatorConfig {
+    EmulatorConfig { validating_ms: 50, in_progress_ms: 200, finalizing_ms: 50, ..EmulatorConfig::default() }
+}
+
+fn started(settings: &[(&str, &str)]) -> Cluster {
+    let cluster = Cluster::start(quick(), settings);
+    cluster.client().batch_execute("CREATE EXTENSION llmbatching").unwrap();
+    cluster
+}
+
+#[test]
+fn classifying_a_table_in_place_writes_each_answer_into_its_row_even_with_a_composite_key() {
+    let cluster = started(&[("llmbatching.batch_wait", "1s")]);
+    let mut c = cluster.client();
+    c.batch_execute(
+        "CREATE TABLE reviews (shop text, n int, body text, sentiment text, PRIMARY KEY (shop, n));
+         INSERT INTO reviews (shop, n, body)
+         SELECT s, g, 'review ' || s || g FROM unnest(ARRAY['north', 'south']) s, generate_series(1, 10) g;
+         INSERT INTO reviews (shop, n, body) VALUES ('east', 1, NULL);",
+    )
+    .unwrap();
+    let row = c
+        .query_one("SELECT * FROM llm_classify('reviews', 'sentiment', $$'Classify: ' || body$$, 'm')", &[])
+        .unwrap();
+    assert_eq!((row.get::<_, String>(0), row.get::<_, i64>(1)), ("reviews.sentiment".to_string(), 20));
+    // Meanwhile the table changes: a row is deleted, one edited, one re-keyed.
+    c.batch_execute(
+        "DELETE FROM reviews WHERE shop = 'north' AND n = 1;
+         UPDATE reviews SET body = 'edited' WHERE shop = 'north' AND n = 2;
+         UPDATE reviews SET n = 100 WHERE shop = 'north' AND n = 3;",
+    )
+    .unwrap();
+    assert!(c.query_one("SELECT llm_wait(job => 'reviews.sentiment', timeout => '2 min')", &[]).unwrap().get::<_, bool>(0));
+
+    for row in c.query("SELECT shop, n, body, sentiment FROM reviews WHERE shop <> 'east'", &[]).unwrap() {
+        let (shop, n, body, sentiment): (String, i32, String, Option<String>) = (row.get(0), row.get(1), row.get(2), row.get(3));
+        match (shop.as_str(), n) {
+            // The answer is to the prompt as it was sent.
+            ("north", 2) => assert_eq!(sentiment, Some(echo_answer("m", "Classify: review north2"))),
+            ("north", 100) => assert_eq!(sentiment, None),
+            _ => assert_eq!(sentiment, Some(echo_answer("m", &format!("Classify: {body}"))), "{shop} {n}"),
+        }
+    }
+    let outcomes: Vec<(String, i64)> = c
+        .query("SELECT outcome, count(*) FROM llmbatching.writebacks GROUP BY 1 ORDER BY 1", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(outcomes, [("row missing".to_string(), 2), ("written".to_string(), 18)]);
+}
+
+#[test]
+fn labels_are_guaranteed_and_structured_answers_arrive_as_json() {
+    let cluster = started(&[]);
+    let mut c = cluster.client();
+    c.batch_execute(&format!(
+        "CREATE TYPE mood AS ENUM ('positive', 'negative', 'neutral');
+         CREATE TABLE tickets (id bigint PRIMARY KEY, body text, mood mood, facts jsonb);
+         INSERT INTO tickets (id, body) VALUES
+             (1, 'a positive experience'), (2, 'so negative'), (3, 'whatever'), (4, 'odd {OFF_LABEL_MARKER}');"
+    ))
+    .unwrap();
+    c.batch_execute(
+        "SELECT llm_classify('tickets', 'mood', 'body', 'm', labels => ARRAY['positive', 'negative', 'neutral'], job => 'moods');
+         SELECT llm_classify('tickets', 'facts', 'body', 'm', job => 'facts', filter => 'id <= 2',
+             schema => '{\"type\": \"object\", \"properties\": {\"summary\": {\"type\": \"string\"}, \"urgent\": {\"type\": \"boolean\"}}}');",
+    )
+    .unwrap();
+    assert!(c.query_one("SELECT llm_wait(job => 'moods') AND llm_wait(job => 'facts')", &[]).unwrap().get::<_, bool>(0));
+    let moods: Vec<Option<String>> =
+        c.query("SELECT mood::text FROM tickets ORDER BY id", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    // No label appears in ticket 3, so the emulator picks the first; ticket 4 answered off the list.
+    assert_eq!(moods, [Some("positive".into()), Some("negative".into()), Some("positive".into()), None]);
+    let error: String = c
+        .query_one("SELECT llm_error(w.request_id) FROM llmbatching.writebacks w WHERE w.row_key = '{\"id\": 4}'", &[])
+        .unwrap()
+        .get(0);
+    assert!(error.contains("is not one of the labels positive, negative, neutral"), "{error}");
+    let facts: serde_json::Value = c.query_one("SELECT facts FROM tickets WHERE id = 2", &[]).unwrap().get(0);
+    assert_eq!(facts, serde_json::json!({"summary": "so negative", "urgent": true}));
+    assert_eq!(cluster.count("SELECT count(*) FROM tickets WHERE facts IS NOT NULL"), 2);
+
+    let id: i64 = c
+        .query_one("SELECT llm_submit_json('m', 'hi', '{\"type\": \"object\", \"properties\": {\"n\": {\"type\": \"integer\"}}}', endpoint => '/v1/chat/completions')", &[])
+        .unwrap()
+        .get(0);
+    assert!(c.query_one("SELECT llm_wait(ARRAY[$1::bigint])", &[&id]).unwrap().get::<_, bool>(0));
+    let answer: serde_json::Value = c.query_one("SELECT llm_answer_json($1)", &[&id]).unwrap().get(0);
+    assert_eq!(answer, serde_json::json!({"n": 2}));
+}
+
+#[test]
+fn embeddings_are_read_as_real_arrays_and_written_back_in_place() {
+    let cluster = started(&[]);
+    let mut c = cluster.client();
+    c.batch_execute(
+        "CREATE TABLE docs (id int PRIMARY KEY, body text, embedding real[]);
+         INSERT INTO docs VALUES (1, 'alpha', NULL), (2, 'beta', NULL);
+         SELECT llm_classify('docs', 'embedding', 'body', 'text-embedding-3-small', endpoint => '/v1/embeddings', job => 'emb');",
+    )
+    .unwrap();
+    assert!(c.query_one("SELECT llm_wait(job => 'emb')", &[]).unwrap().get::<_, bool>(0));
+    let stored: Vec<f32> = c.query_one("SELECT embedding FROM docs WHERE id = 1", &[]).unwrap().get(0);
+    let expected = embedding_of("alpha");
+    assert_eq!(stored.len(), expected.len());
+    assert!(stored.iter().zip(&expected).all(|(a, b)| (a - b).abs() < 1e-6), "{stored:?}");
+    let via_function: Vec<f32> = c
+        .query_one("SELECT llm_embedding(request_id) FROM llmbatching.writebacks WHERE row_key = '{\"id\": 2}'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(via_function.len(), 8);
+}
+
+#[test]
+fn jobs_show_progress_tokens_and_an_estimated_finish() {
+    let cluster = Cluster::start(EmulatorConfig { in_progress_ms: 3000, ..quick() }, &[]);
+    let mut c = cluster.client();
+    c.batch_execute(
+        "CREATE EXTENSION llmbatching;
+         SELECT llm_submit('m', 'item ' || g, job => 'nightly') FROM generate_series(1, 30) g;
+         SELECT llm_submit('m', 'other', job => 'other');",
+    )
+    .unwrap();
+    cluster.wait_for("the batch to make progress", SETTLE, || {
+        c.query_one("SELECT estimated_finish IS NOT NULL AND percent_done < 100 FROM llm_job_status('nightly')", &[])
+            .unwrap()
+            .get::<_, Option<bool>>(0)
+            .unwrap_or(false)
+    });
+    let eta_in_future: bool = c
+        .query_one("SELECT estimated_finish > now() FROM llm_job_status('nightly')", &[])
+        .unwrap()
+        .get(0);
+    assert!(eta_in_future);
+    assert!(c.query_one("SELECT llm_wait(job => 'nightly')", &[]).unwrap().get::<_, bool>(0));
+    let row = c
+        .query_one(
+            "SELECT total, completed, percent_done::float8, input_tokens > 0 AND output_tokens > 0,
+                    estimated_finish = (SELECT max(finished_at) FROM llmbatching.requests WHERE job = 'nightly')
+               FROM llm_job_status('nightly')",
+            &[],
+        )
+        .unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1), row.get::<_, f64>(2)), (30, 30, 100.0));
+    assert!(row.get::<_, bool>(3) && row.get::<_, bool>(4));
+    assert_eq!(cluster.count("SELECT count(*) FROM llmbatching.jobs"), 2);
+}
+
+#[test]
+fn waiting_times_out_reports_progress_and_can_be_cancelled() {
+    let cluster = Cluster::start(EmulatorConfig { in_progress_ms: 4000, ..quick() }, &[]);
+    let notices = Arc::new(Mutex::new(Vec::new()));
+    let mut c = cluster.client_with_notices(notices.clone());
+    c.batch_execute("CREATE EXTENSION llmbatching; SELECT llm_submit('m', 'slow ' || g, job => 'slow') FROM generate_series(1, 3) g")
+        .unwrap();
+    let done: bool = c
+        .query_one("SELECT llm_wait(job => 'slow', timeout => '700ms', report_every => '200ms')", &[])
+        .unwrap()
+        .get(0);
+    assert!(!done);
+    let seen = notices.lock().unwrap().clone();
+    assert!(seen.iter().any(|n| n.starts_with("llm_wait: 0 of 3 requests finished")), "{seen:?}");
+    assert!(seen.iter().any(|n| n.starts_with("llm_wait: timed out")), "{seen:?}");
+
+    let handle = {
+        let mut w = cluster.client();
+        let pid: i32 = w.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+        let thread = std::thread::spawn(move || w.query_one("SELECT llm_wait(job => 'slow')", &[]).map(|r| r.get::<_, bool>(0)));
+        (pid, thread)
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(c.query_one("SELECT pg_cancel_backend($1)", &[&handle.0]).unwrap().get::<_, bool>(0));
+    let err = handle.1.join().unwrap().unwrap_err();
+    let message = err.as_db_error().map(|e| e.message().to_owned()).unwrap_or_default();
+    assert_eq!(message, "canceling statement due to user request");
+
+    for (sql, expected) in [
+        ("SELECT llm_wait()", "invalid argument \"ids\""),
+        ("SELECT llm_wait(job => 'slow', timeout => '-1 s')", "invalid argument \"timeout\""),
+        ("BEGIN; SELECT llm_submit('m', 'x', job => 'same'); SELECT llm_wait(job => 'same'); COMMIT;", "commit it first"),
+    ] {
+        let err = c.batch_execute(sql).expect_err(sql);
+        let message = err.as_db_error().map(|e| e.message().to_owned()).unwrap_or_default();
+        assert!(message.contains(expected), "{sql}: {message}");
+        let _ = c.batch_execute("ROLLBACK");
+    }
+    assert!(c.query_one("SELECT llm_wait(job => 'slow')", &[]).unwrap().get::<_, bool>(0));
+}
+
+#[test]
+fn listeners_are_notified_when_requests_and_jobs_finish() {
+    let cluster = started(&[]);
+    let mut listener = cluster.client();
+    listener.batch_execute("LISTEN llmbatching_request; LISTEN llmbatching_job").unwrap();
+    let mut c = cluster.client();
+    let ids: Vec<i64> = c
+        .query("SELECT llm_submit('m', 'ping ' || g, job => 'pings') FROM generate_series(1, 3) g", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let cancelled: i64 = c.query_one("SELECT llm_submit('m', 'never')", &[]).unwrap().get(0);
+    c.execute("SELECT llm_cancel($1)", &[&cancelled]).unwrap();
+
+    let mut got = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !got.contains(&("llmbatching_job".to_string(), "pings".to_string())) && std::time::Instant::now() < deadline {
+        let mut notifications = listener.notifications();
+        let mut batch = notifications.timeout_iter(Duration::from_millis(500));
+        while let Ok(Some(n)) = batch.next() {
+            got.push((n.channel().to_owned(), n.payload().to_owned()));
+        }
+    }
+    for id in ids {
+        assert!(got.contains(&("llmbatching_request".into(), format!("{id} completed"))), "{got:?}");
+    }
+    assert!(got.contains(&("llmbatching_request".into(), format!("{cancelled} cancelled"))), "{got:?}");
+    assert!(got.contains(&("llmbatching_job".into(), "pings".into())), "{got:?}");
+}
+
+#[test]
+fn single_requests_can_be_written_back_before_or_after_they_finish() {
+    let cluster = started(&[]);
+    let mut c = cluster.client();
+    c.batch_execute("CREATE TABLE notes (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), body text, summary text, score int)")
+        .unwrap();
+    c.batch_execute("INSERT INTO notes (body) VALUES ('first'), ('second')").unwrap();
+    let rows = c.query("SELECT id::text, body FROM notes ORDER BY body", &[]).unwrap();
+    let key = |i: usize| serde_json::json!({"id": rows[i].get::<_, String>(0)});
+    let early: i64 = c.query_one("SELECT llm_submit('m', 'first')", &[]).unwrap().get(0);
+    c.execute("SELECT llm_write_back($1, 'notes', 'summary', $2)", &[&early, &key(0)]).unwrap();
+    let late: i64 = c.query_one("SELECT llm_submit('m', 'second')", &[]).unwrap().get(0);
+    assert!(c.query_one("SELECT llm_wait(ARRAY[$1::bigint, $2])", &[&early, &late]).unwrap().get::<_, bool>(0));
+    c.execute("SELECT llm_write_back($1, 'notes', 'summary', $2)", &[&late, &key(1)]).unwrap();
+    let summaries: Vec<String> =
+        c.query("SELECT summary FROM notes ORDER BY body", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(summaries, [echo_answer("m", "first"), echo_answer("m", "second")]);
+
+    // An answer that cannot be stored is recorded against its write-back; the worker goes on.
+    let bad: i64 = c.query_one("SELECT llm_submit('m', 'not a number')", &[]).unwrap().get(0);
+    c.execute("SELECT llm_write_back($1, 'notes', 'score', $2)", &[&bad, &key(0)]).unwrap();
+    let good: i64 = c.query_one("SELECT llm_submit('m', 'third')", &[]).unwrap().get(0);
+    c.execute("SELECT llm_write_back($1, 'notes', 'summary', $2)", &[&good, &key(1)]).unwrap();
+    assert!(c.query_one("SELECT llm_wait(ARRAY[$1::bigint, $2])", &[&bad, &good]).unwrap().get::<_, bool>(0));
+    let outcome: String = c.query_one("SELECT outcome FROM llmbatching.writebacks WHERE request_id = $1", &[&bad]).unwrap().get(0);
+    assert!(outcome.starts_with("error: invalid input syntax for type integer"), "{outcome}");
+    let second: String = c.query_one("SELECT summary FROM notes WHERE body = 'second'", &[]).unwrap().get(0);
+    assert_eq!(second, echo_answer("m", "third"));
+}
+
+#[test]
+fn bad_pipeline_arguments_are_errors_naming_the_argument() {
+    let cluster = started(&[]);
+    let mut c = cluster.client();
+    c.batch_execute("CREATE TABLE keyless (body text, answer text); CREATE TABLE t (id int PRIMARY KEY, body text, answer text)")
+        .unwrap();
+    let id: i64 = c.query_one("SELECT llm_submit('m', 'x')", &[]).unwrap().get(0);
+    let cases = [
+        ("SELECT llm_classify('keyless', 'answer', 'body', 'm')".to_string(), "\"target\": table keyless has no primary key"),
+        ("SELECT llm_classify('t', 'nope', 'body', 'm')".to_string(), "\"target_column\": table t has no column nope"),
+        ("SELECT llm_classify('t', 'id', 'body', 'm')".to_string(), "\"target_column\": id is part of the primary key"),
+        ("SELECT llm_classify('t', 'answer', '', 'm')".to_string(), "\"prompt\""),
+        ("SELECT llm_classify('t', 'answer', 'body', 'm', labels => ARRAY['a','b'], schema => '{}')".to_string(), "\"schema\""),
+        ("SELECT llm_submit_label('m', 'x', ARRAY['only'])".to_string(), "\"labels\": must hold at least two labels"),
+        ("SELECT llm_submit_json('m', 'x', NULL)".to_string(), "\"schema\": must not be NULL"),
+        ("SELECT llm_submit_json('m', 'x', '{}', endpoint => '/v1/embeddings')".to_string(), "\"endpoint\": structured answers need"),
+        ("SELECT llm_submit('m', 'x', job => ' ')".to_string(), "\"job\": must not be empty"),
+        (format!("SELECT llm_write_back({id}, 't', 'answer', '{{\"other\": 1}}')"), "\"row_key\""),
+        ("SELECT llm_write_back(-5, 't', 'answer', '{\"id\": 1}')".to_string(), "\"id\": no request -5"),
+    ];
+    for (sql, expected) in cases {
+        let err = c.batch_execute(&sql).expect_err(&sql);
+        let message = err.as_db_error().map(|e| e.message().to_owned()).unwrap_or_default();
+        assert!(message.contains(expected), "{sql}: {message}");
+    }
+    assert_eq!(cluster.count("SELECT count(*) FROM llmbatching.requests"), 1, "a refused call queued something");
+}
