@@ -70,6 +70,19 @@ fn built_body(
     request::build_body(endpoint, model, input, instructions, options.as_ref()).unwrap_or_else(|e| raise(e))
 }
 
+/// The body `llm_submit` builds, asking for an answer that follows `schema`.
+fn built_body_with_schema(
+    endpoint: Endpoint,
+    model: Option<&str>,
+    input: Option<&str>,
+    instructions: Option<&str>,
+    options: Option<JsonB>,
+    schema: &Value,
+) -> Value {
+    let body = built_body(endpoint, model, input, instructions, options);
+    request::with_json_schema(endpoint, body, schema).unwrap_or_else(|e| raise(e))
+}
+
 /// Queues a request built from a model and an input; returns its id.
 #[pg_extern(volatile, parallel_unsafe)]
 fn llm_submit(
@@ -99,8 +112,7 @@ fn llm_submit_json(
 ) -> i64 {
     let endpoint = endpoint_of(endpoint);
     let schema = schema.map(|s| s.0).unwrap_or_else(|| raise(RequestError::new("schema", "must not be NULL")));
-    let body = built_body(endpoint, model, input, instructions, options);
-    let body = request::with_json_schema(endpoint, body, &schema).unwrap_or_else(|e| raise(e));
+    let body = built_body_with_schema(endpoint, model, input, instructions, options, &schema);
     enqueue(endpoint, model.unwrap_or_default(), body, "input", job, Some(AnswerFormat::Json))
 }
 
@@ -120,8 +132,7 @@ fn llm_submit_label(
     let labels = labels.unwrap_or_else(|| raise(RequestError::new("labels", "must not be NULL")));
     let labels: Vec<Option<&str>> = labels.iter().map(Option::as_deref).collect();
     let (schema, labels) = request::label_schema(&labels).unwrap_or_else(|e| raise(e));
-    let body = built_body(endpoint, model, input, instructions, options);
-    let body = request::with_json_schema(endpoint, body, &schema).unwrap_or_else(|e| raise(e));
+    let body = built_body_with_schema(endpoint, model, input, instructions, options, &schema);
     enqueue(endpoint, model.unwrap_or_default(), body, "input", job, Some(AnswerFormat::Label(labels)))
 }
 
