@@ -119,9 +119,11 @@ AS $$
      WHERE i.indrelid = target AND i.indisprimary
 $$;
 
--- Writes the answers of completed requests into the rows registered for them. Each target
--- column is written in its own exception block, so a dropped column, a failed cast or a
--- rejecting trigger is recorded against those write-backs and never stops the rest.
+-- Writes the answers of completed requests into the rows registered for them. The write runs
+-- as the role that registered it, so it succeeds only where that role may UPDATE the column
+-- itself (row-level security and triggers of the target apply as for that role). Each target
+-- column is written in its own exception block, so a dropped column, a failed cast, a refused
+-- privilege or a rejecting trigger is recorded against those write-backs and never stops the rest.
 -- The value follows the column's type: json/jsonb take the structured answer (or the text as a
 -- JSON string); real[], double precision[] and numeric[] take an embedding, and so does
 -- pgvector's vector; any other type takes the answer text, cast.
@@ -135,12 +137,16 @@ DECLARE
     value_sql text;
     t_key     text;
     src_key   text;
+    own_role  text := current_setting('role');
 BEGIN
-    FOR t IN SELECT DISTINCT w.target, w.target_column
+    FOR t IN SELECT DISTINCT w.target, w.target_column, w.submitted_by
                FROM llmbatching.writebacks w
               WHERE w.request_id = ANY (ids) AND w.written_at IS NULL
     LOOP
         BEGIN
+            IF t.submitted_by <> current_user THEN
+                PERFORM set_config('role', t.submitted_by, true);
+            END IF;
             key_cols := llmbatching.primary_key_columns(t.target);
             IF key_cols IS NULL THEN
                 RAISE EXCEPTION 'table % has no primary key', t.target;
@@ -167,7 +173,7 @@ BEGIN
                       FROM llmbatching.writebacks w
                       JOIN llmbatching.requests r ON r.id = w.request_id
                      WHERE w.request_id = ANY ($1) AND w.target = $2 AND w.target_column = $3
-                       AND w.written_at IS NULL AND r.state = 'completed'),
+                       AND w.submitted_by = $4 AND w.written_at IS NULL AND r.state = 'completed'),
                 written AS (
                     UPDATE %2$s AS t SET %3$I = src.value FROM src WHERE (%4$s) = (%5$s)
                     RETURNING src.request_id)
@@ -178,12 +184,14 @@ BEGIN
                   FROM src
                  WHERE w.request_id = src.request_id
                 $sql$, value_sql, t.target, t.target_column, t_key, src_key)
-            USING ids, t.target, t.target_column;
+            USING ids, t.target, t.target_column, t.submitted_by;
+            PERFORM set_config('role', own_role, true);
         EXCEPTION WHEN OTHERS THEN
+            -- Leaving the block undid the role change.
             UPDATE llmbatching.writebacks w
                SET written_at = now(), outcome = 'error: ' || SQLERRM
              WHERE w.request_id = ANY (ids) AND w.target = t.target AND w.target_column = t.target_column
-               AND w.written_at IS NULL;
+               AND w.submitted_by = t.submitted_by AND w.written_at IS NULL;
         END;
     END LOOP;
 END
@@ -249,6 +257,10 @@ BEGIN
              WHERE a.attrelid = target AND a.attname = target_column AND a.attnum > 0 AND NOT a.attisdropped) THEN
         RAISE EXCEPTION 'invalid argument "target_column": table % has no column %', target, coalesce(target_column, 'NULL')
             USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF NOT has_column_privilege(target, target_column::text, 'UPDATE') THEN
+        RAISE EXCEPTION 'invalid argument "target_column": permission denied to update %.%', target, target_column
+            USING ERRCODE = 'insufficient_privilege';
     END IF;
     IF target_column = ANY (key_cols) THEN
         RAISE EXCEPTION 'invalid argument "target_column": % is part of the primary key', target_column

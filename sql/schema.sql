@@ -114,6 +114,8 @@ CREATE TABLE llmbatching.writebacks (
     target        regclass NOT NULL,
     target_column name NOT NULL,
     row_key       jsonb NOT NULL,
+    -- The role whose privileges the write runs with.
+    submitted_by  name NOT NULL DEFAULT current_user,
     written_at    timestamptz,
     -- 'written', 'row missing' (deleted, or its key changed), or 'error: ...'
     outcome       text

@@ -152,10 +152,11 @@ fn llm_submit_body(
 /// Cancels a request that has no answer yet; true if it was cancelled. A queued request is
 /// simply never sent. A submitted one keeps its place in its batch, and its answer is ignored
 /// when it arrives; once every request of a batch is cancelled, the worker cancels the batch at
-/// the provider.
+/// the provider. Row-level security limits this to the caller's own requests (any request, for
+/// members of llmbatching_admin).
 #[pg_extern(volatile, parallel_unsafe, strict)]
 fn llm_cancel(id: i64) -> bool {
-    let cancelled = Spi::connect_mut(|client| -> pgrx::spi::SpiResult<bool> {
+    let cancelled = Spi::connect_mut(|client| -> pgrx::spi::SpiResult<Option<Option<i64>>> {
         let rows = client.update(
             "UPDATE llmbatching.requests SET state = 'cancelled', finished_at = now()
               WHERE id = $1 AND state IN ('queued', 'submitted')
@@ -164,22 +165,56 @@ fn llm_cancel(id: i64) -> bool {
             &[id.into()],
         )?;
         if rows.is_empty() {
-            return Ok(false);
+            return Ok(None);
         }
-        let batch_id: Option<i64> = rows.first().get_one()?;
-        if let Some(batch_id) = batch_id {
-            client.update(
-                "UPDATE llmbatching.batches b SET cancel_requested_at = now(), next_check_at = now()
-                  WHERE b.id = $1 AND b.state <> 'done' AND b.cancel_requested_at IS NULL
-                    AND NOT EXISTS (SELECT FROM llmbatching.requests r WHERE r.batch_id = b.id AND r.state = 'submitted')",
-                None,
-                &[batch_id.into()],
-            )?;
-            wakeup::wake_worker_at_commit();
-        }
-        Ok(true)
+        Ok(Some(rows.first().get_one::<i64>()?))
     });
-    cancelled.unwrap_or_else(|e| error!("llmbatching: could not cancel request {id}: {e}"))
+    match cancelled.unwrap_or_else(|e| error!("llmbatching: could not cancel request {id}: {e}")) {
+        None => false,
+        Some(batch_id) => {
+            if batch_id.is_some() {
+                // The worker checks whether the whole batch is now cancelled.
+                wakeup::wake_worker_at_commit();
+            }
+            true
+        }
+    }
+}
+
+/// Internal functions, in the extension's own schema.
+#[pg_schema]
+mod llmbatching {
+    use crate::config;
+    use crate::request::{self, AnswerFormat, Endpoint};
+    use pgrx::prelude::*;
+    use pgrx::JsonB;
+
+    /// Why a request row may not be queued, or NULL if it may: the checks `llm_submit_body`
+    /// makes, applied by a trigger to every row inserted into llmbatching.requests, so a direct
+    /// INSERT cannot put a request in a batch that would fail it for everyone.
+    #[pg_extern(stable, parallel_safe)]
+    fn request_problem(
+        endpoint: Option<&str>,
+        model: Option<&str>,
+        body: Option<JsonB>,
+        answer_format: Option<JsonB>,
+    ) -> Option<String> {
+        let problem = (|| {
+            Endpoint::parse(endpoint.unwrap_or_default())?;
+            let body = body.map(|b| b.0).unwrap_or_default();
+            let body_model = request::validate_body(&body, "body")?;
+            if Some(body_model) != model {
+                return Err(request::RequestError::new("model", "must equal the body's \"model\""));
+            }
+            request::check_size(body.to_string().len(), config::batch_limits().max_bytes, "body")?;
+            if let Some(format) = answer_format {
+                AnswerFormat::from_json(&format.0)
+                    .ok_or_else(|| request::RequestError::new("answer_format", "must be {\"type\": \"json\"} or a label list"))?;
+            }
+            Ok(())
+        })();
+        problem.err().map(|e| e.to_string())
+    }
 }
 
 #[cfg(any(test, feature = "pg_test"))]
@@ -188,10 +223,6 @@ mod tests {
     use pgrx::prelude::*;
     use pgrx::JsonB;
     use serde_json::json;
-
-    fn queued() -> i64 {
-        Spi::get_one::<i64>("SELECT count(*) FROM llmbatching.requests").unwrap().unwrap()
-    }
 
     fn body_of(id: i64) -> serde_json::Value {
         Spi::get_one_with_args::<JsonB>("SELECT body FROM llmbatching.requests WHERE id = $1", &[id.into()])

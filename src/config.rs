@@ -7,6 +7,7 @@ use std::time::Duration;
 
 static API_BASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"https://api.openai.com/v1"));
 static API_KEY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static API_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
 static BATCH_WAIT_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
 static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
@@ -45,6 +46,14 @@ pub fn register(preloading: bool) {
         c"API key for the provider.",
         c"Readable by superusers only. When empty, the worker uses OPENAI_API_KEY from the server's environment.",
         &API_KEY,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
+    );
+    GucRegistry::define_string_guc(
+        c"llmbatching.api_key_file",
+        c"File holding the API key, used when llmbatching.api_key is empty.",
+        c"It must belong to the server's OS user and be readable by it alone (mode 0600 or 0400); a relative path is relative to the data directory.",
+        &API_KEY_FILE,
         GucContext::Sighup,
         GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
     );
@@ -202,8 +211,35 @@ pub fn batch_limits() -> BatchLimits {
     }
 }
 
-/// The API key: the setting, else `OPENAI_API_KEY` from the server's environment.
-/// Never logged or shown.
-pub fn api_key() -> Option<String> {
-    string(&API_KEY).or_else(|| std::env::var("OPENAI_API_KEY").ok().filter(|k| !k.is_empty()))
+/// The API key: the setting, else the key file, else `OPENAI_API_KEY` from the server's
+/// environment. Never logged or shown. `Err` says why a configured key file was not used.
+pub fn api_key() -> Result<Option<String>, String> {
+    if let Some(key) = string(&API_KEY) {
+        return Ok(Some(key));
+    }
+    if let Some(path) = string(&API_KEY_FILE) {
+        return read_key_file(std::path::Path::new(&path)).map(Some);
+    }
+    Ok(std::env::var("OPENAI_API_KEY").ok().filter(|k| !k.is_empty()))
+}
+
+/// Reads a key file that only the server's OS user can read: it must belong to the owner of
+/// the data directory (the worker's working directory) and grant nothing to group or others.
+fn read_key_file(path: &std::path::Path) -> Result<String, String> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let problem = |what: String| format!("llmbatching.api_key_file {}: {what}", path.display());
+    let meta = std::fs::metadata(path).map_err(|e| problem(e.to_string()))?;
+    let server_uid = std::fs::metadata(".").map_err(|e| problem(e.to_string()))?.uid();
+    if !meta.is_file() || meta.uid() != server_uid {
+        return Err(problem("must be a file owned by the server's OS user".into()));
+    }
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(problem("must not be readable by group or others (chmod 600)".into()));
+    }
+    let key = std::fs::read_to_string(path).map_err(|e| problem(e.to_string()))?;
+    let key = key.trim();
+    if key.is_empty() {
+        return Err(problem("is empty".into()));
+    }
+    Ok(key.to_owned())
 }

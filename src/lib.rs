@@ -17,7 +17,12 @@ pgrx::pg_module_magic!();
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
 extension_sql_file!("../sql/api.sql", name = "api", requires = ["schema"]);
-extension_sql_file!("../sql/pipelines.sql", name = "pipelines", finalize);
+extension_sql_file!(
+    "../sql/pipelines.sql",
+    name = "pipelines",
+    requires = ["api", llm_submit, llm_submit_json, llm_submit_label]
+);
+extension_sql_file!("../sql/security.sql", name = "security", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {

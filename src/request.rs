@@ -231,6 +231,22 @@ pub fn label_schema(labels: &[Option<&str>]) -> Result<(Value, Vec<String>), Req
     Ok((schema, list))
 }
 
+#[derive(serde::Serialize)]
+struct BatchLine<'a> {
+    custom_id: &'a str,
+    method: &'static str,
+    url: &'a str,
+    body: &'a serde_json::value::RawValue,
+}
+
+/// One line of a batch input file, without its newline. The body is embedded as the JSON text
+/// it already is (checked to be valid JSON), and every other field is serialized by serde, so
+/// nothing inside a body can reach `custom_id`, `method`, `url` or the line's end.
+pub fn batch_line(custom_id: &str, url: &str, body_json: &str) -> Result<String, serde_json::Error> {
+    let body: &serde_json::value::RawValue = serde_json::from_str(body_json)?;
+    serde_json::to_string(&BatchLine { custom_id, method: "POST", url, body })
+}
+
 /// Checks that a body of `body_bytes` fits in one batch input file of at most `max_file_bytes`.
 pub fn check_size(body_bytes: usize, max_file_bytes: usize, argument: &'static str) -> Result<(), RequestError> {
     if body_bytes + LINE_OVERHEAD_BYTES > max_file_bytes {
@@ -318,6 +334,45 @@ mod tests {
         assert_eq!(label_schema(&[Some("yes")]).unwrap_err().argument, "labels");
         assert_eq!(label_schema(&[Some("yes"), Some("yes")]).unwrap_err().argument, "labels");
         assert_eq!(label_schema(&[Some("yes"), None]).unwrap_err().argument, "labels");
+    }
+
+    #[test]
+    fn a_batch_line_carries_the_body_verbatim() {
+        let line = batch_line("7", "/v1/responses", r#"{"input": "x", "model": "m"}"#).unwrap();
+        assert_eq!(line, r#"{"custom_id":"7","method":"POST","url":"/v1/responses","body":{"input": "x", "model": "m"}}"#);
+        assert!(batch_line("7", "/v1/responses", r#"{"input": "x"#).is_err());
+    }
+
+    mod hostile_input {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Whatever a prompt or option holds, the line parses back with our own fields
+            /// intact and the prompt unchanged.
+            #[test]
+            fn nothing_in_a_request_can_change_another_field(
+                input in any::<String>(),
+                instructions in proptest::option::of(any::<String>()),
+                option_key in "[a-z_]{1,12}",
+                option_value in any::<String>(),
+                custom_id in 1i64..i64::MAX,
+            ) {
+                prop_assume!(!input.trim().is_empty());
+                prop_assume!(!["model", "input", "instructions", "stream"].contains(&option_key.as_str()));
+                let options = json!({ option_key.clone(): option_value });
+                let body = build_body(Endpoint::Responses, Some("gpt-4o-mini"), Some(&input), instructions.as_deref(), Some(&options)).unwrap();
+                let line = batch_line(&custom_id.to_string(), "/v1/responses", &body.to_string()).unwrap();
+                prop_assert!(!line.contains('\n'));
+                let parsed: Value = serde_json::from_str(&line).unwrap();
+                prop_assert_eq!(parsed.as_object().unwrap().len(), 4);
+                prop_assert_eq!(&parsed["custom_id"], &json!(custom_id.to_string()));
+                prop_assert_eq!(&parsed["method"], &json!("POST"));
+                prop_assert_eq!(&parsed["url"], &json!("/v1/responses"));
+                prop_assert_eq!(&parsed["body"]["model"], &json!("gpt-4o-mini"));
+                prop_assert_eq!(&parsed["body"]["input"], &json!(input));
+            }
+        }
     }
 
     #[test]

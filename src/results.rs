@@ -22,6 +22,54 @@ pub struct LineResult {
     pub outcome: Outcome,
 }
 
+/// Longest result line read; a longer one is skipped as malformed, so a hostile or broken
+/// provider cannot make the worker hold an unbounded line in memory.
+pub const MAX_RESULT_LINE_BYTES: usize = 64 * 1024 * 1024;
+
+/// What [`read_line_bounded`] found.
+#[derive(Debug, PartialEq)]
+pub enum LineRead {
+    /// A line (without its newline) is in the buffer.
+    Line,
+    /// A line longer than the limit was skipped; the buffer is empty.
+    TooLong,
+    /// The end of the file.
+    End,
+}
+
+/// Reads the next line into `buf` (cleared first), holding at most `limit` bytes of it.
+pub fn read_line_bounded(reader: &mut impl std::io::BufRead, buf: &mut Vec<u8>, limit: usize) -> std::io::Result<LineRead> {
+    buf.clear();
+    let mut too_long = false;
+    let mut read_any = false;
+    loop {
+        let chunk = reader.fill_buf()?;
+        if chunk.is_empty() {
+            return Ok(match (read_any, too_long) {
+                (false, _) => LineRead::End,
+                (true, true) => LineRead::TooLong,
+                (true, false) => LineRead::Line,
+            });
+        }
+        read_any = true;
+        let (part, found_newline) = match chunk.iter().position(|b| *b == b'\n') {
+            Some(i) => (&chunk[..i], true),
+            None => (chunk, false),
+        };
+        if !too_long && buf.len() + part.len() <= limit {
+            buf.extend_from_slice(part);
+        } else {
+            too_long = true;
+            buf.clear();
+        }
+        let used = part.len() + usize::from(found_newline);
+        reader.consume(used);
+        if found_newline {
+            return Ok(if too_long { LineRead::TooLong } else { LineRead::Line });
+        }
+    }
+}
+
 /// The `custom_id` llmbatching gives a request in a batch file.
 pub fn custom_id(request_id: i64) -> String {
     request_id.to_string()
@@ -199,6 +247,80 @@ mod tests {
         assert!(check_answer(&labels, Some("positive")).unwrap_err().contains("not valid JSON"));
         assert!(check_answer(&AnswerFormat::Json, Some("[1, 2]")).is_ok());
         assert!(check_answer(&AnswerFormat::Json, None).is_err());
+    }
+
+    #[test]
+    fn long_lines_are_skipped_not_held() {
+        let mut input = std::io::Cursor::new(b"short\nthis one is too long\nlast".to_vec());
+        let mut buf = Vec::new();
+        assert_eq!(read_line_bounded(&mut input, &mut buf, 10).unwrap(), LineRead::Line);
+        assert_eq!(buf, b"short");
+        assert_eq!(read_line_bounded(&mut input, &mut buf, 10).unwrap(), LineRead::TooLong);
+        assert!(buf.is_empty());
+        assert_eq!(read_line_bounded(&mut input, &mut buf, 10).unwrap(), LineRead::Line);
+        assert_eq!(buf, b"last");
+        assert_eq!(read_line_bounded(&mut input, &mut buf, 10).unwrap(), LineRead::End);
+    }
+
+    mod fuzzed {
+        use super::super::*;
+        use proptest::prelude::*;
+        use serde_json::json;
+
+        fn valid_line() -> String {
+            json!({"id": "batch_req_1", "custom_id": "42", "error": null, "response": {"status_code": 200,
+                   "body": {"output": [{"content": [{"type": "output_text", "text": "hi"}]}]}}}).to_string()
+        }
+
+        fn json_value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                any::<f64>().prop_map(|f| serde_json::Number::from_f64(f).map(Value::Number).unwrap_or(Value::Null)),
+                ".{0,20}".prop_map(Value::from),
+                Just(Value::from("custom_id")),
+                Just(Value::from("42")),
+            ];
+            leaf.prop_recursive(4, 64, 8, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                    prop::collection::btree_map(
+                        prop_oneof![Just("custom_id".to_string()), Just("response".to_string()), Just("error".to_string()),
+                                    Just("status_code".to_string()), Just("body".to_string()), Just("output".to_string()),
+                                    Just("content".to_string()), Just("text".to_string()), Just("usage".to_string()), ".{0,8}"],
+                        inner, 0..6)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        proptest! {
+            #[test]
+            fn arbitrary_text_never_panics(line in any::<String>()) {
+                for endpoint in Endpoint::ALL {
+                    let _ = parse_line(endpoint, &line);
+                }
+            }
+
+            #[test]
+            fn arbitrary_json_never_panics(value in json_value()) {
+                for endpoint in Endpoint::ALL {
+                    let _ = parse_line(endpoint, &value.to_string());
+                }
+            }
+
+            #[test]
+            fn truncated_and_corrupted_lines_never_panic(cut in 0usize..200, flip in 0usize..200, byte in any::<u8>()) {
+                let line = valid_line();
+                let truncated = &line.as_bytes()[..cut.min(line.len())];
+                let _ = parse_line(Endpoint::Responses, &String::from_utf8_lossy(truncated));
+                let mut corrupted = line.into_bytes();
+                let at = flip % corrupted.len();
+                corrupted[at] = byte;
+                let _ = parse_line(Endpoint::Responses, &String::from_utf8_lossy(&corrupted));
+            }
+        }
     }
 
     #[test]

@@ -4,14 +4,13 @@
 use crate::planner::{self, BatchLimits, Candidate, QueuedGroup, TokenBudget};
 use crate::provider::BatchInfo;
 use crate::request::Endpoint;
-use crate::request::AnswerFormat;
+use crate::request::{batch_line, AnswerFormat};
 use crate::results::{check_answer, custom_id, LineResult, Outcome};
 use serde_json::Value;
 use std::collections::HashMap;
 use pgrx::prelude::*;
 use pgrx::spi::{SpiClient, SpiResult};
 use pgrx::JsonB;
-use serde_json::value::RawValue;
 use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
@@ -226,14 +225,6 @@ pub fn batch(id: i64) -> Option<BatchRow> {
         .pop()
 }
 
-#[derive(serde::Serialize)]
-struct InputLine<'a> {
-    custom_id: String,
-    method: &'static str,
-    url: &'a str,
-    body: &'a RawValue,
-}
-
 /// Writes a batch's input file, one JSONL line per request, reading the requests through a
 /// cursor so the file is never held in memory whole. Returns (lines, bytes).
 pub fn write_input_file(batch: &BatchRow, path: &Path) -> std::io::Result<(usize, u64)> {
@@ -255,9 +246,8 @@ pub fn write_input_file(batch: &BatchRow, path: &Path) -> std::io::Result<(usize
             for row in rows {
                 let id: i64 = row.get(1).unwrap_or_else(|e| fail("reading a request id", e)).unwrap_or(0);
                 let body: String = row.get(2).unwrap_or_else(|e| fail("reading a request body", e)).unwrap_or_default();
-                let body: &RawValue = serde_json::from_str(&body).map_err(std::io::Error::other)?;
-                let line = InputLine { custom_id: custom_id(id), method: "POST", url: &batch.endpoint, body };
-                serde_json::to_writer(&mut out, &line)?;
+                let line = batch_line(&custom_id(id), &batch.endpoint, &body).map_err(std::io::Error::other)?;
+                out.write_all(line.as_bytes())?;
                 out.write_all(b"\n")?;
                 lines += 1;
             }
@@ -481,6 +471,17 @@ pub fn pause_model(model: &str, pause: Duration, reason: &str) {
          VALUES ($1, now() + make_interval(secs => $2), $3)
          ON CONFLICT (model) DO UPDATE SET paused_until = excluded.paused_until, reason = excluded.reason",
         &[model.into(), seconds(pause).into(), reason.into()],
+    );
+}
+
+/// Marks for cancellation at the provider the open batches whose every request was cancelled.
+pub fn flag_cancelled_batches() {
+    run(
+        "UPDATE llmbatching.batches b SET cancel_requested_at = now(), next_check_at = now()
+          WHERE b.state IN ('pending', 'uploaded', 'submitted') AND b.cancel_requested_at IS NULL
+            AND EXISTS (SELECT FROM llmbatching.requests r WHERE r.batch_id = b.id AND r.state = 'cancelled')
+            AND NOT EXISTS (SELECT FROM llmbatching.requests r WHERE r.batch_id = b.id AND r.state = 'submitted')",
+        &[],
     );
 }
 

@@ -17,13 +17,12 @@ use crate::config::{self, Settings};
 use crate::planner;
 use crate::provider::openai::OpenAi;
 use crate::provider::{BatchInfo, BatchProvider, BatchStatus, NewBatch, ProviderError};
-use crate::results;
+use crate::results::{self, LineRead};
 use crate::store::{self, BatchRow};
 use crate::wakeup;
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
 use std::ffi::CString;
-use std::io::BufRead;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -72,6 +71,16 @@ pub extern "C-unwind" fn llmbatching_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = config::database();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    // The worker runs as a superuser: resolve every name in its queries (and in the trigger
+    // functions they fire) from pg_catalog alone, so no role can slip in a same-named object.
+    unsafe {
+        pg_sys::SetConfigOption(
+            c"search_path".as_ptr(),
+            c"pg_catalog, pg_temp".as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+        )
+    };
     wakeup::publish_worker_pid(unsafe { pg_sys::MyProcPid });
     log!("llmbatching worker started for database \"{database}\"");
 
@@ -96,7 +105,8 @@ struct Worker {
     provider_for: Option<(String, String)>,
     staging: PathBuf,
     instance: Option<String>,
-    warned_no_key: bool,
+    /// The last key problem warned about, so it is logged once rather than every round.
+    key_problem: Option<String>,
     last_purge: Option<std::time::Instant>,
 }
 
@@ -112,7 +122,7 @@ impl Worker {
         if let Err(e) = std::fs::create_dir_all(&staging) {
             warning!("llmbatching: cannot create {}: {e}", staging.display());
         }
-        Worker { provider: None, provider_for: None, staging, instance: None, warned_no_key: false, last_purge: None }
+        Worker { provider: None, provider_for: None, staging, instance: None, key_problem: None, last_purge: None }
     }
 
     /// Does everything that is due; returns how long to sleep before the next round.
@@ -130,6 +140,7 @@ impl Worker {
             return idle;
         }
         self.form_batches(&settings);
+        tx(store::flag_cancelled_batches);
         for batch in tx(store::batches_due) {
             if shutdown_requested() {
                 break;
@@ -142,14 +153,12 @@ impl Worker {
 
     /// Builds the provider client, or rebuilds it after the base URL or key changed.
     fn ensure_provider(&mut self, settings: &Settings) -> bool {
-        let Some(key) = config::api_key() else {
-            if !self.warned_no_key {
-                warning!("llmbatching: no API key; set llmbatching.api_key or OPENAI_API_KEY. Requests stay queued.");
-                self.warned_no_key = true;
-            }
-            return false;
+        let key = match config::api_key() {
+            Ok(Some(key)) => key,
+            Ok(None) => return self.key_problem("no API key; set llmbatching.api_key, llmbatching.api_key_file or OPENAI_API_KEY"),
+            Err(problem) => return self.key_problem(&problem),
         };
-        self.warned_no_key = false;
+        self.key_problem = None;
         let wanted = (settings.api_base.clone(), key);
         if self.provider_for.as_ref() != Some(&wanted) {
             match OpenAi::new(&wanted.0, &wanted.1) {
@@ -164,6 +173,15 @@ impl Worker {
             }
         }
         true
+    }
+
+    /// Warns once about a missing or unusable key; requests stay queued meanwhile.
+    fn key_problem(&mut self, problem: &str) -> bool {
+        if self.key_problem.as_deref() != Some(problem) {
+            warning!("llmbatching: {problem}. Requests stay queued.");
+            self.key_problem = Some(problem.to_owned());
+        }
+        false
     }
 
     fn provider(&self) -> &dyn BatchProvider {
@@ -401,29 +419,36 @@ impl Worker {
         let mut line = Vec::new();
         let (mut attributed, mut unattributed, mut first_problem) = (0i64, 0usize, None);
         loop {
-            line.clear();
-            let read = reader.read_until(b'\n', &mut line).map_err(local)?;
-            if read > 0 {
-                let text = String::from_utf8_lossy(&line);
-                if !text.trim().is_empty() {
-                    match results::parse_line(endpoint, text.trim_end()) {
-                        Ok(result) => {
-                            attributed += 1;
-                            chunk.push(result);
-                        }
-                        Err(why) => {
-                            unattributed += 1;
-                            first_problem.get_or_insert(why);
+            let read = results::read_line_bounded(&mut reader, &mut line, results::MAX_RESULT_LINE_BYTES).map_err(local)?;
+            match read {
+                LineRead::Line => {
+                    let text = String::from_utf8_lossy(&line);
+                    if !text.trim().is_empty() {
+                        match results::parse_line(endpoint, text.trim_end()) {
+                            Ok(result) => {
+                                attributed += 1;
+                                chunk.push(result);
+                            }
+                            Err(why) => {
+                                unattributed += 1;
+                                first_problem.get_or_insert(why);
+                            }
                         }
                     }
                 }
+                LineRead::TooLong => {
+                    unattributed += 1;
+                    first_problem.get_or_insert(format!("a line over {} bytes", results::MAX_RESULT_LINE_BYTES));
+                }
+                LineRead::End => {}
             }
-            if chunk.len() >= INGEST_CHUNK || (read == 0 && !chunk.is_empty()) {
+            let end = read == LineRead::End;
+            if chunk.len() >= INGEST_CHUNK || (end && !chunk.is_empty()) {
                 let results = std::mem::take(&mut chunk);
                 let id = batch.id;
                 tx(move || store::apply_results(id, results, max_attempts));
             }
-            if read == 0 {
+            if end {
                 break;
             }
         }

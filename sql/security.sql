@@ -1,0 +1,130 @@
+-- Who may do what. PUBLIC gets nothing. Members of llmbatching_user submit requests and read
+-- their own; members of llmbatching_admin read and cancel everyone's, purge, and set limits.
+-- The worker runs as a superuser and is not bound by row-level security.
+
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'llmbatching_user') THEN
+        CREATE ROLE llmbatching_user NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'llmbatching_admin') THEN
+        CREATE ROLE llmbatching_admin NOLOGIN;
+    END IF;
+END
+$$;
+GRANT llmbatching_user TO llmbatching_admin;
+
+-- Rows inserted directly are checked as llm_submit_body checks them, so no role can queue a
+-- request that would make a shared batch fail.
+CREATE FUNCTION llmbatching.check_request() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    problem text := llmbatching.request_problem(NEW.endpoint, NEW.model, NEW.body, NEW.answer_format);
+BEGIN
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION '%', problem USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER check_request BEFORE INSERT ON llmbatching.requests
+    FOR EACH ROW EXECUTE FUNCTION llmbatching.check_request();
+
+-- Deletes finished requests older than `older_than` (and batches left without requests).
+CREATE FUNCTION llm_purge(older_than interval) RETURNS bigint
+LANGUAGE plpgsql STRICT
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    purged bigint;
+BEGIN
+    WITH gone AS (DELETE FROM llmbatching.requests
+                   WHERE state IN ('completed', 'failed', 'cancelled') AND finished_at < now() - older_than
+                  RETURNING 1)
+    SELECT count(*) INTO purged FROM gone;
+    DELETE FROM llmbatching.batches b
+     WHERE b.state = 'done' AND b.finished_at < now() - older_than
+       AND NOT EXISTS (SELECT FROM llmbatching.requests r WHERE r.batch_id = b.id);
+    RETURN purged;
+END
+$$;
+COMMENT ON FUNCTION llm_purge(interval) IS 'Deletes finished requests older than the interval; for llmbatching_admin';
+
+-- Functions: nothing for PUBLIC; the user functions for llmbatching_user.
+DO $$
+DECLARE
+    f record;
+BEGIN
+    FOR f IN SELECT d.objid::regprocedure AS signature, p.proname
+               FROM pg_catalog.pg_depend d
+               JOIN pg_catalog.pg_extension e ON e.oid = d.refobjid
+               JOIN pg_catalog.pg_proc p ON p.oid = d.objid
+              WHERE e.extname = 'llmbatching' AND d.classid = 'pg_catalog.pg_proc'::regclass AND d.deptype = 'e'
+    LOOP
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f.signature);
+        IF f.proname = 'llm_purge' THEN
+            EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO llmbatching_admin', f.signature);
+        ELSIF f.proname LIKE 'llm\_%' OR f.proname IN ('write_back', 'check_target', 'primary_key_columns') THEN
+            EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO llmbatching_user', f.signature);
+        END IF;
+    END LOOP;
+END
+$$;
+
+REVOKE ALL ON SCHEMA llmbatching FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA llmbatching FROM PUBLIC;
+GRANT USAGE ON SCHEMA llmbatching TO llmbatching_user;
+
+-- Requests: users insert the request columns only (the rest takes its defaults, and the check
+-- above applies), read their own rows, and may only move their own unfinished requests to
+-- 'cancelled'.
+GRANT SELECT ON llmbatching.requests TO llmbatching_user;
+GRANT INSERT (endpoint, model, body, job, answer_format) ON llmbatching.requests TO llmbatching_user;
+GRANT UPDATE (state, finished_at) ON llmbatching.requests TO llmbatching_user;
+GRANT DELETE ON llmbatching.requests TO llmbatching_admin;
+ALTER TABLE llmbatching.requests ENABLE ROW LEVEL SECURITY;
+CREATE POLICY read_own ON llmbatching.requests FOR SELECT
+    USING (submitted_by = current_user OR pg_has_role(current_user, 'llmbatching_admin', 'MEMBER'));
+CREATE POLICY submit_own ON llmbatching.requests FOR INSERT
+    WITH CHECK (submitted_by = current_user AND state = 'queued');
+CREATE POLICY cancel_own ON llmbatching.requests FOR UPDATE
+    USING ((submitted_by = current_user OR pg_has_role(current_user, 'llmbatching_admin', 'MEMBER'))
+           AND state IN ('queued', 'submitted'))
+    WITH CHECK (state = 'cancelled');
+CREATE POLICY purge ON llmbatching.requests FOR DELETE
+    USING (pg_has_role(current_user, 'llmbatching_admin', 'MEMBER'));
+
+-- Write-backs: registered for one's own requests, into columns one may update oneself.
+GRANT SELECT ON llmbatching.writebacks TO llmbatching_user;
+GRANT INSERT (request_id, target, target_column, row_key) ON llmbatching.writebacks TO llmbatching_user;
+GRANT UPDATE (target, target_column, row_key, written_at, outcome) ON llmbatching.writebacks TO llmbatching_user;
+ALTER TABLE llmbatching.writebacks ENABLE ROW LEVEL SECURITY;
+CREATE POLICY read_own ON llmbatching.writebacks FOR SELECT
+    USING (submitted_by = current_user OR pg_has_role(current_user, 'llmbatching_admin', 'MEMBER'));
+CREATE POLICY register_own ON llmbatching.writebacks FOR INSERT
+    WITH CHECK (submitted_by = current_user
+                AND EXISTS (SELECT FROM llmbatching.requests r WHERE r.id = request_id AND r.submitted_by = current_user)
+                AND has_column_privilege(target, target_column::text, 'UPDATE'));
+CREATE POLICY update_own ON llmbatching.writebacks FOR UPDATE
+    USING (submitted_by = current_user)
+    WITH CHECK (submitted_by = current_user AND has_column_privilege(target, target_column::text, 'UPDATE'));
+
+-- Batches: users see the batches that carry their requests.
+GRANT SELECT ON llmbatching.batches TO llmbatching_user;
+GRANT DELETE ON llmbatching.batches TO llmbatching_admin;
+ALTER TABLE llmbatching.batches ENABLE ROW LEVEL SECURITY;
+CREATE POLICY read_own ON llmbatching.batches FOR SELECT
+    USING (pg_has_role(current_user, 'llmbatching_admin', 'MEMBER')
+           OR EXISTS (SELECT FROM llmbatching.requests r WHERE r.batch_id = batches.id AND r.submitted_by = current_user));
+CREATE POLICY purge ON llmbatching.batches FOR DELETE
+    USING (pg_has_role(current_user, 'llmbatching_admin', 'MEMBER'));
+
+-- Jobs are computed with the reader's privileges, so each role sees its own requests in them.
+ALTER VIEW llmbatching.jobs SET (security_invoker = true);
+GRANT SELECT ON llmbatching.jobs TO llmbatching_user;
+
+-- Limits and pauses: everyone reads them; admins set them.
+GRANT SELECT ON llmbatching.model_limits, llmbatching.model_pauses TO llmbatching_user;
+GRANT INSERT, UPDATE, DELETE ON llmbatching.model_limits, llmbatching.model_pauses TO llmbatching_admin;
