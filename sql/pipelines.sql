@@ -318,6 +318,8 @@ DECLARE
     key_sql    text;
     submit_sql text;
     skipped    bigint;
+    ids        bigint[];
+    keys       jsonb[];
 BEGIN
     IF prompt IS NULL OR btrim(prompt) = '' THEN
         RAISE EXCEPTION 'invalid argument "prompt": give a SQL expression over the row, such as ''Classify: '' || body'
@@ -333,16 +335,21 @@ BEGIN
         WHEN schema IS NOT NULL THEN '@extschema@.llm_submit_json($1, p.prompt, $7, $2, $3, $4, $6)'
         ELSE '@extschema@.llm_submit($1, p.prompt, $2, $3, $4, $6)'
     END;
+    -- Submit first, register the write-backs in a second statement: the write-back policy
+    -- checks that each request belongs to the caller, which needs the new requests visible.
     EXECUTE format($sql$
         WITH p AS (SELECT jsonb_build_object(%1$s) AS row_key, (%2$s)::text AS prompt
                      FROM %3$s AS t WHERE %4$s),
-             submitted AS (SELECT row_key, %5$s AS id FROM p WHERE p.prompt IS NOT NULL AND btrim(p.prompt) <> ''),
-             registered AS (INSERT INTO llmbatching.writebacks (request_id, target, target_column, row_key)
-                            SELECT id, $8, $9, row_key FROM submitted RETURNING 1)
-        SELECT (SELECT count(*) FROM registered), (SELECT count(*) FROM p) - (SELECT count(*) FROM registered)
+             submitted AS (SELECT row_key, %5$s AS id FROM p WHERE p.prompt IS NOT NULL AND btrim(p.prompt) <> '')
+        SELECT array_agg(s.id), array_agg(s.row_key), (SELECT count(*) FROM p) - count(s.id)
+          FROM submitted s
         $sql$, key_sql, prompt, target, coalesce(filter, 'true'), submit_sql)
-    INTO submitted, skipped
-    USING model, instructions, options, endpoint, labels, job_name, schema, target, target_column;
+    INTO ids, keys, skipped
+    USING model, instructions, options, endpoint, labels, job_name, schema;
+    INSERT INTO llmbatching.writebacks (request_id, target, target_column, row_key)
+    SELECT s.id, llm_classify.target, llm_classify.target_column, s.row_key
+      FROM unnest(ids, keys) AS s (id, row_key);
+    submitted := coalesce(cardinality(ids), 0);
     IF skipped > 0 THEN
         RAISE NOTICE 'llm_classify: skipped % rows whose prompt is NULL or empty', skipped;
     END IF;

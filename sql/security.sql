@@ -52,7 +52,10 @@ END
 $$;
 COMMENT ON FUNCTION llm_purge(interval) IS 'Deletes finished requests older than the interval; for llmbatching_admin';
 
--- Functions: nothing for PUBLIC; the user functions for llmbatching_user.
+-- Functions: nothing for PUBLIC; the user functions for llmbatching_user. Every function
+-- resolves names from pg_catalog alone, so no same-named object elsewhere can stand in for what
+-- it calls, except llm_classify, which evaluates the caller's own prompt and filter expressions
+-- with the caller's search_path and privileges.
 DO $$
 DECLARE
     f record;
@@ -64,9 +67,12 @@ BEGIN
               WHERE e.extname = 'llmbatching' AND d.classid = 'pg_catalog.pg_proc'::regclass AND d.deptype = 'e'
     LOOP
         EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f.signature);
+        IF f.proname <> 'llm_classify' THEN
+            EXECUTE format('ALTER FUNCTION %s SET search_path = pg_catalog, pg_temp', f.signature);
+        END IF;
         IF f.proname = 'llm_purge' THEN
             EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO llmbatching_admin', f.signature);
-        ELSIF f.proname LIKE 'llm\_%' OR f.proname IN ('write_back', 'check_target', 'primary_key_columns') THEN
+        ELSIF f.proname LIKE 'llm\_%' OR f.proname IN ('write_back', 'check_target', 'primary_key_columns', 'request_problem') THEN
             EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO llmbatching_user', f.signature);
         END IF;
     END LOOP;

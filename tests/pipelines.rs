@@ -270,8 +270,8 @@ fn bad_pipeline_arguments_are_errors_naming_the_argument() {
         .unwrap();
     let id: i64 = c.query_one("SELECT llm_submit('m', 'x')", &[]).unwrap().get(0);
     let cases = [
-        ("SELECT llm_classify('keyless', 'answer', 'body', 'm')".to_string(), "\"target\": table keyless has no primary key"),
-        ("SELECT llm_classify('t', 'nope', 'body', 'm')".to_string(), "\"target_column\": table t has no column nope"),
+        ("SELECT llm_classify('keyless', 'answer', 'body', 'm')".to_string(), "\"target\": table public.keyless has no primary key"),
+        ("SELECT llm_classify('t', 'nope', 'body', 'm')".to_string(), "\"target_column\": table public.t has no column nope"),
         ("SELECT llm_classify('t', 'id', 'body', 'm')".to_string(), "\"target_column\": id is part of the primary key"),
         ("SELECT llm_classify('t', 'answer', '', 'm')".to_string(), "\"prompt\""),
         ("SELECT llm_classify('t', 'answer', 'body', 'm', labels => ARRAY['a','b'], schema => '{}')".to_string(), "\"schema\""),

@@ -209,6 +209,23 @@ impl Cluster {
         c.batch_execute("SELECT pg_reload_conf()").unwrap();
     }
 
+    /// Writes a file into the data directory as the server's OS user, with `mode`.
+    pub fn write_server_file(&self, name: &str, content: &str, mode: &str) {
+        let path = self.data().join(name);
+        append_as_owner(&path, content);
+        let mut chmod = if running_as_root() {
+            let mut c = Command::new("sudo");
+            c.args(["-u", "postgres", "--", "chmod", mode]);
+            c
+        } else {
+            let mut c = Command::new("chmod");
+            c.arg(mode);
+            c
+        };
+        chmod.arg(&path);
+        run(chmod, "chmod");
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
