@@ -207,13 +207,26 @@ AS $$
 DECLARE
     finished  bigint[];
     completed bigint[];
+    settled   bigint[];
 BEGIN
-    SELECT array_agg(n.id), array_agg(n.id) FILTER (WHERE n.state = 'completed')
-      INTO finished, completed
+    SELECT array_agg(n.id), array_agg(n.id) FILTER (WHERE n.state = 'completed'),
+           array_agg(n.id) FILTER (WHERE n.state IN ('completed', 'failed'))
+      INTO finished, completed, settled
       FROM new_rows n JOIN old_rows o ON o.id = n.id
      WHERE n.state IN ('completed', 'failed', 'cancelled') AND o.state IS DISTINCT FROM n.state;
     IF finished IS NULL THEN
         RETURN NULL;
+    END IF;
+    -- Identical requests that waited on a finished one take its outcome (this fires the
+    -- trigger again for them: their write-backs and notifications follow). Only the worker
+    -- completes or fails requests; a role's own cancellations never get here.
+    IF settled IS NOT NULL THEN
+        UPDATE llmbatching.requests f
+           SET state = n.state, response = n.response, result_text = n.result_text, result_json = n.result_json,
+               error = n.error, input_tokens = n.input_tokens, cached_tokens = n.cached_tokens,
+               output_tokens = n.output_tokens, reasoning_tokens = n.reasoning_tokens, finished_at = now()
+          FROM unnest(settled) AS x (id) JOIN new_rows n ON n.id = x.id
+         WHERE f.reused_from = n.id AND f.state = 'queued';
     END IF;
     IF completed IS NOT NULL THEN
         PERFORM llmbatching.write_back(completed);

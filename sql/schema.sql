@@ -37,7 +37,9 @@ CREATE TABLE llmbatching.batches (
     completed_count     integer NOT NULL DEFAULT 0,
     failed_count        integer NOT NULL DEFAULT 0,
     input_tokens        bigint,
+    cached_tokens       bigint,
     output_tokens       bigint,
+    reasoning_tokens    bigint,
     provider_errors     text,
     last_error          text,
     step_failures       integer NOT NULL DEFAULT 0,
@@ -76,7 +78,16 @@ CREATE TABLE llmbatching.requests (
     job             text,
     error           text,
     input_tokens    integer,
+    cached_tokens   integer,
     output_tokens   integer,
+    reasoning_tokens integer,
+    -- sha256 of the endpoint and the canonical (jsonb) body: identical requests share it.
+    request_hash    bytea,
+    -- Whether an earlier identical answer may be reused: NULL follows llmbatching.reuse_answers.
+    reuse           boolean,
+    -- The identical request whose answer this one gets (waiting on it while it is in flight,
+    -- or reused from it when it had already completed); NULL if this request is sent itself.
+    reused_from     bigint,
     submitted_by    name NOT NULL DEFAULT current_user,
     created_at      timestamptz NOT NULL DEFAULT now(),
     queued_at       timestamptz NOT NULL DEFAULT now(),
@@ -84,8 +95,11 @@ CREATE TABLE llmbatching.requests (
     finished_at     timestamptz
 );
 COMMENT ON TABLE llmbatching.requests IS 'Every LLM request: its body, its state and, once answered, the response';
-CREATE INDEX requests_queue ON llmbatching.requests (endpoint, model, id) WHERE state = 'queued';
-CREATE INDEX requests_queued_at ON llmbatching.requests (queued_at) WHERE state = 'queued';
+CREATE INDEX requests_queue ON llmbatching.requests (endpoint, model, id)
+    WHERE state = 'queued' AND reused_from IS NULL;
+CREATE INDEX requests_queued_at ON llmbatching.requests (queued_at) WHERE state = 'queued' AND reused_from IS NULL;
+CREATE INDEX requests_hash ON llmbatching.requests (request_hash, submitted_by);
+CREATE INDEX requests_waiting ON llmbatching.requests (reused_from) WHERE state = 'queued' AND reused_from IS NOT NULL;
 CREATE INDEX requests_batch ON llmbatching.requests (batch_id) WHERE batch_id IS NOT NULL;
 CREATE INDEX requests_job ON llmbatching.requests (job, state) WHERE job IS NOT NULL;
 CREATE INDEX requests_finished ON llmbatching.requests (finished_at)
@@ -122,3 +136,36 @@ CREATE TABLE llmbatching.writebacks (
 );
 COMMENT ON TABLE llmbatching.writebacks IS 'Answers to write into a table column when they arrive, and what happened';
 CREATE INDEX writebacks_pending ON llmbatching.writebacks (target, target_column) WHERE written_at IS NULL;
+
+-- Prices in US dollars per million tokens, for the standard (synchronous) API and the batch
+-- API. Cached input tokens are billed at the cached price; reasoning tokens are output tokens.
+-- A model without a row of its own is priced by the longest model name it starts with
+-- ('gpt-4o-mini-2024-07-18' as 'gpt-4o-mini'). Edit freely: prices change.
+CREATE TABLE llmbatching.prices (
+    model               text PRIMARY KEY,
+    input               numeric NOT NULL CHECK (input >= 0),
+    cached_input        numeric CHECK (cached_input >= 0),
+    output              numeric NOT NULL CHECK (output >= 0),
+    batch_input         numeric NOT NULL CHECK (batch_input >= 0),
+    batch_cached_input  numeric CHECK (batch_cached_input >= 0),
+    batch_output        numeric NOT NULL CHECK (batch_output >= 0),
+    taken_on            date NOT NULL,
+    source              text
+);
+COMMENT ON TABLE llmbatching.prices IS 'USD per million tokens, standard and batch; editable';
+INSERT INTO llmbatching.prices
+    (model, input, cached_input, output, batch_input, batch_cached_input, batch_output, taken_on, source)
+VALUES
+    ('gpt-5',                  1.25,  0.125,  10.00, 0.625,  0.0625,  5.00, '2025-08-15', 'https://openai.com/api/pricing'),
+    ('gpt-5-mini',             0.25,  0.025,   2.00, 0.125,  0.0125,  1.00, '2025-08-15', 'https://openai.com/api/pricing'),
+    ('gpt-5-nano',             0.05,  0.005,   0.40, 0.025,  0.0025,  0.20, '2025-08-15', 'https://openai.com/api/pricing'),
+    ('gpt-4.1',                2.00,  0.50,    8.00, 1.00,   0.25,    4.00, '2025-08-15', 'https://openai.com/api/pricing'),
+    ('gpt-4.1-mini',           0.40,  0.10,    1.60, 0.20,   0.05,    0.80, '2025-08-15', 'https://openai.com/api/pricing'),
+    ('gpt-4.1-nano',           0.10,  0.025,   0.40, 0.05,   0.0125,  0.20, '2025-08-15', 'https://openai.com/api/pricing'),
+    ('gpt-4o',                 2.50,  1.25,   10.00, 1.25,   0.625,   5.00, '2025-08-15', 'https://openai.com/api/pricing'),
+    ('gpt-4o-mini',            0.15,  0.075,   0.60, 0.075,  0.0375,  0.30, '2025-08-15', 'https://openai.com/api/pricing'),
+    ('o3',                     2.00,  0.50,    8.00, 1.00,   0.25,    4.00, '2025-08-15', 'https://openai.com/api/pricing'),
+    ('o4-mini',                1.10,  0.275,   4.40, 0.55,   0.1375,  2.20, '2025-08-15', 'https://openai.com/api/pricing'),
+    ('text-embedding-3-small', 0.02,  NULL,    0.00, 0.01,   NULL,    0.00, '2025-08-15', 'https://openai.com/api/pricing'),
+    ('text-embedding-3-large', 0.13,  NULL,    0.00, 0.065,  NULL,    0.00, '2025-08-15', 'https://openai.com/api/pricing'),
+    ('omni-moderation-latest', 0.00,  NULL,    0.00, 0.00,   NULL,    0.00, '2025-08-15', 'https://openai.com/api/pricing');

@@ -65,6 +65,7 @@ BEGIN
                JOIN pg_catalog.pg_extension e ON e.oid = d.refobjid
                JOIN pg_catalog.pg_proc p ON p.oid = d.objid
               WHERE e.extname = 'llmbatching' AND d.classid = 'pg_catalog.pg_proc'::regclass AND d.deptype = 'e'
+                AND p.pronamespace IN ('@extschema@'::regnamespace, 'llmbatching'::regnamespace)
     LOOP
         EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f.signature);
         IF f.proname <> 'llm_classify' THEN
@@ -72,7 +73,7 @@ BEGIN
         END IF;
         IF f.proname = 'llm_purge' THEN
             EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO llmbatching_admin', f.signature);
-        ELSIF f.proname LIKE 'llm\_%' OR f.proname IN ('write_back', 'check_target', 'primary_key_columns', 'request_problem') THEN
+        ELSIF f.proname LIKE 'llm\_%' OR f.proname IN ('write_back', 'check_target', 'primary_key_columns', 'request_problem', 'is_deterministic') THEN
             EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO llmbatching_user', f.signature);
         END IF;
     END LOOP;
@@ -87,14 +88,16 @@ GRANT USAGE ON SCHEMA llmbatching TO llmbatching_user;
 -- above applies), read their own rows, and may only move their own unfinished requests to
 -- 'cancelled'.
 GRANT SELECT ON llmbatching.requests TO llmbatching_user;
-GRANT INSERT (endpoint, model, body, job, answer_format) ON llmbatching.requests TO llmbatching_user;
+GRANT INSERT (endpoint, model, body, job, answer_format, reuse) ON llmbatching.requests TO llmbatching_user;
 GRANT UPDATE (state, finished_at) ON llmbatching.requests TO llmbatching_user;
 GRANT DELETE ON llmbatching.requests TO llmbatching_admin;
 ALTER TABLE llmbatching.requests ENABLE ROW LEVEL SECURITY;
 CREATE POLICY read_own ON llmbatching.requests FOR SELECT
     USING (submitted_by = current_user OR pg_has_role(current_user, 'llmbatching_admin', 'MEMBER'));
+-- A new row is queued, or completed at once by reusing an identical answer (only the
+-- dedupe trigger can set reused_from).
 CREATE POLICY submit_own ON llmbatching.requests FOR INSERT
-    WITH CHECK (submitted_by = current_user AND state = 'queued');
+    WITH CHECK (submitted_by = current_user AND (state = 'queued' OR (state = 'completed' AND reused_from IS NOT NULL)));
 CREATE POLICY cancel_own ON llmbatching.requests FOR UPDATE
     USING ((submitted_by = current_user OR pg_has_role(current_user, 'llmbatching_admin', 'MEMBER'))
            AND state IN ('queued', 'submitted'))
@@ -131,6 +134,15 @@ CREATE POLICY purge ON llmbatching.batches FOR DELETE
 ALTER VIEW llmbatching.jobs SET (security_invoker = true);
 GRANT SELECT ON llmbatching.jobs TO llmbatching_user;
 
--- Limits and pauses: everyone reads them; admins set them.
-GRANT SELECT ON llmbatching.model_limits, llmbatching.model_pauses TO llmbatching_user;
-GRANT INSERT, UPDATE, DELETE ON llmbatching.model_limits, llmbatching.model_pauses TO llmbatching_admin;
+-- Limits, pauses and prices: everyone reads them; admins set them.
+GRANT SELECT ON llmbatching.model_limits, llmbatching.model_pauses, llmbatching.prices TO llmbatching_user;
+GRANT INSERT, UPDATE, DELETE ON llmbatching.model_limits, llmbatching.model_pauses, llmbatching.prices
+    TO llmbatching_admin;
+
+-- Costs are computed with the reader's privileges: each role sees its own.
+ALTER VIEW llmbatching.request_costs SET (security_invoker = true);
+ALTER VIEW llmbatching.cost_by_job SET (security_invoker = true);
+ALTER VIEW llmbatching.cost_by_model SET (security_invoker = true);
+ALTER VIEW llmbatching.cost_by_day SET (security_invoker = true);
+GRANT SELECT ON llmbatching.request_costs, llmbatching.cost_by_job, llmbatching.cost_by_model, llmbatching.cost_by_day
+    TO llmbatching_user;

@@ -38,18 +38,20 @@ fn enqueue(
     argument: &'static str,
     job: Option<&str>,
     format: Option<AnswerFormat>,
+    reuse: Option<bool>,
 ) -> i64 {
     let max_bytes = config::batch_limits().max_bytes;
     request::check_size(body.to_string().len(), max_bytes, argument).unwrap_or_else(|e| raise(e));
     let id = Spi::get_one_with_args::<i64>(
-        "INSERT INTO llmbatching.requests (endpoint, model, body, job, answer_format)
-         VALUES ($1, $2, $3, $4, $5) RETURNING id",
+        "INSERT INTO llmbatching.requests (endpoint, model, body, job, answer_format, reuse)
+         VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
         &[
             endpoint.path().into(),
             model.into(),
             JsonB(body).into(),
             job_of(job).into(),
             format.map(|f| JsonB(f.to_json())).into(),
+            reuse.into(),
         ],
     )
     .unwrap_or_else(|e| error!("llmbatching: could not queue the request: {e}"))
@@ -92,10 +94,11 @@ fn llm_submit(
     options: default!(Option<JsonB>, "'{}'"),
     endpoint: default!(Option<&str>, "'/v1/responses'"),
     job: default!(Option<&str>, "NULL"),
+    reuse: default!(Option<bool>, "NULL"),
 ) -> i64 {
     let endpoint = endpoint_of(endpoint);
     let body = built_body(endpoint, model, input, instructions, options);
-    enqueue(endpoint, model.unwrap_or_default(), body, "input", job, None)
+    enqueue(endpoint, model.unwrap_or_default(), body, "input", job, None, reuse)
 }
 
 /// Queues a request whose answer must be JSON following `schema`; read it with
@@ -109,11 +112,12 @@ fn llm_submit_json(
     options: default!(Option<JsonB>, "'{}'"),
     endpoint: default!(Option<&str>, "'/v1/responses'"),
     job: default!(Option<&str>, "NULL"),
+    reuse: default!(Option<bool>, "NULL"),
 ) -> i64 {
     let endpoint = endpoint_of(endpoint);
     let schema = schema.map(|s| s.0).unwrap_or_else(|| raise(RequestError::new("schema", "must not be NULL")));
     let body = built_body_with_schema(endpoint, model, input, instructions, options, &schema);
-    enqueue(endpoint, model.unwrap_or_default(), body, "input", job, Some(AnswerFormat::Json))
+    enqueue(endpoint, model.unwrap_or_default(), body, "input", job, Some(AnswerFormat::Json), reuse)
 }
 
 /// Queues a request whose answer is one of `labels`; `llm_result` is then always one of them,
@@ -127,13 +131,14 @@ fn llm_submit_label(
     options: default!(Option<JsonB>, "'{}'"),
     endpoint: default!(Option<&str>, "'/v1/responses'"),
     job: default!(Option<&str>, "NULL"),
+    reuse: default!(Option<bool>, "NULL"),
 ) -> i64 {
     let endpoint = endpoint_of(endpoint);
     let labels = labels.unwrap_or_else(|| raise(RequestError::new("labels", "must not be NULL")));
     let labels: Vec<Option<&str>> = labels.iter().map(Option::as_deref).collect();
     let (schema, labels) = request::label_schema(&labels).unwrap_or_else(|e| raise(e));
     let body = built_body_with_schema(endpoint, model, input, instructions, options, &schema);
-    enqueue(endpoint, model.unwrap_or_default(), body, "input", job, Some(AnswerFormat::Label(labels)))
+    enqueue(endpoint, model.unwrap_or_default(), body, "input", job, Some(AnswerFormat::Label(labels)), reuse)
 }
 
 /// Queues a request given as a complete body for the endpoint; returns its id.
@@ -142,11 +147,12 @@ fn llm_submit_body(
     body: Option<JsonB>,
     endpoint: default!(Option<&str>, "'/v1/responses'"),
     job: default!(Option<&str>, "NULL"),
+    reuse: default!(Option<bool>, "NULL"),
 ) -> i64 {
     let endpoint = endpoint_of(endpoint);
     let body = body.map(|b| b.0).unwrap_or_else(|| raise(RequestError::new("body", "must not be NULL")));
     let model = request::validate_body(&body, "body").unwrap_or_else(|e| raise(e)).to_owned();
-    enqueue(endpoint, &model, body, "body", job, None)
+    enqueue(endpoint, &model, body, "body", job, None, reuse)
 }
 
 /// Cancels a request that has no answer yet; true if it was cancelled. A queued request is

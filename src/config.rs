@@ -1,7 +1,7 @@
 //! Settings (`llmbatching.*`), registered when the library loads.
 
 use crate::planner::{BatchLimits, PROVIDER_MAX_BYTES, PROVIDER_MAX_REQUESTS};
-use pgrx::{pg_sys, GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::{pg_sys, GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 use std::ffi::CString;
 use std::time::Duration;
 
@@ -19,6 +19,21 @@ static MAX_ENQUEUED_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(0);
 static TOKEN_LIMIT_PAUSE_MS: GucSetting<i32> = GucSetting::<i32>::new(10 * 60 * 1000);
 static DELETE_PROVIDER_FILES: GucSetting<bool> = GucSetting::<bool>::new(true);
 static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(0);
+static REUSE_ANSWERS: GucSetting<ReuseAnswers> = GucSetting::<ReuseAnswers>::new(ReuseAnswers::Deterministic);
+static REUSE_MAX_AGE_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 3600);
+
+/// When an identical request's earlier answer is reused instead of sending the request again.
+/// The insert trigger reads the setting; it is registered here so it is checked and documented.
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ReuseAnswers {
+    #[name = c"off"]
+    Off,
+    /// Only requests that give the same answer every time (embeddings, moderations, temperature 0).
+    #[name = c"deterministic"]
+    Deterministic,
+    #[name = c"always"]
+    Always,
+}
 
 /// Registers the settings. `preloading`: the library is being loaded at server start, the only
 /// time a setting fixed for the server's lifetime (`llmbatching.database`) may be defined.
@@ -153,6 +168,24 @@ pub fn register(preloading: bool) {
         0,
         i32::MAX,
         GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_enum_guc(
+        c"llmbatching.reuse_answers",
+        c"Reuse the answer of an identical completed request: off, deterministic or always.",
+        c"deterministic reuses only answers of requests that give the same answer every time (embeddings, moderations, temperature 0). llm_submit's reuse argument overrides it per request.",
+        &REUSE_ANSWERS,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"llmbatching.reuse_max_age",
+        c"Oldest answer that may be reused.",
+        c"An identical request completed longer ago than this is sent again.",
+        &REUSE_MAX_AGE_S,
+        0,
+        i32::MAX,
+        GucContext::Userset,
         GucFlags::UNIT_S,
     );
     unsafe { pg_sys::MarkGUCPrefixReserved(c"llmbatching".as_ptr()) };

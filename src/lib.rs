@@ -22,6 +22,7 @@ extension_sql_file!(
     name = "pipelines",
     requires = ["api", llm_submit, llm_submit_json, llm_submit_label]
 );
+extension_sql_file!("../sql/costs.sql", name = "costs", requires = ["pipelines"]);
 extension_sql_file!("../sql/security.sql", name = "security", finalize);
 
 #[pg_guard]

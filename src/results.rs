@@ -8,7 +8,7 @@ use serde_json::Value;
 #[derive(Debug, PartialEq)]
 pub enum Outcome {
     /// The model answered.
-    Completed { response: Value, text: Option<String>, input_tokens: Option<i32>, output_tokens: Option<i32> },
+    Completed { response: Value, text: Option<String>, usage: Usage },
     /// The request ran and was refused for a reason that will not change by sending it again.
     Failed { message: String, response: Option<Value> },
     /// The request did not run, or failed in a way that may pass on another try.
@@ -102,8 +102,7 @@ fn response_outcome(endpoint: Endpoint, response: &Value) -> Result<Outcome, Str
     let status = response.get("status_code").and_then(Value::as_u64).ok_or("no status_code")?;
     let body = response.get("body").filter(|b| b.is_object()).ok_or("no response body")?;
     if (200..300).contains(&status) {
-        let (input_tokens, output_tokens) = token_usage(body);
-        return Ok(Outcome::Completed { text: answer_text(endpoint, body), response: body.clone(), input_tokens, output_tokens });
+        return Ok(Outcome::Completed { text: answer_text(endpoint, body), response: body.clone(), usage: token_usage(body) });
     }
     let message = body
         .pointer("/error/message")
@@ -171,16 +170,34 @@ pub fn check_answer(format: &AnswerFormat, text: Option<&str>) -> Result<(Option
     }
 }
 
-/// Input and output tokens from a body's `usage`, in either naming the endpoints use.
-pub fn token_usage(body: &Value) -> (Option<i32>, Option<i32>) {
+/// The tokens one answer used.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Usage {
+    pub input: Option<i32>,
+    /// Input tokens served from the provider's prompt cache (billed at the cached price).
+    pub cached: Option<i32>,
+    pub output: Option<i32>,
+    /// Output tokens spent on reasoning (billed as output).
+    pub reasoning: Option<i32>,
+}
+
+/// Token usage from a body's `usage`, in the naming of Responses (`input_tokens`,
+/// `input_tokens_details.cached_tokens`, …) or of Chat Completions and Embeddings
+/// (`prompt_tokens`, `prompt_tokens_details.cached_tokens`, …).
+pub fn token_usage(body: &Value) -> Usage {
     let usage = body.get("usage");
-    let count = |names: [&str; 2]| {
-        names
+    let count = |paths: [&str; 2]| {
+        paths
             .iter()
-            .find_map(|n| usage?.get(*n)?.as_i64())
+            .find_map(|p| usage?.pointer(p)?.as_i64())
             .map(|n| n.clamp(0, i32::MAX as i64) as i32)
     };
-    (count(["input_tokens", "prompt_tokens"]), count(["output_tokens", "completion_tokens"]))
+    Usage {
+        input: count(["/input_tokens", "/prompt_tokens"]),
+        cached: count(["/input_tokens_details/cached_tokens", "/prompt_tokens_details/cached_tokens"]),
+        output: count(["/output_tokens", "/completion_tokens"]),
+        reasoning: count(["/output_tokens_details/reasoning_tokens", "/completion_tokens_details/reasoning_tokens"]),
+    }
 }
 
 #[cfg(test)]
@@ -201,9 +218,9 @@ mod tests {
         let r = parse_line(Endpoint::Responses, &l).unwrap();
         assert_eq!(r.request_id, 17);
         match r.outcome {
-            Outcome::Completed { text, input_tokens, output_tokens, .. } => {
+            Outcome::Completed { text, usage, .. } => {
                 assert_eq!(text.as_deref(), Some("positive"));
-                assert_eq!((input_tokens, output_tokens), (Some(12), Some(1)));
+                assert_eq!((usage.input, usage.output), (Some(12), Some(1)));
             }
             other => panic!("{other:?}"),
         }
@@ -212,9 +229,14 @@ mod tests {
     #[test]
     fn chat_text_is_the_first_choice() {
         let body = json!({"choices": [{"message": {"content": "hi"}}, {"message": {"content": "no"}}],
-                          "usage": {"prompt_tokens": 3, "completion_tokens": 4}});
+                          "usage": {"prompt_tokens": 3, "completion_tokens": 4,
+                                    "prompt_tokens_details": {"cached_tokens": 2},
+                                    "completion_tokens_details": {"reasoning_tokens": 1}}});
         assert_eq!(answer_text(Endpoint::ChatCompletions, &body).as_deref(), Some("hi"));
-        assert_eq!(token_usage(&body), (Some(3), Some(4)));
+        assert_eq!(token_usage(&body), Usage { input: Some(3), cached: Some(2), output: Some(4), reasoning: Some(1) });
+        let responses = json!({"usage": {"input_tokens": 9, "input_tokens_details": {"cached_tokens": 8},
+                                         "output_tokens": 7, "output_tokens_details": {"reasoning_tokens": 6}}});
+        assert_eq!(token_usage(&responses), Usage { input: Some(9), cached: Some(8), output: Some(7), reasoning: Some(6) });
     }
 
     #[test]

@@ -54,7 +54,7 @@ pub fn queued_groups() -> Vec<Group> {
             "SELECT endpoint, model, count(*), sum(body_bytes)::bigint,
                     extract(epoch FROM clock_timestamp() - min(queued_at))::float8
                FROM llmbatching.requests r
-              WHERE state = 'queued'
+              WHERE state = 'queued' AND reused_from IS NULL
                 AND NOT EXISTS (SELECT FROM llmbatching.model_pauses p
                                  WHERE p.model = r.model AND p.paused_until > now())
               GROUP BY endpoint, model",
@@ -105,7 +105,7 @@ pub fn claim_batch(endpoint: &str, model: &str, limits: BatchLimits, budget: Opt
         client
             .update(
                 "SELECT id, body_bytes FROM llmbatching.requests
-                  WHERE state = 'queued' AND endpoint = $1 AND model = $2
+                  WHERE state = 'queued' AND reused_from IS NULL AND endpoint = $1 AND model = $2
                   ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED",
                 None,
                 &[endpoint.into(), model.into(), (limits.max_requests as i64).into()],
@@ -290,7 +290,7 @@ pub fn record_poll(batch_id: i64, info: &BatchInfo, poll_interval: Duration) {
         "UPDATE llmbatching.batches SET
                 state = $2, provider_status = $3, output_file_id = $4, error_file_id = $5,
                 completed_count = $6, failed_count = $7, input_tokens = $8, output_tokens = $9,
-                provider_errors = $10, step_failures = 0, last_error = NULL,
+                provider_errors = $10, cached_tokens = $12, reasoning_tokens = $13, step_failures = 0, last_error = NULL,
                 ended_at = CASE WHEN $2 = 'ingesting' THEN now() END,
                 next_check_at = CASE WHEN $2 = 'ingesting' THEN now() ELSE now() + make_interval(secs => $11) END
           WHERE id = $1",
@@ -306,6 +306,8 @@ pub fn record_poll(batch_id: i64, info: &BatchInfo, poll_interval: Duration) {
             info.output_tokens.into(),
             info.errors_text().into(),
             seconds(poll_interval).into(),
+            info.cached_tokens.into(),
+            info.reasoning_tokens.into(),
         ],
     );
 }
@@ -392,18 +394,21 @@ fn enforce_answer_formats(results: Vec<LineResult>) -> Vec<(LineResult, Option<V
 
 /// Applies one chunk of result lines of a batch.
 pub fn apply_results(batch_id: i64, results: Vec<LineResult>, max_attempts: i32) {
-    let (mut done_ids, mut responses, mut texts, mut input_tokens, mut output_tokens, mut answers) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut done_ids, mut responses, mut texts, mut answers) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut input_tokens, mut cached_tokens, mut output_tokens, mut reasoning_tokens) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut failed_ids, mut messages, mut failed_bodies) = (Vec::new(), Vec::new(), Vec::new());
     let (mut retry_ids, mut reasons) = (Vec::new(), Vec::new());
     for (result, answer) in enforce_answer_formats(results) {
         match result.outcome {
-            Outcome::Completed { response, text, input_tokens: i, output_tokens: o } => {
+            Outcome::Completed { response, text, usage } => {
                 done_ids.push(result.request_id);
                 responses.push(JsonB(response));
                 texts.push(text);
-                input_tokens.push(i);
-                output_tokens.push(o);
+                input_tokens.push(usage.input);
+                cached_tokens.push(usage.cached);
+                output_tokens.push(usage.output);
+                reasoning_tokens.push(usage.reasoning);
                 answers.push(answer.map(JsonB));
             }
             Outcome::Failed { message, response } => {
@@ -420,10 +425,11 @@ pub fn apply_results(batch_id: i64, results: Vec<LineResult>, max_attempts: i32)
     if !done_ids.is_empty() {
         run(
             "UPDATE llmbatching.requests r SET state = 'completed', response = x.response, result_text = x.text,
-                    result_json = x.answer, input_tokens = x.input_tokens, output_tokens = x.output_tokens,
+                    result_json = x.answer, input_tokens = x.input_tokens, cached_tokens = x.cached_tokens,
+                    output_tokens = x.output_tokens, reasoning_tokens = x.reasoning_tokens,
                     error = NULL, finished_at = now()
-               FROM unnest($2::bigint[], $3::jsonb[], $4::text[], $5::int[], $6::int[], $7::jsonb[])
-                    AS x(id, response, text, input_tokens, output_tokens, answer)
+               FROM unnest($2::bigint[], $3::jsonb[], $4::text[], $5::int[], $6::int[], $7::int[], $8::int[], $9::jsonb[])
+                    AS x(id, response, text, input_tokens, cached_tokens, output_tokens, reasoning_tokens, answer)
               WHERE r.id = x.id AND r.batch_id = $1 AND r.state = 'submitted'",
             &[
                 batch_id.into(),
@@ -431,7 +437,9 @@ pub fn apply_results(batch_id: i64, results: Vec<LineResult>, max_attempts: i32)
                 responses.into(),
                 texts.into(),
                 input_tokens.into(),
+                cached_tokens.into(),
                 output_tokens.into(),
+                reasoning_tokens.into(),
                 answers.into(),
             ],
         );
@@ -471,6 +479,22 @@ pub fn pause_model(model: &str, pause: Duration, reason: &str) {
          VALUES ($1, now() + make_interval(secs => $2), $3)
          ON CONFLICT (model) DO UPDATE SET paused_until = excluded.paused_until, reason = excluded.reason",
         &[model.into(), seconds(pause).into(), reason.into()],
+    );
+}
+
+/// Requests waiting on an identical request that was cancelled (or purged) wait on the oldest
+/// of themselves instead, which is then sent.
+pub fn promote_orphaned_duplicates() {
+    run(
+        "WITH orphans AS (
+             SELECT f.id, min(f.id) OVER (PARTITION BY f.reused_from) AS heir
+               FROM llmbatching.requests f
+               LEFT JOIN llmbatching.requests leader ON leader.id = f.reused_from
+              WHERE f.state = 'queued' AND f.reused_from IS NOT NULL
+                AND (leader.id IS NULL OR leader.state = 'cancelled'))
+         UPDATE llmbatching.requests f SET reused_from = NULLIF(o.heir, f.id)
+           FROM orphans o WHERE f.id = o.id",
+        &[],
     );
 }
 
@@ -523,7 +547,7 @@ pub fn purge_finished(retention: Duration) -> (i64, i64) {
 pub fn next_wake(batch_wait: Duration) -> Option<Duration> {
     Spi::get_one_with_args::<f64>(
         "SELECT extract(epoch FROM least(
-                    (SELECT min(queued_at) FROM llmbatching.requests WHERE state = 'queued')
+                    (SELECT min(queued_at) FROM llmbatching.requests WHERE state = 'queued' AND reused_from IS NULL)
                         + make_interval(secs => $1),
                     (SELECT min(next_check_at) FROM llmbatching.batches WHERE state <> 'done'),
                     (SELECT min(paused_until) FROM llmbatching.model_pauses WHERE paused_until > now()))

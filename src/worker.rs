@@ -139,6 +139,7 @@ impl Worker {
         if !self.ensure_provider(&settings) {
             return idle;
         }
+        tx(store::promote_orphaned_duplicates);
         self.form_batches(&settings);
         tx(store::flag_cancelled_batches);
         for batch in tx(store::batches_due) {

@@ -5,6 +5,8 @@
 //!   is the last user text of the request.
 //! - Embeddings answer an 8-dimensional vector computed from the bytes of each input.
 //! - Moderations answer `flagged: false`.
+//! - Usage counts about four characters a token; a quarter of the input tokens are reported as
+//!   cached and a fifth of the output tokens as reasoning, so every usage field is exercised.
 //! - A request asking for structured output (`text.format` or `response_format` of type
 //!   `json_schema`) answers JSON built from its schema: each string property holds the prompt,
 //!   and a property with an `enum` holds the first choice that appears in the prompt (ignoring
@@ -150,8 +152,8 @@ fn response(model: &str, body: &Value, seq: u64) -> Value {
         "output": [{"type": "message", "id": format!("msg_{seq:012}"), "status": "completed",
                     "role": "assistant",
                     "content": [{"type": "output_text", "text": answer, "annotations": []}]}],
-        "usage": {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0},
-                  "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+        "usage": {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": input_tokens / 4},
+                  "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": output_tokens / 5},
                   "total_tokens": input_tokens + output_tokens}
     })
 }
@@ -165,6 +167,8 @@ fn chat_completion(model: &str, body: &Value, seq: u64) -> Value {
         "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
                      "finish_reason": "stop"}],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "prompt_tokens_details": {"cached_tokens": prompt_tokens / 4},
+                  "completion_tokens_details": {"reasoning_tokens": completion_tokens / 5},
                   "total_tokens": prompt_tokens + completion_tokens}
     })
 }

@@ -373,7 +373,7 @@ impl Provider {
         };
         let mut output = Vec::new();
         let mut errors = Vec::new();
-        let (mut input_tokens, mut output_tokens) = (0u64, 0u64);
+        let (mut input_tokens, mut output_tokens, mut cached_tokens, mut reasoning_tokens) = (0u64, 0u64, 0u64, 0u64);
         for (n, line) in self.batches[i].lines.iter().enumerate() {
             let seq = self.next_id + n as u64;
             let request_id = format!("batch_req_{seq:012}");
@@ -395,6 +395,10 @@ impl Provider {
                     input_tokens += usage["input_tokens"].as_u64().or(usage["prompt_tokens"].as_u64()).unwrap_or(0);
                     output_tokens +=
                         usage["output_tokens"].as_u64().or(usage["completion_tokens"].as_u64()).unwrap_or(0);
+                    cached_tokens += usage["input_tokens_details"]["cached_tokens"].as_u64()
+                        .or(usage["prompt_tokens_details"]["cached_tokens"].as_u64()).unwrap_or(0);
+                    reasoning_tokens += usage["output_tokens_details"]["reasoning_tokens"].as_u64()
+                        .or(usage["completion_tokens_details"]["reasoning_tokens"].as_u64()).unwrap_or(0);
                     output.push(json!({"id": request_id, "custom_id": line.custom_id, "error": null,
                         "response": {"status_code": 200, "request_id": format!("req_{seq:012}"), "body": body}}));
                 }
@@ -421,8 +425,8 @@ impl Provider {
         batch.output_file_id = output_file_id;
         batch.error_file_id = error_file_id;
         batch.counts = (output.len(), errors.len());
-        batch.usage = Some(json!({"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+        batch.usage = Some(json!({"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": cached_tokens},
+            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
             "total_tokens": input_tokens + output_tokens}));
     }
 }

@@ -114,7 +114,9 @@ pub struct BatchInfo {
     pub errors: Vec<BatchError>,
     pub metadata: serde_json::Map<String, Value>,
     pub input_tokens: Option<i64>,
+    pub cached_tokens: Option<i64>,
     pub output_tokens: Option<i64>,
+    pub reasoning_tokens: Option<i64>,
 }
 
 /// A page of the provider's batch list, newest first.
@@ -181,7 +183,9 @@ impl BatchInfo {
             errors,
             metadata: v.get("metadata").and_then(Value::as_object).cloned().unwrap_or_default(),
             input_tokens: v.pointer("/usage/input_tokens").and_then(Value::as_i64),
+            cached_tokens: v.pointer("/usage/input_tokens_details/cached_tokens").and_then(Value::as_i64),
             output_tokens: v.pointer("/usage/output_tokens").and_then(Value::as_i64),
+            reasoning_tokens: v.pointer("/usage/output_tokens_details/reasoning_tokens").and_then(Value::as_i64),
         })
     }
 
