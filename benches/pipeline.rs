@@ -1,0 +1,236 @@
+//! The benchmark suite: each figure next to a baseline measured in the same run, as a ratio.
+//! Run it with `scripts/bench` (which installs the release build first); `--quick` uses smaller
+//! sizes. It starts its own clusters and emulators, like the tests.
+//!
+//! - B1 submit: `llm_submit` over generate_series against a plain INSERT of the same bodies.
+//! - B2 build and upload: the worker turning queued requests into an uploaded input file,
+//!   against uploading the same bytes with curl.
+//! - B3 ingest: an output file to every request completed, against COPY of the same lines.
+//! - B4 memory: the worker's peak private memory above idle while it carries a ~200 MB batch.
+//! - B5 end to end: many requests over 20 batches, against doing the same job by hand with the
+//!   official `openai` SDK and psycopg (benches/baseline_sdk.py) on the same emulator and database.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::{Cluster, EmulatorConfig};
+use postgres::Client;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+struct Sizes {
+    submit: i64,
+    batch: i64,
+    memory_requests: i64,
+    memory_prompt_bytes: usize,
+    end_to_end: i64,
+}
+
+fn instant_provider() -> EmulatorConfig {
+    EmulatorConfig { validating_ms: 0, in_progress_ms: 0, finalizing_ms: 0, ..EmulatorConfig::default() }
+}
+
+fn report(name: &str, ours: f64, baseline: f64, unit: &str, goal: f64) {
+    let ratio = ours / baseline;
+    let verdict = if ratio <= goal { "meets" } else { "misses" };
+    println!("{name:<22} {ours:>10.3} {unit}  baseline {baseline:>10.3} {unit}  ratio {ratio:>6.2}  (goal <= {goal}: {verdict})");
+}
+
+fn seconds(c: &mut Client, sql: &str) -> f64 {
+    let started = Instant::now();
+    c.batch_execute(sql).unwrap();
+    started.elapsed().as_secs_f64()
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    xs[xs.len() / 2]
+}
+
+/// B1: three alternating runs of each, median.
+fn b1_submit(n: i64) {
+    let cluster = Cluster::start(instant_provider(), &[("llmbatching.batch_wait", "1h")]);
+    let mut c = cluster.client();
+    c.batch_execute("CREATE EXTENSION llmbatching; CREATE TABLE plain (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, body jsonb)")
+        .unwrap();
+    let (mut ours, mut plain) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        plain.push(seconds(
+            &mut c,
+            &format!("INSERT INTO plain (body) SELECT jsonb_build_object('model', 'gpt-4o-mini', 'input', 'Classify: review ' || g) FROM generate_series(1, {n}) g"),
+        ));
+        ours.push(seconds(&mut c, &format!("SELECT count(llm_submit('gpt-4o-mini', 'Classify: review ' || g)) FROM generate_series(1, {n}) g")));
+        c.batch_execute("TRUNCATE plain; TRUNCATE llmbatching.requests CASCADE").unwrap();
+    }
+    report(&format!("B1 submit ({n})"), median(ours), median(plain), "s", 1.5);
+}
+
+fn curl(args: &[&str]) -> f64 {
+    let started = Instant::now();
+    let out = Command::new("curl").args(["-s", "-S", "-f"]).args(args).output().expect("curl runs");
+    assert!(out.status.success(), "curl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    started.elapsed().as_secs_f64()
+}
+
+/// B2 and B3 on one batch of `n` requests.
+fn b2_b3_build_upload_ingest(n: i64) {
+    let cluster = Cluster::start(
+        instant_provider(),
+        &[("llmbatching.batch_wait", "1h"), ("llmbatching.delete_provider_files", "off"), ("llmbatching.poll_interval", "50ms")],
+    );
+    let mut c = cluster.client();
+    c.batch_execute(&format!(
+        "CREATE EXTENSION llmbatching; SELECT count(llm_submit('gpt-4o-mini', 'Classify: review ' || g)) FROM generate_series(1, {n}) g"
+    ))
+    .unwrap();
+    cluster.set(&[("llmbatching.batch_wait", "0")]);
+    cluster.wait_until_settled(Duration::from_secs(1200));
+    let row = c
+        .query_one(
+            "SELECT extract(epoch FROM create_attempted_at - created_at)::float8,
+                    extract(epoch FROM finished_at - ended_at)::float8, input_file_id, output_file_id
+               FROM llmbatching.batches",
+            &[],
+        )
+        .unwrap();
+    let (build_upload, ingest): (f64, f64) = (row.get(0), row.get(1));
+    let (input_id, output_id): (String, String) = (row.get(2), row.get(3));
+
+    let dir = std::env::temp_dir().join(format!("llmbatching-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let input = dir.join("input.jsonl");
+    let output = dir.join("output.jsonl");
+    let base = &cluster.emulator.base_url;
+    let auth = "Authorization: Bearer sk-bench";
+    curl(&["-H", auth, "-o", input.to_str().unwrap(), &format!("{base}/files/{input_id}/content")]);
+    curl(&["-H", auth, "-o", output.to_str().unwrap(), &format!("{base}/files/{output_id}/content")]);
+    let upload = curl(&[
+        "-o", "/dev/null", "-H", auth, "-F", "purpose=batch",
+        "-F", &format!("file=@{};filename=input.jsonl", input.display()), &format!("{base}/files"),
+    ]);
+    report(&format!("B2 build+upload ({n})"), build_upload, upload, "s", 2.0);
+
+    // COPY the same lines, as (id, line) rows, into a table.
+    c.batch_execute("CREATE TABLE copied (id bigint, line jsonb)").unwrap();
+    let text = std::fs::read_to_string(&output).unwrap();
+    let mut rows = String::with_capacity(text.len() + text.len() / 8);
+    for (i, line) in text.lines().enumerate() {
+        let escaped = line.replace('\\', "\\\\").replace('\t', "\\t");
+        rows.push_str(&format!("{i}\t{escaped}\n"));
+    }
+    let started = Instant::now();
+    let mut writer = c.copy_in("COPY copied FROM STDIN").unwrap();
+    std::io::Write::write_all(&mut writer, rows.as_bytes()).unwrap();
+    writer.finish().unwrap();
+    let copy = started.elapsed().as_secs_f64();
+    report(&format!("B3 ingest ({n})"), ingest, copy, "s", 3.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Private (anonymous) resident memory of a process, in kB: shared buffers are not counted.
+fn rss_anon_kb(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("RssAnon:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// B4: sample the worker's private memory while it builds, uploads and ingests one big batch.
+fn b4_memory(requests: i64, prompt_bytes: usize) {
+    let cluster = Cluster::start(instant_provider(), &[("llmbatching.batch_wait", "1h")]);
+    let mut c = cluster.client();
+    c.batch_execute("CREATE EXTENSION llmbatching").unwrap();
+    let worker = cluster.worker_pid();
+    c.execute(
+        "SELECT count(llm_submit('gpt-4o-mini', g || repeat('x', $1))) FROM generate_series(1, $2) g",
+        &[&(prompt_bytes as i32), &requests],
+    )
+    .unwrap();
+    let mb: f64 = cluster.count("SELECT sum(body_bytes)::bigint / (1024 * 1024) FROM llmbatching.requests") as f64;
+    std::thread::sleep(Duration::from_millis(500));
+    let idle = rss_anon_kb(worker);
+    cluster.set(&[("llmbatching.batch_wait", "0")]);
+    let mut peak = idle;
+    let deadline = Instant::now() + Duration::from_secs(1200);
+    while cluster.count("SELECT count(*) FROM llmbatching.requests WHERE state IN ('queued', 'submitted')") > 0 {
+        assert!(Instant::now() < deadline, "B4 did not finish");
+        for _ in 0..10 {
+            peak = peak.max(rss_anon_kb(worker));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let above = (peak.saturating_sub(idle)) as f64 / 1024.0;
+    let verdict = if above < 100.0 { "meets" } else { "misses" };
+    println!(
+        "B4 memory ({mb:.0} MB batch)  peak {above:.1} MB above idle ({:.1} MB private at idle)  (goal < 100 MB: {verdict})",
+        idle as f64 / 1024.0
+    );
+}
+
+/// B5: the whole job through llmbatching, then by hand with the SDK on a fresh database.
+fn b5_end_to_end(n: i64) {
+    let python = std::env::var("BENCH_PYTHON")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/target/bench-venv/bin/python").to_string());
+    if !std::path::Path::new(&python).exists() {
+        println!("B5 end to end: skipped, no Python with openai and psycopg at {python} (scripts/bench installs one)");
+        return;
+    }
+    let settings = [("llmbatching.batch_max_requests", "50000"), ("llmbatching.poll_interval", "100ms"), ("llmbatching.batch_wait", "1h")];
+    let cluster = Cluster::start(instant_provider(), &settings);
+    let mut c = cluster.client();
+    c.batch_execute(&format!(
+        "CREATE EXTENSION llmbatching;
+         CREATE TABLE reviews (id bigint PRIMARY KEY, body text, answer text);
+         INSERT INTO reviews SELECT g, 'Classify: review ' || g FROM generate_series(1, {n}) g;"
+    ))
+    .unwrap();
+    let started = Instant::now();
+    c.batch_execute("SELECT llm_classify('reviews', 'answer', 'body', 'gpt-4o-mini', job => 'bench')").unwrap();
+    cluster.set(&[("llmbatching.batch_wait", "0")]);
+    assert!(c.query_one("SELECT llm_wait(job => 'bench', timeout => '1 hour')", &[]).unwrap().get::<_, bool>(0));
+    let ours = started.elapsed().as_secs_f64();
+    assert_eq!(cluster.count("SELECT count(*) FROM reviews WHERE answer IS NOT NULL"), n);
+    let batches = cluster.count("SELECT count(*) FROM llmbatching.batches");
+
+    c.batch_execute("UPDATE reviews SET answer = NULL").unwrap();
+    let started = Instant::now();
+    let out = Command::new(&python)
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/benches/baseline_sdk.py"))
+        .env("BASE_URL", &cluster.emulator.base_url)
+        .env("DSN", format!("host=127.0.0.1 port={} user=postgres dbname=postgres", cluster.port))
+        .env("BATCH_SIZE", "50000")
+        .output()
+        .unwrap();
+    let by_hand = started.elapsed().as_secs_f64();
+    assert!(out.status.success(), "baseline failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(cluster.count("SELECT count(*) FROM reviews WHERE answer IS NOT NULL"), n);
+    report(&format!("B5 end to end ({n}, {batches} batches)"), ours, by_hand, "s", 1.0);
+    println!("   llmbatching {:.0} requests/s, by hand {:.0} requests/s", n as f64 / ours, n as f64 / by_hand);
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let sizes = if quick {
+        Sizes { submit: 20_000, batch: 10_000, memory_requests: 400, memory_prompt_bytes: 50_000, end_to_end: 100_000 }
+    } else {
+        Sizes { submit: 100_000, batch: 50_000, memory_requests: 4_000, memory_prompt_bytes: 50_000, end_to_end: 1_000_000 }
+    };
+    let only: Vec<String> = std::env::args().filter(|a| a.starts_with('B')).collect();
+    let run = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
+    println!("llmbatching benchmarks{}: {} cores", if quick { " (quick)" } else { "" }, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    if run("B1") {
+        b1_submit(sizes.submit);
+    }
+    if run("B2") || run("B3") {
+        b2_b3_build_upload_ingest(sizes.batch);
+    }
+    if run("B4") {
+        b4_memory(sizes.memory_requests, sizes.memory_prompt_bytes);
+    }
+    if run("B5") {
+        b5_end_to_end(sizes.end_to_end);
+    }
+}
