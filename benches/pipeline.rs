@@ -145,7 +145,7 @@ fn b4_memory(requests: i64, prompt_bytes: usize) {
     c.batch_execute("CREATE EXTENSION llmbatching").unwrap();
     let worker = cluster.worker_pid();
     c.execute(
-        "SELECT count(llm_submit('gpt-4o-mini', g || repeat('x', $1))) FROM generate_series(1, $2) g",
+        "SELECT count(llm_submit('gpt-4o-mini', g || repeat('x', $1))) FROM generate_series(1, $2::bigint) g",
         &[&(prompt_bytes as i32), &requests],
     )
     .unwrap();

@@ -7,8 +7,10 @@ use crate::config;
 use crate::request::{self, AnswerFormat, Endpoint, RequestError};
 use crate::wakeup;
 use pgrx::prelude::*;
-use pgrx::JsonB;
+use pgrx::spi::OwnedPreparedStatement;
+use pgrx::{JsonB, PgOid};
 use serde_json::Value;
+use std::cell::{Cell, OnceCell};
 
 fn raise(err: RequestError) -> ! {
     ereport!(ERROR, PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, err.to_string());
@@ -30,6 +32,33 @@ fn job_of(job: Option<&str>) -> Option<&str> {
     }
 }
 
+const INSERT_REQUEST_SQL: &str = "INSERT INTO llmbatching.requests (endpoint, model, body, job, answer_format, reuse)
+     VALUES ($1, $2, $3, $4, $5, $6) RETURNING id";
+
+thread_local! {
+    /// The insert's plan, prepared once per session.
+    static INSERT_REQUEST: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
+    /// Set while this backend inserts a request it has just checked itself.
+    static CHECKED_INSERT: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks an insert of an already checked request, so the insert trigger need not parse and
+/// check the body again; the mark is removed when the guard drops, also when the insert fails.
+struct CheckedInsert;
+
+impl CheckedInsert {
+    fn begin() -> CheckedInsert {
+        CHECKED_INSERT.with(|c| c.set(true));
+        CheckedInsert
+    }
+}
+
+impl Drop for CheckedInsert {
+    fn drop(&mut self) {
+        CHECKED_INSERT.with(|c| c.set(false));
+    }
+}
+
 /// Queues a checked body; returns the request's id.
 fn enqueue(
     endpoint: Endpoint,
@@ -42,20 +71,32 @@ fn enqueue(
 ) -> i64 {
     let max_bytes = config::batch_limits().max_bytes;
     request::check_size(body.to_string().len(), max_bytes, argument).unwrap_or_else(|e| raise(e));
-    let id = Spi::get_one_with_args::<i64>(
-        "INSERT INTO llmbatching.requests (endpoint, model, body, job, answer_format, reuse)
-         VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
-        &[
-            endpoint.path().into(),
-            model.into(),
-            JsonB(body).into(),
-            job_of(job).into(),
-            format.map(|f| JsonB(f.to_json())).into(),
-            reuse.into(),
-        ],
-    )
-    .unwrap_or_else(|e| error!("llmbatching: could not queue the request: {e}"))
-    .unwrap_or_else(|| error!("llmbatching: queueing the request returned no id"));
+    let args = [
+        endpoint.path().into(),
+        model.into(),
+        JsonB(body).into(),
+        job_of(job).into(),
+        format.map(|f| JsonB(f.to_json())).into(),
+        reuse.into(),
+    ];
+    let _checked = CheckedInsert::begin();
+    let id = INSERT_REQUEST
+        .with(|plan| {
+            Spi::connect_mut(|client| {
+                let plan = match plan.get() {
+                    Some(plan) => plan,
+                    None => {
+                        let types = [pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::JSONBOID, pg_sys::TEXTOID, pg_sys::JSONBOID, pg_sys::BOOLOID];
+                        let types: Vec<PgOid> = types.into_iter().map(PgOid::from_untagged).collect();
+                        let kept = client.prepare_mut(INSERT_REQUEST_SQL, &types)?.keep();
+                        plan.get_or_init(|| kept)
+                    }
+                };
+                client.update(plan, Some(1), &args)?.first().get_one::<i64>()
+            })
+        })
+        .unwrap_or_else(|e| error!("llmbatching: could not queue the request: {e}"))
+        .unwrap_or_else(|| error!("llmbatching: queueing the request returned no id"));
     wakeup::wake_worker_at_commit();
     id
 }
@@ -205,6 +246,9 @@ mod llmbatching {
         body: Option<JsonB>,
         answer_format: Option<JsonB>,
     ) -> Option<String> {
+        if super::CHECKED_INSERT.with(|c| c.get()) {
+            return None;
+        }
         let problem = (|| {
             Endpoint::parse(endpoint.unwrap_or_default())?;
             let body = body.map(|b| b.0).unwrap_or_default();

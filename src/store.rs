@@ -10,7 +10,7 @@ use serde_json::Value;
 use std::collections::HashMap;
 use pgrx::prelude::*;
 use pgrx::spi::{SpiClient, SpiResult};
-use pgrx::JsonB;
+use pgrx::{JsonB, PgMemoryContexts};
 use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
@@ -238,19 +238,31 @@ pub fn write_input_file(batch: &BatchRow, path: &Path) -> std::io::Result<(usize
                   WHERE batch_id = $1 AND state = 'submitted' ORDER BY id",
                 &[batch.id.into()],
             );
+        // Each fetch is read in a scratch context, reset afterwards, and its tuple table freed:
+        // otherwise every detoasted body would stay allocated until the whole file is written.
+        let mut scratch = PgMemoryContexts::new("llmbatching input file");
         loop {
-            let rows = cursor.fetch(1000).unwrap_or_else(|e| fail("reading a batch's requests", e));
-            if rows.is_empty() {
+            let written = unsafe {
+                scratch.switch_to(|_| -> std::io::Result<usize> {
+                    let rows = cursor.fetch(200).unwrap_or_else(|e| fail("reading a batch's requests", e));
+                    let mut count = 0;
+                    for row in rows {
+                        let id: i64 = row.get(1).unwrap_or_else(|e| fail("reading a request id", e)).unwrap_or(0);
+                        let body: String = row.get(2).unwrap_or_else(|e| fail("reading a request body", e)).unwrap_or_default();
+                        let line = batch_line(&custom_id(id), &batch.endpoint, &body).map_err(std::io::Error::other)?;
+                        out.write_all(line.as_bytes())?;
+                        out.write_all(b"\n")?;
+                        count += 1;
+                    }
+                    pg_sys::SPI_freetuptable(pg_sys::SPI_tuptable);
+                    Ok(count)
+                })?
+            };
+            unsafe { scratch.reset() };
+            if written == 0 {
                 return Ok(());
             }
-            for row in rows {
-                let id: i64 = row.get(1).unwrap_or_else(|e| fail("reading a request id", e)).unwrap_or(0);
-                let body: String = row.get(2).unwrap_or_else(|e| fail("reading a request body", e)).unwrap_or_default();
-                let line = batch_line(&custom_id(id), &batch.endpoint, &body).map_err(std::io::Error::other)?;
-                out.write_all(line.as_bytes())?;
-                out.write_all(b"\n")?;
-                lines += 1;
-            }
+            lines += written;
         }
     })?;
     out.flush()?;

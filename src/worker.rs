@@ -28,8 +28,10 @@ use std::time::Duration;
 
 /// Where input and output files are staged, relative to the data directory.
 const STAGING_DIR: &str = "pg_llmbatching";
-/// Result lines applied per transaction while ingesting.
+/// Result lines applied per transaction while ingesting, and the most bytes of them held at
+/// once, so memory stays flat whatever the size of the answers.
 const INGEST_CHUNK: usize = 1000;
+const INGEST_CHUNK_BYTES: usize = 8 * 1024 * 1024;
 /// Pages of the provider's batch list searched for a batch whose create call went unrecorded.
 const RECONCILE_PAGES: usize = 20;
 /// A refused step (4xx) that may be a passing glitch, such as "file not found" just after an
@@ -417,6 +419,7 @@ impl Worker {
         let mut reader = std::io::BufReader::new(std::fs::File::open(path).map_err(local)?);
         let endpoint = batch.endpoint();
         let mut chunk = Vec::with_capacity(INGEST_CHUNK);
+        let mut chunk_bytes = 0usize;
         let mut line = Vec::new();
         let (mut attributed, mut unattributed, mut first_problem) = (0i64, 0usize, None);
         loop {
@@ -428,6 +431,7 @@ impl Worker {
                         match results::parse_line(endpoint, text.trim_end()) {
                             Ok(result) => {
                                 attributed += 1;
+                                chunk_bytes += line.len();
                                 chunk.push(result);
                             }
                             Err(why) => {
@@ -444,8 +448,9 @@ impl Worker {
                 LineRead::End => {}
             }
             let end = read == LineRead::End;
-            if chunk.len() >= INGEST_CHUNK || (end && !chunk.is_empty()) {
+            if chunk.len() >= INGEST_CHUNK || chunk_bytes >= INGEST_CHUNK_BYTES || (end && !chunk.is_empty()) {
                 let results = std::mem::take(&mut chunk);
+                chunk_bytes = 0;
                 let id = batch.id;
                 tx(move || store::apply_results(id, results, max_attempts));
             }
