@@ -92,8 +92,11 @@ SELECT r.id, r.job, r.model, r.endpoint, r.submitted_by, r.finished_at,
 COMMENT ON VIEW llmbatching.request_costs IS
     'Cost of each completed request in USD (batch price; 0 when reused) and what it would have cost synchronously';
 
-CREATE VIEW llmbatching.cost_by_job AS
-SELECT job, count(*) AS requests, count(*) FILTER (WHERE reused) AS reused,
+-- Totals by job, by model and by day, computed once: the three views below read their rows.
+CREATE VIEW llmbatching.cost_totals AS
+SELECT job, model, (finished_at AT TIME ZONE 'UTC')::date AS day,
+       GROUPING(job, model, (finished_at AT TIME ZONE 'UTC')::date) AS grouped_by,
+       count(*) AS requests, count(*) FILTER (WHERE reused) AS reused,
        sum(input_tokens) AS input_tokens, sum(cached_tokens) AS cached_tokens,
        sum(output_tokens) AS output_tokens, sum(reasoning_tokens) AS reasoning_tokens,
        sum(cost) AS cost, sum(synchronous_cost) AS synchronous_cost,
@@ -101,26 +104,20 @@ SELECT job, count(*) AS requests, count(*) FILTER (WHERE reused) AS reused,
        round(100 * (sum(synchronous_cost) - sum(cost)) / nullif(sum(synchronous_cost), 0), 1) AS saved_percent,
        count(*) FILTER (WHERE priced_as IS NULL) AS unpriced
   FROM llmbatching.request_costs
- GROUP BY job;
+ GROUP BY GROUPING SETS ((job), (model), ((finished_at AT TIME ZONE 'UTC')::date));
+
+-- grouped_by is GROUPING()'s bit mask: a 1 for each of job, model, day not grouped on.
+CREATE VIEW llmbatching.cost_by_job AS
+SELECT job, requests, reused, input_tokens, cached_tokens, output_tokens, reasoning_tokens,
+       cost, synchronous_cost, saved, saved_percent, unpriced
+  FROM llmbatching.cost_totals WHERE grouped_by = 3;
 
 CREATE VIEW llmbatching.cost_by_model AS
-SELECT model, count(*) AS requests, count(*) FILTER (WHERE reused) AS reused,
-       sum(input_tokens) AS input_tokens, sum(cached_tokens) AS cached_tokens,
-       sum(output_tokens) AS output_tokens, sum(reasoning_tokens) AS reasoning_tokens,
-       sum(cost) AS cost, sum(synchronous_cost) AS synchronous_cost,
-       sum(synchronous_cost) - sum(cost) AS saved,
-       round(100 * (sum(synchronous_cost) - sum(cost)) / nullif(sum(synchronous_cost), 0), 1) AS saved_percent,
-       count(*) FILTER (WHERE priced_as IS NULL) AS unpriced
-  FROM llmbatching.request_costs
- GROUP BY model;
+SELECT model, requests, reused, input_tokens, cached_tokens, output_tokens, reasoning_tokens,
+       cost, synchronous_cost, saved, saved_percent, unpriced
+  FROM llmbatching.cost_totals WHERE grouped_by = 5;
 
 CREATE VIEW llmbatching.cost_by_day AS
-SELECT (finished_at AT TIME ZONE 'UTC')::date AS day, count(*) AS requests, count(*) FILTER (WHERE reused) AS reused,
-       sum(input_tokens) AS input_tokens, sum(cached_tokens) AS cached_tokens,
-       sum(output_tokens) AS output_tokens, sum(reasoning_tokens) AS reasoning_tokens,
-       sum(cost) AS cost, sum(synchronous_cost) AS synchronous_cost,
-       sum(synchronous_cost) - sum(cost) AS saved,
-       round(100 * (sum(synchronous_cost) - sum(cost)) / nullif(sum(synchronous_cost), 0), 1) AS saved_percent,
-       count(*) FILTER (WHERE priced_as IS NULL) AS unpriced
-  FROM llmbatching.request_costs
- GROUP BY 1;
+SELECT day, requests, reused, input_tokens, cached_tokens, output_tokens, reasoning_tokens,
+       cost, synchronous_cost, saved, saved_percent, unpriced
+  FROM llmbatching.cost_totals WHERE grouped_by = 6;

@@ -21,8 +21,12 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    problem text := llmbatching.request_problem(NEW.endpoint, NEW.model, NEW.body, NEW.answer_format);
+    problem text;
 BEGIN
+    IF llmbatching.insert_is_checked() THEN
+        RETURN NEW;
+    END IF;
+    problem := llmbatching.request_problem(NEW.endpoint, NEW.model, NEW.body, NEW.answer_format);
     IF problem IS NOT NULL THEN
         RAISE EXCEPTION '%', problem USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -73,7 +77,7 @@ BEGIN
         END IF;
         IF f.proname = 'llm_purge' THEN
             EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO llmbatching_admin', f.signature);
-        ELSIF f.proname LIKE 'llm\_%' OR f.proname IN ('write_back', 'check_target', 'primary_key_columns', 'request_problem', 'is_deterministic') THEN
+        ELSIF f.proname LIKE 'llm\_%' OR f.proname IN ('write_back', 'check_target', 'primary_key_columns', 'request_problem', 'insert_is_checked', 'is_deterministic') THEN
             EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO llmbatching_user', f.signature);
         END IF;
     END LOOP;
@@ -141,8 +145,9 @@ GRANT INSERT, UPDATE, DELETE ON llmbatching.model_limits, llmbatching.model_paus
 
 -- Costs are computed with the reader's privileges: each role sees its own.
 ALTER VIEW llmbatching.request_costs SET (security_invoker = true);
+ALTER VIEW llmbatching.cost_totals SET (security_invoker = true);
 ALTER VIEW llmbatching.cost_by_job SET (security_invoker = true);
 ALTER VIEW llmbatching.cost_by_model SET (security_invoker = true);
 ALTER VIEW llmbatching.cost_by_day SET (security_invoker = true);
-GRANT SELECT ON llmbatching.request_costs, llmbatching.cost_by_job, llmbatching.cost_by_model, llmbatching.cost_by_day
+GRANT SELECT ON llmbatching.request_costs, llmbatching.cost_totals, llmbatching.cost_by_job, llmbatching.cost_by_model, llmbatching.cost_by_day
     TO llmbatching_user;

@@ -236,6 +236,13 @@ mod llmbatching {
     use pgrx::prelude::*;
     use pgrx::JsonB;
 
+    /// Whether the row being inserted is one `llm_submit` has just checked itself, so the insert
+    /// trigger need not convert and check its body again.
+    #[pg_extern(volatile, parallel_safe)]
+    fn insert_is_checked() -> bool {
+        super::CHECKED_INSERT.with(|c| c.get())
+    }
+
     /// Why a request row may not be queued, or NULL if it may: the checks `llm_submit_body`
     /// makes, applied by a trigger to every row inserted into llmbatching.requests, so a direct
     /// INSERT cannot put a request in a batch that would fail it for everyone.
@@ -246,9 +253,6 @@ mod llmbatching {
         body: Option<JsonB>,
         answer_format: Option<JsonB>,
     ) -> Option<String> {
-        if super::CHECKED_INSERT.with(|c| c.get()) {
-            return None;
-        }
         let problem = (|| {
             Endpoint::parse(endpoint.unwrap_or_default())?;
             let body = body.map(|b| b.0).unwrap_or_default();

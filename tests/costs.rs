@@ -2,20 +2,10 @@
 
 mod common;
 
-use common::{Cluster, EmulatorConfig};
+use common::Cluster;
 use llmbatching_emulator::answers::echo_answer;
 use postgres::Client;
 use std::time::Duration;
-
-fn quick() -> EmulatorConfig {
-    EmulatorConfig { validating_ms: 50, in_progress_ms: 200, finalizing_ms: 50, ..EmulatorConfig::default() }
-}
-
-fn started(settings: &[(&str, &str)]) -> Cluster {
-    let cluster = Cluster::start(quick(), settings);
-    cluster.client().batch_execute("CREATE EXTENSION llmbatching").unwrap();
-    cluster
-}
 
 fn sent(cluster: &Cluster) -> usize {
     cluster.emulator.stats().runs_per_custom_id.len()
@@ -29,7 +19,7 @@ fn submit_and_wait(c: &mut Client, sql: &str) -> i64 {
 
 #[test]
 fn when_a_quarter_of_the_requests_are_duplicates_the_provider_sees_each_distinct_one_once() {
-    let cluster = started(&[]);
+    let cluster = Cluster::with_extension(&[]);
     let mut c = cluster.client();
     // 400 requests, 300 distinct prompts: g and g + 300 ask the same for g <= 100.
     c.batch_execute(
@@ -55,7 +45,7 @@ fn when_a_quarter_of_the_requests_are_duplicates_the_provider_sees_each_distinct
 
 #[test]
 fn completed_answers_are_reused_per_setting_and_per_request() {
-    let cluster = started(&[("llmbatching.batch_wait", "50ms")]);
+    let cluster = Cluster::with_extension(&[("llmbatching.batch_wait", "50ms")]);
     let mut c = cluster.client();
     let deterministic = "SELECT llm_submit('m', 'hello', options => '{\"temperature\": 0}')";
     let first = submit_and_wait(&mut c, deterministic);
@@ -94,7 +84,7 @@ fn completed_answers_are_reused_per_setting_and_per_request() {
 
 #[test]
 fn a_cancelled_request_hands_its_waiting_duplicates_on() {
-    let cluster = started(&[("llmbatching.batch_wait", "1h")]);
+    let cluster = Cluster::with_extension(&[("llmbatching.batch_wait", "1h")]);
     let mut c = cluster.client();
     let leader: i64 = c.query_one("SELECT llm_submit('m', 'same')", &[]).unwrap().get(0);
     let followers: Vec<i64> =
@@ -111,7 +101,7 @@ fn a_cancelled_request_hands_its_waiting_duplicates_on() {
 
 #[test]
 fn usage_and_cost_are_accounted_per_request_job_model_and_day() {
-    let cluster = started(&[]);
+    let cluster = Cluster::with_extension(&[]);
     let mut c = cluster.client();
     c.batch_execute(
         "INSERT INTO llmbatching.prices VALUES ('m', 2, 1, 8, 1, 0.5, 4, current_date, 'test');

@@ -3,15 +3,11 @@
 
 mod common;
 
-use common::{Cluster, EmulatorConfig};
+use common::{quick, Cluster, EmulatorConfig};
 use llmbatching_emulator::Fault;
 use std::time::Duration;
 
 const SETTLE: Duration = Duration::from_secs(180);
-
-fn quick() -> EmulatorConfig {
-    EmulatorConfig { validating_ms: 50, in_progress_ms: 200, finalizing_ms: 50, ..EmulatorConfig::default() }
-}
 
 fn submit(cluster: &Cluster, n: i32) {
     cluster

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Cluster, EmulatorConfig};
+use common::{quick, Cluster, EmulatorConfig};
 use postgres::fallible_iterator::FallibleIterator;
 use llmbatching_emulator::answers::{echo_answer, embedding_of, OFF_LABEL_MARKER};
 use std::sync::{Arc, Mutex};
@@ -11,19 +11,9 @@ use std::time::Duration;
 
 const SETTLE: Duration = Duration::from_secs(180);
 
-fn quick() -> EmulatorConfig {
-    EmulatorConfig { validating_ms: 50, in_progress_ms: 200, finalizing_ms: 50, ..EmulatorConfig::default() }
-}
-
-fn started(settings: &[(&str, &str)]) -> Cluster {
-    let cluster = Cluster::start(quick(), settings);
-    cluster.client().batch_execute("CREATE EXTENSION llmbatching").unwrap();
-    cluster
-}
-
 #[test]
 fn classifying_a_table_in_place_writes_each_answer_into_its_row_even_with_a_composite_key() {
-    let cluster = started(&[("llmbatching.batch_wait", "1s")]);
+    let cluster = Cluster::with_extension(&[("llmbatching.batch_wait", "1s")]);
     let mut c = cluster.client();
     c.batch_execute(
         "CREATE TABLE reviews (shop text, n int, body text, sentiment text, PRIMARY KEY (shop, n));
@@ -65,7 +55,7 @@ fn classifying_a_table_in_place_writes_each_answer_into_its_row_even_with_a_comp
 
 #[test]
 fn labels_are_guaranteed_and_structured_answers_arrive_as_json() {
-    let cluster = started(&[]);
+    let cluster = Cluster::with_extension(&[]);
     let mut c = cluster.client();
     c.batch_execute(&format!(
         "CREATE TYPE mood AS ENUM ('positive', 'negative', 'neutral');
@@ -105,7 +95,7 @@ fn labels_are_guaranteed_and_structured_answers_arrive_as_json() {
 
 #[test]
 fn embeddings_are_read_as_real_arrays_and_written_back_in_place() {
-    let cluster = started(&[]);
+    let cluster = Cluster::with_extension(&[]);
     let mut c = cluster.client();
     c.batch_execute(
         "CREATE TABLE docs (id int PRIMARY KEY, body text, embedding real[]);
@@ -203,7 +193,7 @@ fn waiting_times_out_reports_progress_and_can_be_cancelled() {
 
 #[test]
 fn listeners_are_notified_when_requests_and_jobs_finish() {
-    let cluster = started(&[]);
+    let cluster = Cluster::with_extension(&[]);
     let mut listener = cluster.client();
     listener.batch_execute("LISTEN llmbatching_request; LISTEN llmbatching_job").unwrap();
     let mut c = cluster.client();
@@ -234,7 +224,7 @@ fn listeners_are_notified_when_requests_and_jobs_finish() {
 
 #[test]
 fn single_requests_can_be_written_back_before_or_after_they_finish() {
-    let cluster = started(&[]);
+    let cluster = Cluster::with_extension(&[]);
     let mut c = cluster.client();
     c.batch_execute("CREATE TABLE notes (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), body text, summary text, score int)")
         .unwrap();
@@ -264,7 +254,7 @@ fn single_requests_can_be_written_back_before_or_after_they_finish() {
 
 #[test]
 fn bad_pipeline_arguments_are_errors_naming_the_argument() {
-    let cluster = started(&[]);
+    let cluster = Cluster::with_extension(&[]);
     let mut c = cluster.client();
     c.batch_execute("CREATE TABLE keyless (body text, answer text); CREATE TABLE t (id int PRIMARY KEY, body text, answer text)")
         .unwrap();

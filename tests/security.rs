@@ -2,16 +2,12 @@
 
 mod common;
 
-use common::{Cluster, EmulatorConfig, API_KEY};
+use common::{quick, Cluster, EmulatorConfig, API_KEY};
 use llmbatching_emulator::answers::echo_answer;
 use postgres::Client;
 use std::time::Duration;
 
 const SETTLE: Duration = Duration::from_secs(180);
-
-fn quick() -> EmulatorConfig {
-    EmulatorConfig { validating_ms: 50, in_progress_ms: 200, finalizing_ms: 50, ..EmulatorConfig::default() }
-}
 
 /// A cluster with the extension, users alice and bob, admin carol and a stranger with no grants.
 fn shared_database(emulator: EmulatorConfig, settings: &[(&str, &str)]) -> Cluster {

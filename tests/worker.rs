@@ -2,16 +2,12 @@
 
 mod common;
 
-use common::{Cluster, EmulatorConfig};
+use common::{quick, Cluster, EmulatorConfig};
 use llmbatching_emulator::answers::{echo_answer, failure_message, FAIL_MARKER, GARBLE_MARKER, TRUNCATE_MARKER};
 use std::collections::HashMap;
 use std::time::Duration;
 
 const SETTLE: Duration = Duration::from_secs(180);
-
-fn quick() -> EmulatorConfig {
-    EmulatorConfig { validating_ms: 50, in_progress_ms: 200, finalizing_ms: 50, ..EmulatorConfig::default() }
-}
 
 #[test]
 fn a_thousand_requests_over_two_models_and_two_endpoints_all_get_their_own_answer() {

@@ -15,6 +15,11 @@ use std::time::{Duration, Instant};
 
 pub const API_KEY: &str = "sk-test-llmbatching";
 
+/// A provider that moves batches along in a few hundred milliseconds.
+pub fn quick() -> EmulatorConfig {
+    EmulatorConfig { validating_ms: 50, in_progress_ms: 200, finalizing_ms: 50, ..EmulatorConfig::default() }
+}
+
 fn pg_bin() -> PathBuf {
     let pg_config = std::env::var("PG_CONFIG").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_config".into());
     let out = Command::new(&pg_config).arg("--bindir").output().expect("pg_config runs");
@@ -99,6 +104,13 @@ impl Cluster {
         append_as_owner(&data.join("postgresql.conf"), &conf);
         let cluster = Cluster { dir, port, emulator };
         cluster.pg_ctl(&["start", "-w", "-t", "60"]);
+        cluster
+    }
+
+    /// A quick cluster with the extension already created.
+    pub fn with_extension(settings: &[(&str, &str)]) -> Cluster {
+        let cluster = Cluster::start(quick(), settings);
+        cluster.client().batch_execute("CREATE EXTENSION llmbatching").unwrap();
         cluster
     }
 
