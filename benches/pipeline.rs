@@ -124,6 +124,9 @@ fn b2_b3_build_upload_ingest(n: i64) {
     writer.finish().unwrap();
     let copy = started.elapsed().as_secs_f64();
     report(&format!("B3 ingest ({n})"), ingest, copy, "s", 3.0);
+    for line in cluster.log().lines().filter(|l| l.contains("read back")) {
+        println!("   worker: {}", line.split("llmbatching: ").nth(1).unwrap_or(line));
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

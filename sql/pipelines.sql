@@ -201,45 +201,52 @@ $$;
 -- requests that will never have one, and notify listeners.
 --   channel llmbatching_request, payload '<id> <state>': a request finished
 --   channel llmbatching_job,     payload '<job>':        a job has nothing left queued or submitted
+-- A request finished in this statement when it is in a final state with finished_at = now():
+-- every move to a final state sets it, and a final state is never left. Reading only the new
+-- rows (no join with the old ones) keeps the cost linear whatever plan is cached.
 CREATE FUNCTION llmbatching.requests_changed() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
 DECLARE
-    finished  bigint[];
     completed bigint[];
-    settled   bigint[];
+    settled   bigint;
+    finished  bigint;
 BEGIN
-    SELECT array_agg(n.id), array_agg(n.id) FILTER (WHERE n.state = 'completed'),
-           array_agg(n.id) FILTER (WHERE n.state IN ('completed', 'failed'))
-      INTO finished, completed, settled
-      FROM new_rows n JOIN old_rows o ON o.id = n.id
-     WHERE n.state IN ('completed', 'failed', 'cancelled') AND o.state IS DISTINCT FROM n.state;
-    IF finished IS NULL THEN
+    SELECT array_agg(n.id) FILTER (WHERE n.state = 'completed'),
+           count(*) FILTER (WHERE n.state IN ('completed', 'failed')),
+           count(*)
+      INTO completed, settled, finished
+      FROM new_rows n
+     WHERE n.state IN ('completed', 'failed', 'cancelled') AND n.finished_at = now();
+    IF finished = 0 THEN
         RETURN NULL;
     END IF;
     -- Identical requests that waited on a finished one take its outcome (this fires the
     -- trigger again for them: their write-backs and notifications follow). Only the worker
     -- completes or fails requests; a role's own cancellations never get here.
-    IF settled IS NOT NULL THEN
+    IF settled > 0 THEN
         UPDATE llmbatching.requests f
            SET state = n.state, response = n.response, result_text = n.result_text, result_json = n.result_json,
                error = n.error, input_tokens = n.input_tokens, cached_tokens = n.cached_tokens,
                output_tokens = n.output_tokens, reasoning_tokens = n.reasoning_tokens, finished_at = now()
-          FROM unnest(settled) AS x (id) JOIN new_rows n ON n.id = x.id
-         WHERE f.reused_from = n.id AND f.state = 'queued';
+          FROM new_rows n
+         WHERE f.reused_from = n.id AND f.state = 'queued'
+           AND n.state IN ('completed', 'failed') AND n.finished_at = now();
     END IF;
     IF completed IS NOT NULL THEN
         PERFORM llmbatching.write_back(completed);
     END IF;
     UPDATE llmbatching.writebacks w
        SET written_at = now(), outcome = 'request ' || n.state
-      FROM unnest(finished) AS f (id) JOIN new_rows n ON n.id = f.id
-     WHERE w.request_id = n.id AND n.state <> 'completed' AND w.written_at IS NULL;
+      FROM new_rows n
+     WHERE w.request_id = n.id AND w.written_at IS NULL
+       AND n.state IN ('failed', 'cancelled') AND n.finished_at = now();
     PERFORM pg_notify('llmbatching_request', n.id || ' ' || n.state)
-       FROM unnest(finished) AS f (id) JOIN new_rows n ON n.id = f.id;
+       FROM new_rows n
+      WHERE n.state IN ('completed', 'failed', 'cancelled') AND n.finished_at = now();
     PERFORM pg_notify('llmbatching_job', j.job)
-       FROM (SELECT DISTINCT n.job FROM unnest(finished) AS f (id) JOIN new_rows n ON n.id = f.id
-              WHERE n.job IS NOT NULL) AS j
+       FROM (SELECT DISTINCT n.job FROM new_rows n
+              WHERE n.job IS NOT NULL AND n.state IN ('completed', 'failed', 'cancelled') AND n.finished_at = now()) AS j
       WHERE NOT EXISTS (SELECT FROM llmbatching.requests r WHERE r.job = j.job AND r.state IN ('queued', 'submitted'));
     RETURN NULL;
 END
@@ -247,7 +254,7 @@ $$;
 
 CREATE TRIGGER requests_changed
     AFTER UPDATE ON llmbatching.requests
-    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    REFERENCING NEW TABLE AS new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION llmbatching.requests_changed();
 
 -- Checks a write-back target and returns its primary key columns.

@@ -24,7 +24,7 @@ use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
 use std::ffi::CString;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Where input and output files are staged, relative to the data directory.
 const STAGING_DIR: &str = "pg_llmbatching";
@@ -361,11 +361,16 @@ impl Worker {
     fn ingest(&mut self, batch: &BatchRow, settings: &Settings) -> Result<(), ProviderError> {
         let files = [("output", &batch.output_file_id), ("error", &batch.error_file_id)];
         let mut lines = 0;
+        let (mut downloading, mut applying) = (Duration::ZERO, Duration::ZERO);
         for (kind, file_id) in files {
             let Some(file_id) = file_id else { continue };
             let path = self.staging.join(format!("batch-{}-{kind}.jsonl", batch.id));
+            let started = Instant::now();
             let downloaded = self.provider().download_file(file_id, &path);
+            downloading += started.elapsed();
+            let started = Instant::now();
             let applied = downloaded.and_then(|_| self.apply_file(batch, &path, settings.max_attempts));
+            applying += started.elapsed();
             let _ = std::fs::remove_file(&path);
             lines += applied?;
         }
@@ -393,6 +398,12 @@ impl Worker {
         let reason = leftover_reason(batch);
         let max_attempts = settings.max_attempts;
         tx(|| store::close_batch(batch.id, &reason, max_attempts, token_limited));
+        log!(
+            "llmbatching: batch {} read back: {lines} result lines (download {:.2}s, applying {:.2}s)",
+            batch.id,
+            downloading.as_secs_f64(),
+            applying.as_secs_f64()
+        );
         self.delete_files(batch, settings);
         Ok(())
     }
