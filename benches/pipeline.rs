@@ -197,6 +197,14 @@ fn b5_end_to_end(n: i64) {
     let ours = started.elapsed().as_secs_f64();
     assert_eq!(cluster.count("SELECT count(*) FROM reviews WHERE answer IS NOT NULL"), n);
     let batches = cluster.count("SELECT count(*) FROM llmbatching.batches");
+    let submit_seconds: f64 = c
+        .query_one("SELECT extract(epoch FROM max(created_at) - min(created_at))::float8 FROM llmbatching.requests", &[])
+        .unwrap()
+        .get(0);
+    println!("   llmbatching: submitting took {submit_seconds:.1}s");
+    for line in cluster.log().lines().filter(|l| l.contains("read back")) {
+        println!("   worker: {}", line.split("llmbatching: ").nth(1).unwrap_or(line));
+    }
 
     c.batch_execute("UPDATE reviews SET answer = NULL").unwrap();
     let started = Instant::now();

@@ -127,8 +127,12 @@ $$;
 -- The value follows the column's type: json/jsonb take the structured answer (or the text as a
 -- JSON string); real[], double precision[] and numeric[] take an embedding, and so does
 -- pgvector's vector; any other type takes the answer text, cast.
+-- Each call writes one chunk of answers into tables that may hold millions of rows: it must
+-- find those rows through their primary key, never by scanning the table, whatever the
+-- planner guesses about the chunk (sequential scans are therefore disabled while it runs).
 CREATE FUNCTION llmbatching.write_back(ids bigint[]) RETURNS void
 LANGUAGE plpgsql
+SET enable_seqscan = off
 AS $$
 DECLARE
     t         record;
