@@ -236,16 +236,16 @@ impl Worker {
     fn advance(&mut self, mut batch: BatchRow, settings: &Settings) {
         loop {
             report_activity(&format!("llmbatching: batch {} ({})", batch.id, batch.state));
-            let outcome = match batch.state.as_str() {
-                "pending" => self.upload(&batch),
-                "uploaded" => self.create(&batch, settings),
-                "submitted" if batch.cancel_requested && !batch.cancel_sent => self.cancel(&batch),
-                "submitted" => self.poll(&batch, settings),
-                "ingesting" => self.ingest(&batch, settings),
+            let (step, outcome) = match batch.state.as_str() {
+                "pending" => ("upload", self.upload(&batch)),
+                "uploaded" => ("batch creation", self.create(&batch, settings)),
+                "submitted" if batch.cancel_requested && !batch.cancel_sent => ("cancel", self.cancel(&batch)),
+                "submitted" => ("poll", self.poll(&batch, settings)),
+                "ingesting" => ("download", self.ingest(&batch, settings)),
                 _ => return,
             };
             if let Err(e) = outcome {
-                self.step_failed(&batch, e, settings);
+                self.step_failed(&batch, step, e, settings);
                 return;
             }
             let id = batch.id;
@@ -383,6 +383,7 @@ impl Worker {
                 batch.counted_results
             )));
         }
+        let reason = leftover_reason(batch);
         let token_limited = batch.provider_status.as_deref() == Some("failed")
             && batch.provider_errors.as_deref().is_some_and(|e| e.contains(TOKEN_LIMIT_CODE));
         if token_limited {
@@ -392,10 +393,8 @@ impl Worker {
                 "llmbatching: batch {} refused for the enqueued-token limit of model \"{}\"; its requests are queued again and the model waits {:.0}s",
                 batch.id, batch.model, pause.as_secs_f64()
             );
-            let reason = leftover_reason(batch);
             tx(|| store::pause_model(&batch.model, pause, &reason));
         }
-        let reason = leftover_reason(batch);
         let max_attempts = settings.max_attempts;
         tx(|| store::close_batch(batch.id, &reason, max_attempts, token_limited));
         log!(
@@ -481,8 +480,8 @@ impl Worker {
 
     /// Records a failed step. Passing faults are retried with backoff; a refusal that persists
     /// ends the batch, and its requests go back to the queue (or fail, out of attempts).
-    fn step_failed(&mut self, batch: &BatchRow, error: ProviderError, settings: &Settings) {
-        let message = format!("{} failed: {error}", step_name(&batch.state));
+    fn step_failed(&mut self, batch: &BatchRow, step: &str, error: ProviderError, settings: &Settings) {
+        let message = format!("{step} failed: {error}");
         let final_refusal = !error.is_retryable() && batch.step_failures + 1 >= REFUSALS_BEFORE_GIVING_UP;
         if final_refusal {
             warning!("llmbatching: batch {}: {message}; giving up on this batch", batch.id);
@@ -497,15 +496,6 @@ impl Worker {
         warning!("llmbatching: batch {}: {message}; retrying in {:.1}s", batch.id, delay.as_secs_f64());
         let id = batch.id;
         tx(move || store::record_step_failure(id, &message, delay));
-    }
-}
-
-fn step_name(state: &str) -> &'static str {
-    match state {
-        "pending" => "upload",
-        "uploaded" => "batch creation",
-        "submitted" => "poll",
-        _ => "download",
     }
 }
 
