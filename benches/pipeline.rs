@@ -27,7 +27,12 @@ struct Sizes {
 }
 
 fn instant_provider() -> EmulatorConfig {
-    EmulatorConfig { validating_ms: 0, in_progress_ms: 0, finalizing_ms: 0, ..EmulatorConfig::default() }
+    EmulatorConfig {
+        validating_ms: 0,
+        in_progress_ms: 0,
+        finalizing_ms: 0,
+        ..EmulatorConfig::default()
+    }
 }
 
 fn report(name: &str, ours: f64, baseline: f64, unit: &str, goal: f64) {
@@ -60,15 +65,30 @@ fn b1_submit(n: i64) {
             &format!("INSERT INTO plain (body) SELECT jsonb_build_object('model', 'gpt-4o-mini', 'input', 'Classify: review ' || g) FROM generate_series(1, {n}) g"),
         ));
         ours.push(seconds(&mut c, &format!("SELECT count(llm_submit('gpt-4o-mini', 'Classify: review ' || g)) FROM generate_series(1, {n}) g")));
-        c.batch_execute("TRUNCATE plain; TRUNCATE llmbatching.requests CASCADE").unwrap();
+        c.batch_execute("TRUNCATE plain; TRUNCATE llmbatching.requests CASCADE")
+            .unwrap();
     }
-    report(&format!("B1 submit ({n})"), median(ours), median(plain), "s", 1.5);
+    report(
+        &format!("B1 submit ({n})"),
+        median(ours),
+        median(plain),
+        "s",
+        1.5,
+    );
 }
 
 fn curl(args: &[&str]) -> f64 {
     let started = Instant::now();
-    let out = Command::new("curl").args(["-s", "-S", "-f"]).args(args).output().expect("curl runs");
-    assert!(out.status.success(), "curl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("curl")
+        .args(["-s", "-S", "-f"])
+        .args(args)
+        .output()
+        .expect("curl runs");
+    assert!(
+        out.status.success(),
+        "curl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     started.elapsed().as_secs_f64()
 }
 
@@ -76,7 +96,11 @@ fn curl(args: &[&str]) -> f64 {
 fn b2_b3_build_upload_ingest(n: i64) {
     let cluster = Cluster::start(
         instant_provider(),
-        &[("llmbatching.batch_wait", "1h"), ("llmbatching.delete_provider_files", "off"), ("llmbatching.poll_interval", "50ms")],
+        &[
+            ("llmbatching.batch_wait", "1h"),
+            ("llmbatching.delete_provider_files", "off"),
+            ("llmbatching.poll_interval", "50ms"),
+        ],
     );
     let mut c = cluster.client();
     c.batch_execute(&format!(
@@ -102,16 +126,42 @@ fn b2_b3_build_upload_ingest(n: i64) {
     let output = dir.join("output.jsonl");
     let base = &cluster.emulator.base_url;
     let auth = "Authorization: Bearer sk-bench";
-    curl(&["-H", auth, "-o", input.to_str().unwrap(), &format!("{base}/files/{input_id}/content")]);
-    curl(&["-H", auth, "-o", output.to_str().unwrap(), &format!("{base}/files/{output_id}/content")]);
-    let upload = curl(&[
-        "-o", "/dev/null", "-H", auth, "-F", "purpose=batch",
-        "-F", &format!("file=@{};filename=input.jsonl", input.display()), &format!("{base}/files"),
+    curl(&[
+        "-H",
+        auth,
+        "-o",
+        input.to_str().unwrap(),
+        &format!("{base}/files/{input_id}/content"),
     ]);
-    report(&format!("B2 build+upload ({n})"), build_upload, upload, "s", 2.0);
+    curl(&[
+        "-H",
+        auth,
+        "-o",
+        output.to_str().unwrap(),
+        &format!("{base}/files/{output_id}/content"),
+    ]);
+    let upload = curl(&[
+        "-o",
+        "/dev/null",
+        "-H",
+        auth,
+        "-F",
+        "purpose=batch",
+        "-F",
+        &format!("file=@{};filename=input.jsonl", input.display()),
+        &format!("{base}/files"),
+    ]);
+    report(
+        &format!("B2 build+upload ({n})"),
+        build_upload,
+        upload,
+        "s",
+        2.0,
+    );
 
     // COPY the same lines, as (id, line) rows, into a table.
-    c.batch_execute("CREATE TABLE copied (id bigint, line jsonb)").unwrap();
+    c.batch_execute("CREATE TABLE copied (id bigint, line jsonb)")
+        .unwrap();
     let text = std::fs::read_to_string(&output).unwrap();
     let mut rows = String::with_capacity(text.len() + text.len() / 8);
     for (i, line) in text.lines().enumerate() {
@@ -125,7 +175,10 @@ fn b2_b3_build_upload_ingest(n: i64) {
     let copy = started.elapsed().as_secs_f64();
     report(&format!("B3 ingest ({n})"), ingest, copy, "s", 3.0);
     for line in cluster.log().lines().filter(|l| l.contains("read back")) {
-        println!("   worker: {}", line.split("llmbatching: ").nth(1).unwrap_or(line));
+        println!(
+            "   worker: {}",
+            line.split("llmbatching: ").nth(1).unwrap_or(line)
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -152,13 +205,18 @@ fn b4_memory(requests: i64, prompt_bytes: usize) {
         &[&(prompt_bytes as i32), &requests],
     )
     .unwrap();
-    let mb: f64 = cluster.count("SELECT sum(body_bytes)::bigint / (1024 * 1024) FROM llmbatching.requests") as f64;
+    let mb: f64 = cluster
+        .count("SELECT sum(body_bytes)::bigint / (1024 * 1024) FROM llmbatching.requests")
+        as f64;
     std::thread::sleep(Duration::from_millis(500));
     let idle = rss_anon_kb(worker);
     cluster.set(&[("llmbatching.batch_wait", "0")]);
     let mut peak = idle;
     let deadline = Instant::now() + Duration::from_secs(1200);
-    while cluster.count("SELECT count(*) FROM llmbatching.requests WHERE state IN ('queued', 'submitted')") > 0 {
+    while cluster
+        .count("SELECT count(*) FROM llmbatching.requests WHERE state IN ('queued', 'submitted')")
+        > 0
+    {
         assert!(Instant::now() < deadline, "B4 did not finish");
         for _ in 0..10 {
             peak = peak.max(rss_anon_kb(worker));
@@ -175,13 +233,18 @@ fn b4_memory(requests: i64, prompt_bytes: usize) {
 
 /// B5: the whole job through llmbatching, then by hand with the SDK on a fresh database.
 fn b5_end_to_end(n: i64) {
-    let python = std::env::var("BENCH_PYTHON")
-        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/target/bench-venv/bin/python").to_string());
+    let python = std::env::var("BENCH_PYTHON").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/target/bench-venv/bin/python").to_string()
+    });
     if !std::path::Path::new(&python).exists() {
         println!("B5 end to end: skipped, no Python with openai and psycopg at {python} (scripts/bench installs one)");
         return;
     }
-    let settings = [("llmbatching.batch_max_requests", "50000"), ("llmbatching.poll_interval", "100ms"), ("llmbatching.batch_wait", "1h")];
+    let settings = [
+        ("llmbatching.batch_max_requests", "50000"),
+        ("llmbatching.poll_interval", "100ms"),
+        ("llmbatching.batch_wait", "1h"),
+    ];
     let cluster = Cluster::start(instant_provider(), &settings);
     let mut c = cluster.client();
     c.batch_execute(&format!(
@@ -191,11 +254,20 @@ fn b5_end_to_end(n: i64) {
     ))
     .unwrap();
     let started = Instant::now();
-    c.batch_execute("SELECT llm_classify('reviews', 'answer', 'body', 'gpt-4o-mini', job => 'bench')").unwrap();
+    c.batch_execute(
+        "SELECT llm_classify('reviews', 'answer', 'body', 'gpt-4o-mini', job => 'bench')",
+    )
+    .unwrap();
     cluster.set(&[("llmbatching.batch_wait", "0")]);
-    assert!(c.query_one("SELECT llm_wait(job => 'bench', timeout => '1 hour')", &[]).unwrap().get::<_, bool>(0));
+    assert!(c
+        .query_one("SELECT llm_wait(job => 'bench', timeout => '1 hour')", &[])
+        .unwrap()
+        .get::<_, bool>(0));
     let ours = started.elapsed().as_secs_f64();
-    assert_eq!(cluster.count("SELECT count(*) FROM reviews WHERE answer IS NOT NULL"), n);
+    assert_eq!(
+        cluster.count("SELECT count(*) FROM reviews WHERE answer IS NOT NULL"),
+        n
+    );
     let batches = cluster.count("SELECT count(*) FROM llmbatching.batches");
     let submit_seconds: f64 = c
         .query_one("SELECT extract(epoch FROM max(created_at) - min(created_at))::float8 FROM llmbatching.requests", &[])
@@ -203,35 +275,82 @@ fn b5_end_to_end(n: i64) {
         .get(0);
     println!("   llmbatching: submitting took {submit_seconds:.1}s");
     for line in cluster.log().lines().filter(|l| l.contains("read back")) {
-        println!("   worker: {}", line.split("llmbatching: ").nth(1).unwrap_or(line));
+        println!(
+            "   worker: {}",
+            line.split("llmbatching: ").nth(1).unwrap_or(line)
+        );
     }
 
     c.batch_execute("UPDATE reviews SET answer = NULL").unwrap();
     let started = Instant::now();
     let out = Command::new(&python)
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/benches/baseline_sdk.py"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/benches/baseline_sdk.py"
+        ))
         .env("BASE_URL", &cluster.emulator.base_url)
-        .env("DSN", format!("host=127.0.0.1 port={} user=postgres dbname=postgres", cluster.port))
+        .env(
+            "DSN",
+            format!(
+                "host=127.0.0.1 port={} user=postgres dbname=postgres",
+                cluster.port
+            ),
+        )
         .env("BATCH_SIZE", "50000")
         .output()
         .unwrap();
     let by_hand = started.elapsed().as_secs_f64();
-    assert!(out.status.success(), "baseline failed: {}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(cluster.count("SELECT count(*) FROM reviews WHERE answer IS NOT NULL"), n);
-    report(&format!("B5 end to end ({n}, {batches} batches)"), ours, by_hand, "s", 1.0);
-    println!("   llmbatching {:.0} requests/s, by hand {:.0} requests/s", n as f64 / ours, n as f64 / by_hand);
+    assert!(
+        out.status.success(),
+        "baseline failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        cluster.count("SELECT count(*) FROM reviews WHERE answer IS NOT NULL"),
+        n
+    );
+    report(
+        &format!("B5 end to end ({n}, {batches} batches)"),
+        ours,
+        by_hand,
+        "s",
+        1.0,
+    );
+    println!(
+        "   llmbatching {:.0} requests/s, by hand {:.0} requests/s",
+        n as f64 / ours,
+        n as f64 / by_hand
+    );
 }
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let sizes = if quick {
-        Sizes { submit: 20_000, batch: 10_000, memory_requests: 400, memory_prompt_bytes: 50_000, end_to_end: 100_000 }
+        Sizes {
+            submit: 20_000,
+            batch: 10_000,
+            memory_requests: 400,
+            memory_prompt_bytes: 50_000,
+            end_to_end: 100_000,
+        }
     } else {
-        Sizes { submit: 100_000, batch: 50_000, memory_requests: 4_000, memory_prompt_bytes: 50_000, end_to_end: 1_000_000 }
+        Sizes {
+            submit: 100_000,
+            batch: 50_000,
+            memory_requests: 4_000,
+            memory_prompt_bytes: 50_000,
+            end_to_end: 1_000_000,
+        }
     };
     let only: Vec<String> = std::env::args().filter(|a| a.starts_with('B')).collect();
     let run = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
-    println!("llmbatching benchmarks{}: {} cores", if quick { " (quick)" } else { "" }, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    println!(
+        "llmbatching benchmarks{}: {} cores",
+        if quick { " (quick)" } else { "" },
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
     if run("B1") {
         b1_submit(sizes.submit);
     }

@@ -59,7 +59,9 @@ COMMENT ON FUNCTION llm_purge(interval) IS 'Deletes finished requests older than
 -- Functions: nothing for PUBLIC; the user functions for llmbatching_user. Every function
 -- resolves names from pg_catalog alone, so no same-named object elsewhere can stand in for what
 -- it calls, except llm_classify, which evaluates the caller's own prompt and filter expressions
--- with the caller's search_path and privileges.
+-- with the caller's search_path and privileges, and the llm_submit functions: they are written in
+-- Rust, name every object they use with its schema, and are called once per row, where a pinned
+-- search_path would cost a setting's save and restore per call.
 DO $$
 DECLARE
     f record;
@@ -72,7 +74,7 @@ BEGIN
                 AND p.pronamespace IN ('@extschema@'::regnamespace, 'llmbatching'::regnamespace)
     LOOP
         EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f.signature);
-        IF f.proname <> 'llm_classify' THEN
+        IF f.proname <> 'llm_classify' AND f.proname NOT LIKE 'llm\_submit%' THEN
             EXECUTE format('ALTER FUNCTION %s SET search_path = pg_catalog, pg_temp', f.signature);
         END IF;
         IF f.proname = 'llm_purge' THEN

@@ -5,6 +5,7 @@
 
 use crate::config;
 use crate::request::{self, AnswerFormat, Endpoint, RequestError};
+use crate::request_insert::{self, NewRequest};
 use crate::wakeup;
 use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
@@ -13,7 +14,11 @@ use serde_json::Value;
 use std::cell::{Cell, OnceCell};
 
 fn raise(err: RequestError) -> ! {
-    ereport!(ERROR, PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, err.to_string());
+    ereport!(
+        ERROR,
+        PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+        err.to_string()
+    );
     #[allow(unreachable_code)]
     {
         unreachable!("ereport(ERROR) does not return")
@@ -21,18 +26,23 @@ fn raise(err: RequestError) -> ! {
 }
 
 fn endpoint_of(endpoint: Option<&str>) -> Endpoint {
-    let endpoint = endpoint.unwrap_or_else(|| raise(RequestError::new("endpoint", "must not be NULL")));
+    let endpoint =
+        endpoint.unwrap_or_else(|| raise(RequestError::new("endpoint", "must not be NULL")));
     Endpoint::parse(endpoint).unwrap_or_else(|e| raise(e))
 }
 
 fn job_of(job: Option<&str>) -> Option<&str> {
     match job {
-        Some(j) if j.trim().is_empty() => raise(RequestError::new("job", "must not be empty (leave it NULL for none)")),
+        Some(j) if j.trim().is_empty() => raise(RequestError::new(
+            "job",
+            "must not be empty (leave it NULL for none)",
+        )),
         other => other,
     }
 }
 
-const INSERT_REQUEST_SQL: &str = "INSERT INTO llmbatching.requests (endpoint, model, body, job, answer_format, reuse)
+const INSERT_REQUEST_SQL: &str =
+    "INSERT INTO llmbatching.requests (endpoint, model, body, job, answer_format, reuse)
      VALUES ($1, $2, $3, $4, $5, $6) RETURNING id";
 
 thread_local! {
@@ -59,8 +69,12 @@ impl Drop for CheckedInsert {
     }
 }
 
-/// Queues a checked body; returns the request's id.
+/// Queues a checked body; returns the request's id. `fcinfo` is the calling SQL function's
+/// call: the row goes straight into the table, with state kept per call site (see
+/// `request_insert`), unless the table needs a plain INSERT.
+#[allow(clippy::too_many_arguments)]
 fn enqueue(
+    fcinfo: pg_sys::FunctionCallInfo,
     endpoint: Endpoint,
     model: &str,
     body: Value,
@@ -69,36 +83,72 @@ fn enqueue(
     format: Option<AnswerFormat>,
     reuse: Option<bool>,
 ) -> i64 {
+    let body_json = body.to_string();
     let max_bytes = config::batch_limits().max_bytes;
-    request::check_size(body.to_string().len(), max_bytes, argument).unwrap_or_else(|e| raise(e));
+    request::check_size(body_json.len(), max_bytes, argument).unwrap_or_else(|e| raise(e));
+    let job = job_of(job);
+    let format_json = format.as_ref().map(|f| f.to_json().to_string());
+    let new_request = NewRequest {
+        endpoint: endpoint.path(),
+        model,
+        body_json: &body_json,
+        deterministic: request::is_deterministic(endpoint, &body),
+        job,
+        answer_format_json: format_json.as_deref(),
+        reuse,
+    };
+    let id = request_insert::insert(fcinfo, &new_request)
+        .unwrap_or_else(|| insert_statement(endpoint, model, body, job, format, reuse));
+    wakeup::wake_worker_at_commit();
+    id
+}
+
+/// Queues a checked body with an INSERT statement, so every trigger on the table runs.
+fn insert_statement(
+    endpoint: Endpoint,
+    model: &str,
+    body: Value,
+    job: Option<&str>,
+    format: Option<AnswerFormat>,
+    reuse: Option<bool>,
+) -> i64 {
     let args = [
         endpoint.path().into(),
         model.into(),
         JsonB(body).into(),
-        job_of(job).into(),
+        job.into(),
         format.map(|f| JsonB(f.to_json())).into(),
         reuse.into(),
     ];
     let _checked = CheckedInsert::begin();
-    let id = INSERT_REQUEST
+    INSERT_REQUEST
         .with(|plan| {
             Spi::connect_mut(|client| {
                 let plan = match plan.get() {
                     Some(plan) => plan,
                     None => {
-                        let types = [pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::JSONBOID, pg_sys::TEXTOID, pg_sys::JSONBOID, pg_sys::BOOLOID];
-                        let types: Vec<PgOid> = types.into_iter().map(PgOid::from_untagged).collect();
+                        let types = [
+                            pg_sys::TEXTOID,
+                            pg_sys::TEXTOID,
+                            pg_sys::JSONBOID,
+                            pg_sys::TEXTOID,
+                            pg_sys::JSONBOID,
+                            pg_sys::BOOLOID,
+                        ];
+                        let types: Vec<PgOid> =
+                            types.into_iter().map(PgOid::from_untagged).collect();
                         let kept = client.prepare_mut(INSERT_REQUEST_SQL, &types)?.keep();
                         plan.get_or_init(|| kept)
                     }
                 };
-                client.update(plan, Some(1), &args)?.first().get_one::<i64>()
+                client
+                    .update(plan, Some(1), &args)?
+                    .first()
+                    .get_one::<i64>()
             })
         })
         .unwrap_or_else(|e| error!("llmbatching: could not queue the request: {e}"))
-        .unwrap_or_else(|| error!("llmbatching: queueing the request returned no id"));
-    wakeup::wake_worker_at_commit();
-    id
+        .unwrap_or_else(|| error!("llmbatching: queueing the request returned no id"))
 }
 
 /// The body `llm_submit` builds, shared by its structured variants.
@@ -110,7 +160,8 @@ fn built_body(
     options: Option<JsonB>,
 ) -> Value {
     let options = options.map(|o| o.0);
-    request::build_body(endpoint, model, input, instructions, options.as_ref()).unwrap_or_else(|e| raise(e))
+    request::build_body(endpoint, model, input, instructions, options.as_ref())
+        .unwrap_or_else(|e| raise(e))
 }
 
 /// The body `llm_submit` builds, asking for an answer that follows `schema`.
@@ -136,10 +187,20 @@ fn llm_submit(
     endpoint: default!(Option<&str>, "'/v1/responses'"),
     job: default!(Option<&str>, "NULL"),
     reuse: default!(Option<bool>, "NULL"),
+    fcinfo: pg_sys::FunctionCallInfo,
 ) -> i64 {
     let endpoint = endpoint_of(endpoint);
     let body = built_body(endpoint, model, input, instructions, options);
-    enqueue(endpoint, model.unwrap_or_default(), body, "input", job, None, reuse)
+    enqueue(
+        fcinfo,
+        endpoint,
+        model.unwrap_or_default(),
+        body,
+        "input",
+        job,
+        None,
+        reuse,
+    )
 }
 
 /// Queues a request whose answer must be JSON following `schema`; read it with
@@ -154,11 +215,23 @@ fn llm_submit_json(
     endpoint: default!(Option<&str>, "'/v1/responses'"),
     job: default!(Option<&str>, "NULL"),
     reuse: default!(Option<bool>, "NULL"),
+    fcinfo: pg_sys::FunctionCallInfo,
 ) -> i64 {
     let endpoint = endpoint_of(endpoint);
-    let schema = schema.map(|s| s.0).unwrap_or_else(|| raise(RequestError::new("schema", "must not be NULL")));
+    let schema = schema
+        .map(|s| s.0)
+        .unwrap_or_else(|| raise(RequestError::new("schema", "must not be NULL")));
     let body = built_body_with_schema(endpoint, model, input, instructions, options, &schema);
-    enqueue(endpoint, model.unwrap_or_default(), body, "input", job, Some(AnswerFormat::Json), reuse)
+    enqueue(
+        fcinfo,
+        endpoint,
+        model.unwrap_or_default(),
+        body,
+        "input",
+        job,
+        Some(AnswerFormat::Json),
+        reuse,
+    )
 }
 
 /// Queues a request whose answer is one of `labels`; `llm_result` is then always one of them,
@@ -173,13 +246,23 @@ fn llm_submit_label(
     endpoint: default!(Option<&str>, "'/v1/responses'"),
     job: default!(Option<&str>, "NULL"),
     reuse: default!(Option<bool>, "NULL"),
+    fcinfo: pg_sys::FunctionCallInfo,
 ) -> i64 {
     let endpoint = endpoint_of(endpoint);
     let labels = labels.unwrap_or_else(|| raise(RequestError::new("labels", "must not be NULL")));
     let labels: Vec<Option<&str>> = labels.iter().map(Option::as_deref).collect();
     let (schema, labels) = request::label_schema(&labels).unwrap_or_else(|e| raise(e));
     let body = built_body_with_schema(endpoint, model, input, instructions, options, &schema);
-    enqueue(endpoint, model.unwrap_or_default(), body, "input", job, Some(AnswerFormat::Label(labels)), reuse)
+    enqueue(
+        fcinfo,
+        endpoint,
+        model.unwrap_or_default(),
+        body,
+        "input",
+        job,
+        Some(AnswerFormat::Label(labels)),
+        reuse,
+    )
 }
 
 /// Queues a request given as a complete body for the endpoint; returns its id.
@@ -189,11 +272,16 @@ fn llm_submit_body(
     endpoint: default!(Option<&str>, "'/v1/responses'"),
     job: default!(Option<&str>, "NULL"),
     reuse: default!(Option<bool>, "NULL"),
+    fcinfo: pg_sys::FunctionCallInfo,
 ) -> i64 {
     let endpoint = endpoint_of(endpoint);
-    let body = body.map(|b| b.0).unwrap_or_else(|| raise(RequestError::new("body", "must not be NULL")));
-    let model = request::validate_body(&body, "body").unwrap_or_else(|e| raise(e)).to_owned();
-    enqueue(endpoint, &model, body, "body", job, None, reuse)
+    let body = body
+        .map(|b| b.0)
+        .unwrap_or_else(|| raise(RequestError::new("body", "must not be NULL")));
+    let model = request::validate_body(&body, "body")
+        .unwrap_or_else(|e| raise(e))
+        .to_owned();
+    enqueue(fcinfo, endpoint, &model, body, "body", job, None, reuse)
 }
 
 /// Cancels a request that has no answer yet; true if it was cancelled. A queued request is
@@ -258,12 +346,23 @@ mod llmbatching {
             let body = body.map(|b| b.0).unwrap_or_default();
             let body_model = request::validate_body(&body, "body")?;
             if Some(body_model) != model {
-                return Err(request::RequestError::new("model", "must equal the body's \"model\""));
+                return Err(request::RequestError::new(
+                    "model",
+                    "must equal the body's \"model\"",
+                ));
             }
-            request::check_size(body.to_string().len(), config::batch_limits().max_bytes, "body")?;
+            request::check_size(
+                body.to_string().len(),
+                config::batch_limits().max_bytes,
+                "body",
+            )?;
             if let Some(format) = answer_format {
-                AnswerFormat::from_json(&format.0)
-                    .ok_or_else(|| request::RequestError::new("answer_format", "must be {\"type\": \"json\"} or a label list"))?;
+                AnswerFormat::from_json(&format.0).ok_or_else(|| {
+                    request::RequestError::new(
+                        "answer_format",
+                        "must be {\"type\": \"json\"} or a label list",
+                    )
+                })?;
             }
             Ok(())
         })();
@@ -279,19 +378,29 @@ mod tests {
     use serde_json::json;
 
     fn body_of(id: i64) -> serde_json::Value {
-        Spi::get_one_with_args::<JsonB>("SELECT body FROM llmbatching.requests WHERE id = $1", &[id.into()])
-            .unwrap()
-            .unwrap()
-            .0
+        Spi::get_one_with_args::<JsonB>(
+            "SELECT body FROM llmbatching.requests WHERE id = $1",
+            &[id.into()],
+        )
+        .unwrap()
+        .unwrap()
+        .0
     }
 
     #[pg_test]
     fn submit_queues_a_responses_request() {
-        let id = Spi::get_one::<i64>("SELECT llm_submit('gpt-4o-mini', 'Classify: great')").unwrap().unwrap();
-        assert_eq!(body_of(id), json!({"model": "gpt-4o-mini", "input": "Classify: great"}));
-        let status = Spi::get_one_with_args::<String>("SELECT llm_status($1)", &[id.into()]).unwrap();
+        let id = Spi::get_one::<i64>("SELECT llm_submit('gpt-4o-mini', 'Classify: great')")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            body_of(id),
+            json!({"model": "gpt-4o-mini", "input": "Classify: great"})
+        );
+        let status =
+            Spi::get_one_with_args::<String>("SELECT llm_status($1)", &[id.into()]).unwrap();
         assert_eq!(status.as_deref(), Some("queued"));
-        let result = Spi::get_one_with_args::<String>("SELECT llm_result($1)", &[id.into()]).unwrap();
+        let result =
+            Spi::get_one_with_args::<String>("SELECT llm_result($1)", &[id.into()]).unwrap();
         assert_eq!(result, None);
     }
 
@@ -307,10 +416,15 @@ mod tests {
             json!({"model": "gpt-4o", "temperature": 0, "messages": [
                 {"role": "system", "content": "be terse"}, {"role": "user", "content": "hi"}]})
         );
-        let emb = Spi::get_one::<i64>("SELECT llm_submit('text-embedding-3-small', 'hi', endpoint => '/v1/embeddings')")
-            .unwrap()
-            .unwrap();
-        assert_eq!(body_of(emb), json!({"model": "text-embedding-3-small", "input": "hi"}));
+        let emb = Spi::get_one::<i64>(
+            "SELECT llm_submit('text-embedding-3-small', 'hi', endpoint => '/v1/embeddings')",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            body_of(emb),
+            json!({"model": "text-embedding-3-small", "input": "hi"})
+        );
     }
 
     #[pg_test]
@@ -321,19 +435,37 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(body_of(id)["input"][0]["content"], "x");
-        let model = Spi::get_one_with_args::<String>("SELECT model FROM llmbatching.requests WHERE id = $1", &[id.into()]);
+        let model = Spi::get_one_with_args::<String>(
+            "SELECT model FROM llmbatching.requests WHERE id = $1",
+            &[id.into()],
+        );
         assert_eq!(model.unwrap().as_deref(), Some("m"));
     }
 
     #[pg_test]
     fn cancel_only_cancels_queued_requests() {
-        let id = Spi::get_one::<i64>("SELECT llm_submit('m', 'x')").unwrap().unwrap();
-        assert_eq!(Spi::get_one_with_args::<bool>("SELECT llm_cancel($1)", &[id.into()]).unwrap(), Some(true));
-        assert_eq!(Spi::get_one_with_args::<bool>("SELECT llm_cancel($1)", &[id.into()]).unwrap(), Some(false));
-        let status = Spi::get_one_with_args::<String>("SELECT llm_status($1)", &[id.into()]).unwrap();
+        let id = Spi::get_one::<i64>("SELECT llm_submit('m', 'x')")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            Spi::get_one_with_args::<bool>("SELECT llm_cancel($1)", &[id.into()]).unwrap(),
+            Some(true)
+        );
+        assert_eq!(
+            Spi::get_one_with_args::<bool>("SELECT llm_cancel($1)", &[id.into()]).unwrap(),
+            Some(false)
+        );
+        let status =
+            Spi::get_one_with_args::<String>("SELECT llm_status($1)", &[id.into()]).unwrap();
         assert_eq!(status.as_deref(), Some("cancelled"));
-        assert_eq!(Spi::get_one::<bool>("SELECT llm_cancel(-1)").unwrap(), Some(false));
-        assert_eq!(Spi::get_one::<String>("SELECT llm_status(-1)").unwrap(), None);
+        assert_eq!(
+            Spi::get_one::<bool>("SELECT llm_cancel(-1)").unwrap(),
+            Some(false)
+        );
+        assert_eq!(
+            Spi::get_one::<String>("SELECT llm_status(-1)").unwrap(),
+            None
+        );
     }
 
     #[pg_test(error = "invalid argument \"model\": must not be NULL")]
@@ -341,7 +473,9 @@ mod tests {
         Spi::run("SELECT llm_submit(NULL, 'x')").unwrap();
     }
 
-    #[pg_test(error = "invalid argument \"options\": may not set \"stream\"; batch requests cannot stream")]
+    #[pg_test(
+        error = "invalid argument \"options\": may not set \"stream\"; batch requests cannot stream"
+    )]
     fn streaming_is_refused() {
         Spi::run("SELECT llm_submit('m', 'x', options => '{\"stream\": true}')").unwrap();
     }

@@ -5,10 +5,12 @@ use pgrx::{pg_sys, GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnu
 use std::ffi::CString;
 use std::time::Duration;
 
-static API_BASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"https://api.openai.com/v1"));
+static API_BASE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"https://api.openai.com/v1"));
 static API_KEY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static API_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
-static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+static DATABASE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
 static BATCH_WAIT_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
 static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
 static BATCH_MAX_REQUESTS: GucSetting<i32> = GucSetting::<i32>::new(PROVIDER_MAX_REQUESTS as i32);
@@ -19,11 +21,12 @@ static MAX_ENQUEUED_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(0);
 static TOKEN_LIMIT_PAUSE_MS: GucSetting<i32> = GucSetting::<i32>::new(10 * 60 * 1000);
 static DELETE_PROVIDER_FILES: GucSetting<bool> = GucSetting::<bool>::new(true);
 static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(0);
-static REUSE_ANSWERS: GucSetting<ReuseAnswers> = GucSetting::<ReuseAnswers>::new(ReuseAnswers::Deterministic);
+static REUSE_ANSWERS: GucSetting<ReuseAnswers> =
+    GucSetting::<ReuseAnswers>::new(ReuseAnswers::Deterministic);
 static REUSE_MAX_AGE_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 3600);
 
 /// When an identical request's earlier answer is reused instead of sending the request again.
-/// The insert trigger reads the setting; it is registered here so it is checked and documented.
+/// `llm_submit` and the insert trigger (for direct INSERTs) read it.
 #[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
 pub enum ReuseAnswers {
     #[name = c"off"]
@@ -192,7 +195,10 @@ pub fn register(preloading: bool) {
 }
 
 fn string(setting: &GucSetting<Option<CString>>) -> Option<String> {
-    setting.get().and_then(|s| s.into_string().ok()).filter(|s| !s.is_empty())
+    setting
+        .get()
+        .and_then(|s| s.into_string().ok())
+        .filter(|s| !s.is_empty())
 }
 
 fn millis(setting: &GucSetting<i32>) -> Duration {
@@ -232,14 +238,27 @@ impl Settings {
             max_enqueued_tokens: Some(MAX_ENQUEUED_TOKENS.get() as i64).filter(|t| *t > 0),
             token_limit_pause: millis(&TOKEN_LIMIT_PAUSE_MS),
             delete_provider_files: DELETE_PROVIDER_FILES.get(),
-            retention: Some(Duration::from_secs(RETENTION_S.get().max(0) as u64)).filter(|d| !d.is_zero()),
+            retention: Some(Duration::from_secs(RETENTION_S.get().max(0) as u64))
+                .filter(|d| !d.is_zero()),
         }
     }
 }
 
+/// llmbatching.reuse_answers, as the current session has it.
+pub fn reuse_answers() -> ReuseAnswers {
+    REUSE_ANSWERS.get()
+}
+
+/// llmbatching.reuse_max_age, as the current session has it.
+pub fn reuse_max_age() -> Duration {
+    Duration::from_secs(REUSE_MAX_AGE_S.get().max(0) as u64)
+}
+
 pub fn batch_limits() -> BatchLimits {
     BatchLimits {
-        max_requests: BATCH_MAX_REQUESTS.get().clamp(1, PROVIDER_MAX_REQUESTS as i32) as usize,
+        max_requests: BATCH_MAX_REQUESTS
+            .get()
+            .clamp(1, PROVIDER_MAX_REQUESTS as i32) as usize,
         max_bytes: BATCH_MAX_BYTES.get().clamp(1024, PROVIDER_MAX_BYTES as i32) as usize,
     }
 }
@@ -253,7 +272,9 @@ pub fn api_key() -> Result<Option<String>, String> {
     if let Some(path) = string(&API_KEY_FILE) {
         return read_key_file(std::path::Path::new(&path)).map(Some);
     }
-    Ok(std::env::var("OPENAI_API_KEY").ok().filter(|k| !k.is_empty()))
+    Ok(std::env::var("OPENAI_API_KEY")
+        .ok()
+        .filter(|k| !k.is_empty()))
 }
 
 /// Reads a key file that only the server's OS user can read: it must belong to the owner of
@@ -262,12 +283,18 @@ fn read_key_file(path: &std::path::Path) -> Result<String, String> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let problem = |what: String| format!("llmbatching.api_key_file {}: {what}", path.display());
     let meta = std::fs::metadata(path).map_err(|e| problem(e.to_string()))?;
-    let server_uid = std::fs::metadata(".").map_err(|e| problem(e.to_string()))?.uid();
+    let server_uid = std::fs::metadata(".")
+        .map_err(|e| problem(e.to_string()))?
+        .uid();
     if !meta.is_file() || meta.uid() != server_uid {
-        return Err(problem("must be a file owned by the server's OS user".into()));
+        return Err(problem(
+            "must be a file owned by the server's OS user".into(),
+        ));
     }
     if meta.permissions().mode() & 0o077 != 0 {
-        return Err(problem("must not be readable by group or others (chmod 600)".into()));
+        return Err(problem(
+            "must not be readable by group or others (chmod 600)".into(),
+        ));
     }
     let key = std::fs::read_to_string(path).map_err(|e| problem(e.to_string()))?;
     let key = key.trim();

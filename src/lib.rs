@@ -8,6 +8,7 @@ mod config;
 mod planner;
 mod provider;
 mod request;
+mod request_insert;
 mod results;
 mod store;
 mod wakeup;

@@ -57,7 +57,9 @@ pub struct QueuedGroup {
 /// A group is sent when it fills a batch, or when its oldest request has waited long enough.
 pub fn group_is_due(group: &QueuedGroup, limits: BatchLimits, batch_wait: Duration) -> bool {
     let line_bytes = group.body_bytes + group.requests * LINE_OVERHEAD_BYTES;
-    group.requests >= limits.max_requests || line_bytes >= limits.max_bytes || group.oldest_wait >= batch_wait
+    group.requests >= limits.max_requests
+        || line_bytes >= limits.max_bytes
+        || group.oldest_wait >= batch_wait
 }
 
 /// How the candidates (oldest first) are split off into the next batch.
@@ -76,7 +78,11 @@ pub struct Split {
 /// Takes the longest run of candidates, oldest first, that fits in one batch and in the
 /// model's free token budget. A request that could never fit, even alone, is set aside so it
 /// does not block the queue.
-pub fn take_batch(candidates: &[Candidate], limits: BatchLimits, budget: Option<TokenBudget>) -> Split {
+pub fn take_batch(
+    candidates: &[Candidate],
+    limits: BatchLimits,
+    budget: Option<TokenBudget>,
+) -> Split {
     let mut split = Split::default();
     let mut bytes = 0usize;
     for c in candidates {
@@ -104,7 +110,13 @@ pub fn take_batch(candidates: &[Candidate], limits: BatchLimits, budget: Option<
 /// Delay before the next try of a step that failed `failures` times in a row: exponential from
 /// `base`, capped at `cap`, with "equal jitter" (half fixed, half random) so that many batches
 /// failing together do not retry in lockstep. A provider's `Retry-After` is a floor.
-pub fn retry_delay(failures: u32, base: Duration, cap: Duration, retry_after: Option<Duration>, random: f64) -> Duration {
+pub fn retry_delay(
+    failures: u32,
+    base: Duration,
+    cap: Duration,
+    retry_after: Option<Duration>,
+    random: f64,
+) -> Duration {
     let exp = base.saturating_mul(1u32 << failures.min(20)).min(cap);
     let delay = exp / 2 + exp.mul_f64(random.clamp(0.0, 1.0) / 2.0);
     delay.max(retry_after.unwrap_or_default())
@@ -115,25 +127,47 @@ mod tests {
     use super::*;
 
     fn candidates(sizes: &[usize]) -> Vec<Candidate> {
-        sizes.iter().enumerate().map(|(i, &b)| Candidate { id: i as i64 + 1, body_bytes: b }).collect()
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| Candidate {
+                id: i as i64 + 1,
+                body_bytes: b,
+            })
+            .collect()
     }
 
     #[test]
     fn a_batch_stops_at_the_request_limit() {
-        let limits = BatchLimits { max_requests: 2, max_bytes: 1 << 20 };
-        assert_eq!(take_batch(&candidates(&[10, 10, 10]), limits, None).batch, vec![1, 2]);
+        let limits = BatchLimits {
+            max_requests: 2,
+            max_bytes: 1 << 20,
+        };
+        assert_eq!(
+            take_batch(&candidates(&[10, 10, 10]), limits, None).batch,
+            vec![1, 2]
+        );
     }
 
     #[test]
     fn a_batch_stops_at_the_byte_limit() {
         let line = 100 + LINE_OVERHEAD_BYTES;
-        let limits = BatchLimits { max_requests: 100, max_bytes: 2 * line + 1 };
-        assert_eq!(take_batch(&candidates(&[100, 100, 100]), limits, None).batch, vec![1, 2]);
+        let limits = BatchLimits {
+            max_requests: 100,
+            max_bytes: 2 * line + 1,
+        };
+        assert_eq!(
+            take_batch(&candidates(&[100, 100, 100]), limits, None).batch,
+            vec![1, 2]
+        );
     }
 
     #[test]
     fn a_request_too_large_for_any_batch_is_set_aside() {
-        let limits = BatchLimits { max_requests: 100, max_bytes: 1000 };
+        let limits = BatchLimits {
+            max_requests: 100,
+            max_bytes: 1000,
+        };
         let split = take_batch(&candidates(&[10, 5000, 10]), limits, None);
         assert_eq!(split.batch, vec![1, 3]);
         assert_eq!(split.too_many_bytes, vec![2]);
@@ -141,27 +175,55 @@ mod tests {
 
     #[test]
     fn a_batch_stops_at_the_free_token_budget() {
-        let limits = BatchLimits { max_requests: 100, max_bytes: 1 << 20 };
+        let limits = BatchLimits {
+            max_requests: 100,
+            max_bytes: 1 << 20,
+        };
         // 400-byte bodies are about 100 tokens each.
-        let budget = TokenBudget { cap: 1000, available: 250 };
+        let budget = TokenBudget {
+            cap: 1000,
+            available: 250,
+        };
         let split = take_batch(&candidates(&[400, 400, 400]), limits, Some(budget));
         assert_eq!((split.batch, split.estimated_tokens), (vec![1, 2], 200));
-        let none_free = TokenBudget { cap: 1000, available: 50 };
-        assert!(take_batch(&candidates(&[400]), limits, Some(none_free)).batch.is_empty());
+        let none_free = TokenBudget {
+            cap: 1000,
+            available: 50,
+        };
+        assert!(take_batch(&candidates(&[400]), limits, Some(none_free))
+            .batch
+            .is_empty());
     }
 
     #[test]
     fn a_request_over_the_whole_token_cap_is_set_aside() {
-        let limits = BatchLimits { max_requests: 100, max_bytes: 1 << 20 };
-        let split = take_batch(&candidates(&[40, 8000, 40]), limits, Some(TokenBudget { cap: 1000, available: 1000 }));
+        let limits = BatchLimits {
+            max_requests: 100,
+            max_bytes: 1 << 20,
+        };
+        let split = take_batch(
+            &candidates(&[40, 8000, 40]),
+            limits,
+            Some(TokenBudget {
+                cap: 1000,
+                available: 1000,
+            }),
+        );
         assert_eq!((split.batch, split.too_many_tokens), (vec![1, 3], vec![2]));
     }
 
     #[test]
     fn groups_are_due_when_full_or_old() {
-        let limits = BatchLimits { max_requests: 10, max_bytes: 1 << 20 };
+        let limits = BatchLimits {
+            max_requests: 10,
+            max_bytes: 1 << 20,
+        };
         let wait = Duration::from_secs(30);
-        let group = |requests, secs| QueuedGroup { requests, body_bytes: 0, oldest_wait: Duration::from_secs(secs) };
+        let group = |requests, secs| QueuedGroup {
+            requests,
+            body_bytes: 0,
+            oldest_wait: Duration::from_secs(secs),
+        };
         assert!(!group_is_due(&group(3, 5), limits, wait));
         assert!(group_is_due(&group(10, 5), limits, wait));
         assert!(group_is_due(&group(3, 30), limits, wait));
@@ -173,6 +235,9 @@ mod tests {
         assert_eq!(retry_delay(0, base, cap, None, 1.0), Duration::from_secs(1));
         assert_eq!(retry_delay(3, base, cap, None, 0.0), Duration::from_secs(4));
         assert_eq!(retry_delay(30, base, cap, None, 1.0), cap);
-        assert_eq!(retry_delay(0, base, cap, Some(Duration::from_secs(9)), 0.0), Duration::from_secs(9));
+        assert_eq!(
+            retry_delay(0, base, cap, Some(Duration::from_secs(9)), 0.0),
+            Duration::from_secs(9)
+        );
     }
 }

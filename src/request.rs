@@ -34,10 +34,19 @@ impl Endpoint {
     }
 
     pub fn parse(path: &str) -> Result<Endpoint, RequestError> {
-        Endpoint::ALL.into_iter().find(|e| e.path() == path).ok_or_else(|| {
-            let known: Vec<&str> = Endpoint::ALL.iter().map(|e| e.path()).collect();
-            RequestError::new("endpoint", format!("unknown endpoint \"{path}\"; expected one of {}", known.join(", ")))
-        })
+        Endpoint::ALL
+            .into_iter()
+            .find(|e| e.path() == path)
+            .ok_or_else(|| {
+                let known: Vec<&str> = Endpoint::ALL.iter().map(|e| e.path()).collect();
+                RequestError::new(
+                    "endpoint",
+                    format!(
+                        "unknown endpoint \"{path}\"; expected one of {}",
+                        known.join(", ")
+                    ),
+                )
+            })
     }
 
     /// The body fields the convenience form of `llm_submit` fills itself, which `options` may
@@ -61,13 +70,20 @@ pub struct RequestError {
 
 impl RequestError {
     pub fn new(argument: &'static str, message: impl Into<String>) -> Self {
-        RequestError { argument, message: message.into() }
+        RequestError {
+            argument,
+            message: message.into(),
+        }
     }
 }
 
 impl fmt::Display for RequestError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid argument \"{}\": {}", self.argument, self.message)
+        write!(
+            f,
+            "invalid argument \"{}\": {}",
+            self.argument, self.message
+        )
     }
 }
 
@@ -99,7 +115,11 @@ pub fn build_body(
         Some(Value::Object(map)) => map.clone(),
         Some(_) => return Err(RequestError::new("options", "must be a JSON object")),
     };
-    if let Some(field) = endpoint.own_fields().iter().find(|f| options.contains_key(**f)) {
+    if let Some(field) = endpoint
+        .own_fields()
+        .iter()
+        .find(|f| options.contains_key(**f))
+    {
         return Err(RequestError::new(
             "options",
             format!("may not set \"{field}\"; it comes from the arguments of llm_submit (use llm_submit_body for full control)"),
@@ -120,13 +140,19 @@ pub fn build_body(
         }
         Endpoint::Completions => {
             if instructions.is_some() {
-                return Err(RequestError::new("instructions", "is not supported by /v1/completions; put it in the input"));
+                return Err(RequestError::new(
+                    "instructions",
+                    "is not supported by /v1/completions; put it in the input",
+                ));
             }
             json!({"model": model, "prompt": input})
         }
         Endpoint::Embeddings | Endpoint::Moderations => {
             if instructions.is_some() {
-                return Err(RequestError::new("instructions", format!("is not supported by {}", endpoint.path())));
+                return Err(RequestError::new(
+                    "instructions",
+                    format!("is not supported by {}", endpoint.path()),
+                ));
             }
             json!({"model": model, "input": input})
         }
@@ -146,12 +172,22 @@ pub fn validate_body<'a>(body: &'a Value, argument: &'static str) -> Result<&'a 
     };
     let model = match map.get("model") {
         Some(Value::String(m)) if !m.trim().is_empty() => m.as_str(),
-        Some(_) => return Err(RequestError::new(argument, "\"model\" must be a non-empty string")),
+        Some(_) => {
+            return Err(RequestError::new(
+                argument,
+                "\"model\" must be a non-empty string",
+            ))
+        }
         None => return Err(RequestError::new(argument, "must name a \"model\"")),
     };
     match map.get("stream") {
         None | Some(Value::Bool(false)) | Some(Value::Null) => {}
-        Some(_) => return Err(RequestError::new(argument, "may not set \"stream\"; batch requests cannot stream")),
+        Some(_) => {
+            return Err(RequestError::new(
+                argument,
+                "may not set \"stream\"; batch requests cannot stream",
+            ))
+        }
     }
     Ok(model)
 }
@@ -177,7 +213,11 @@ impl AnswerFormat {
         match v.get("type")?.as_str()? {
             "json" => Some(AnswerFormat::Json),
             "label" => Some(AnswerFormat::Label(
-                v.get("labels")?.as_array()?.iter().filter_map(|l| l.as_str().map(str::to_owned)).collect(),
+                v.get("labels")?
+                    .as_array()?
+                    .iter()
+                    .filter_map(|l| l.as_str().map(str::to_owned))
+                    .collect(),
             )),
             _ => None,
         }
@@ -186,18 +226,30 @@ impl AnswerFormat {
 
 /// Asks for an answer following `schema`: `text.format` for Responses, `response_format` for
 /// Chat Completions.
-pub fn with_json_schema(endpoint: Endpoint, mut body: Value, schema: &Value) -> Result<Value, RequestError> {
+pub fn with_json_schema(
+    endpoint: Endpoint,
+    mut body: Value,
+    schema: &Value,
+) -> Result<Value, RequestError> {
     if !schema.is_object() {
-        return Err(RequestError::new("schema", "must be a JSON object (a JSON schema)"));
+        return Err(RequestError::new(
+            "schema",
+            "must be a JSON object (a JSON schema)",
+        ));
     }
     let format = match endpoint {
-        Endpoint::Responses => json!({"text": {"format": {"type": "json_schema", "name": "answer", "schema": schema, "strict": true}}}),
+        Endpoint::Responses => {
+            json!({"text": {"format": {"type": "json_schema", "name": "answer", "schema": schema, "strict": true}}})
+        }
         Endpoint::ChatCompletions => json!({"response_format": {"type": "json_schema",
             "json_schema": {"name": "answer", "schema": schema, "strict": true}}}),
         other => {
             return Err(RequestError::new(
                 "endpoint",
-                format!("structured answers need /v1/responses or /v1/chat/completions, not {}", other.path()),
+                format!(
+                    "structured answers need /v1/responses or /v1/chat/completions, not {}",
+                    other.path()
+                ),
             ))
         }
     };
@@ -206,7 +258,10 @@ pub fn with_json_schema(endpoint: Endpoint, mut body: Value, schema: &Value) -> 
     };
     for (key, value) in format_map {
         if body_map.contains_key(&key) {
-            return Err(RequestError::new("options", format!("may not set \"{key}\" when a schema is given")));
+            return Err(RequestError::new(
+                "options",
+                format!("may not set \"{key}\" when a schema is given"),
+            ));
         }
         body_map.insert(key, value);
     }
@@ -218,9 +273,18 @@ pub fn label_schema(labels: &[Option<&str>]) -> Result<(Value, Vec<String>), Req
     let mut list: Vec<String> = Vec::with_capacity(labels.len());
     for label in labels {
         match label {
-            Some(l) if !l.trim().is_empty() && !list.iter().any(|x| x == l) => list.push((*l).to_owned()),
-            Some(l) if !l.trim().is_empty() => return Err(RequestError::new("labels", format!("lists \"{l}\" twice"))),
-            _ => return Err(RequestError::new("labels", "may not hold NULL or empty labels")),
+            Some(l) if !l.trim().is_empty() && !list.iter().any(|x| x == l) => {
+                list.push((*l).to_owned())
+            }
+            Some(l) if !l.trim().is_empty() => {
+                return Err(RequestError::new("labels", format!("lists \"{l}\" twice")))
+            }
+            _ => {
+                return Err(RequestError::new(
+                    "labels",
+                    "may not hold NULL or empty labels",
+                ))
+            }
         }
     }
     if list.len() < 2 {
@@ -242,13 +306,43 @@ struct BatchLine<'a> {
 /// One line of a batch input file, without its newline. The body is embedded as the JSON text
 /// it already is (checked to be valid JSON), and every other field is serialized by serde, so
 /// nothing inside a body can reach `custom_id`, `method`, `url` or the line's end.
-pub fn batch_line(custom_id: &str, url: &str, body_json: &str) -> Result<String, serde_json::Error> {
+pub fn batch_line(
+    custom_id: &str,
+    url: &str,
+    body_json: &str,
+) -> Result<String, serde_json::Error> {
     let body: &serde_json::value::RawValue = serde_json::from_str(body_json)?;
-    serde_json::to_string(&BatchLine { custom_id, method: "POST", url, body })
+    serde_json::to_string(&BatchLine {
+        custom_id,
+        method: "POST",
+        url,
+        body,
+    })
 }
 
 /// Checks that a body of `body_bytes` fits in one batch input file of at most `max_file_bytes`.
-pub fn check_size(body_bytes: usize, max_file_bytes: usize, argument: &'static str) -> Result<(), RequestError> {
+/// Whether a request gives the same answer every time: embeddings and moderations do, and so does
+/// a generation with temperature 0 (the rule of `llmbatching.is_deterministic` in SQL).
+pub fn is_deterministic(endpoint: Endpoint, body: &Value) -> bool {
+    matches!(endpoint, Endpoint::Embeddings | Endpoint::Moderations)
+        || body
+            .get("temperature")
+            .and_then(Value::as_number)
+            .is_some_and(is_zero)
+}
+
+/// Exactly zero, however written (`0`, `-0.0`, `0e7`), without going through a float.
+fn is_zero(n: &serde_json::Number) -> bool {
+    let text = n.to_string();
+    let mantissa = text.split(['e', 'E']).next().unwrap_or_default();
+    mantissa.chars().all(|c| matches!(c, '0' | '.' | '-'))
+}
+
+pub fn check_size(
+    body_bytes: usize,
+    max_file_bytes: usize,
+    argument: &'static str,
+) -> Result<(), RequestError> {
     if body_bytes + LINE_OVERHEAD_BYTES > max_file_bytes {
         return Err(RequestError::new(
             argument,
@@ -264,53 +358,146 @@ pub fn check_size(body_bytes: usize, max_file_bytes: usize, argument: &'static s
 mod tests {
     use super::*;
 
-    fn build(endpoint: Endpoint, instructions: Option<&str>, options: Value) -> Result<Value, RequestError> {
-        build_body(endpoint, Some("gpt-4o-mini"), Some("hello"), instructions, Some(&options))
+    #[test]
+    fn determinism_follows_endpoint_and_temperature() {
+        assert!(is_deterministic(
+            Endpoint::Embeddings,
+            &json!({"model": "m", "input": "x"})
+        ));
+        assert!(is_deterministic(
+            Endpoint::Moderations,
+            &json!({"model": "m", "input": "x"})
+        ));
+        assert!(!is_deterministic(
+            Endpoint::Responses,
+            &json!({"model": "m", "input": "x"})
+        ));
+        for zero in ["0", "0.0", "-0", "0e5", "0.000E-3"] {
+            let body: Value =
+                serde_json::from_str(&format!(r#"{{"temperature": {zero}}}"#)).unwrap();
+            assert!(is_deterministic(Endpoint::Responses, &body), "{zero}");
+        }
+        for other in ["1", "0.001", "\"0\"", "null"] {
+            let body: Value =
+                serde_json::from_str(&format!(r#"{{"temperature": {other}}}"#)).unwrap();
+            assert!(
+                !is_deterministic(Endpoint::ChatCompletions, &body),
+                "{other}"
+            );
+        }
+    }
+
+    fn build(
+        endpoint: Endpoint,
+        instructions: Option<&str>,
+        options: Value,
+    ) -> Result<Value, RequestError> {
+        build_body(
+            endpoint,
+            Some("gpt-4o-mini"),
+            Some("hello"),
+            instructions,
+            Some(&options),
+        )
     }
 
     #[test]
     fn responses_body_carries_input_and_instructions() {
-        let body = build(Endpoint::Responses, Some("be brief"), json!({"temperature": 0})).unwrap();
-        assert_eq!(body, json!({"model": "gpt-4o-mini", "input": "hello", "instructions": "be brief", "temperature": 0}));
+        let body = build(
+            Endpoint::Responses,
+            Some("be brief"),
+            json!({"temperature": 0}),
+        )
+        .unwrap();
+        assert_eq!(
+            body,
+            json!({"model": "gpt-4o-mini", "input": "hello", "instructions": "be brief", "temperature": 0})
+        );
     }
 
     #[test]
     fn chat_body_puts_instructions_in_a_system_message() {
         let body = build(Endpoint::ChatCompletions, Some("be brief"), json!({})).unwrap();
-        assert_eq!(body["messages"], json!([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]));
+        assert_eq!(
+            body["messages"],
+            json!([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}])
+        );
         let plain = build(Endpoint::ChatCompletions, None, json!({})).unwrap();
         assert_eq!(plain["messages"].as_array().unwrap().len(), 1);
     }
 
     #[test]
     fn embeddings_take_no_instructions() {
-        assert_eq!(build(Endpoint::Embeddings, None, json!({})).unwrap(), json!({"model": "gpt-4o-mini", "input": "hello"}));
-        assert_eq!(build(Endpoint::Embeddings, Some("x"), json!({})).unwrap_err().argument, "instructions");
+        assert_eq!(
+            build(Endpoint::Embeddings, None, json!({})).unwrap(),
+            json!({"model": "gpt-4o-mini", "input": "hello"})
+        );
+        assert_eq!(
+            build(Endpoint::Embeddings, Some("x"), json!({}))
+                .unwrap_err()
+                .argument,
+            "instructions"
+        );
     }
 
     #[test]
     fn errors_name_the_argument() {
-        let err = |m: Option<&str>, i: Option<&str>| build_body(Endpoint::Responses, m, i, None, None).unwrap_err();
+        let err = |m: Option<&str>, i: Option<&str>| {
+            build_body(Endpoint::Responses, m, i, None, None).unwrap_err()
+        };
         assert_eq!(err(None, Some("x")).argument, "model");
         assert_eq!(err(Some(" "), Some("x")).argument, "model");
         assert_eq!(err(Some("m"), None).argument, "input");
         assert_eq!(err(Some("m"), Some("")).argument, "input");
-        assert_eq!(Endpoint::parse("/v1/nope").unwrap_err().argument, "endpoint");
+        assert_eq!(
+            Endpoint::parse("/v1/nope").unwrap_err().argument,
+            "endpoint"
+        );
     }
 
     #[test]
     fn options_may_not_replace_the_model_or_stream() {
-        assert_eq!(build(Endpoint::Responses, None, json!({"model": "other"})).unwrap_err().argument, "options");
-        assert_eq!(build(Endpoint::Responses, None, json!({"input": "other"})).unwrap_err().argument, "options");
-        assert_eq!(build(Endpoint::Responses, None, json!({"stream": true})).unwrap_err().argument, "options");
-        assert_eq!(build(Endpoint::Responses, None, json!([1])).unwrap_err().argument, "options");
+        assert_eq!(
+            build(Endpoint::Responses, None, json!({"model": "other"}))
+                .unwrap_err()
+                .argument,
+            "options"
+        );
+        assert_eq!(
+            build(Endpoint::Responses, None, json!({"input": "other"}))
+                .unwrap_err()
+                .argument,
+            "options"
+        );
+        assert_eq!(
+            build(Endpoint::Responses, None, json!({"stream": true}))
+                .unwrap_err()
+                .argument,
+            "options"
+        );
+        assert_eq!(
+            build(Endpoint::Responses, None, json!([1]))
+                .unwrap_err()
+                .argument,
+            "options"
+        );
         assert!(build(Endpoint::Responses, None, json!({"stream": false})).is_ok());
     }
 
     #[test]
     fn raw_bodies_need_a_model() {
-        assert_eq!(validate_body(&json!({"input": "x"}), "body").unwrap_err().argument, "body");
-        assert_eq!(validate_body(&json!({"model": 3}), "body").unwrap_err().argument, "body");
+        assert_eq!(
+            validate_body(&json!({"input": "x"}), "body")
+                .unwrap_err()
+                .argument,
+            "body"
+        );
+        assert_eq!(
+            validate_body(&json!({"model": 3}), "body")
+                .unwrap_err()
+                .argument,
+            "body"
+        );
         assert_eq!(validate_body(&json!({"model": "m"}), "body").unwrap(), "m");
     }
 
@@ -319,27 +506,57 @@ mod tests {
         let schema = json!({"type": "object"});
         let body = with_json_schema(Endpoint::Responses, json!({"model": "m"}), &schema).unwrap();
         assert_eq!(body["text"]["format"]["schema"], schema);
-        let body = with_json_schema(Endpoint::ChatCompletions, json!({"model": "m"}), &schema).unwrap();
+        let body =
+            with_json_schema(Endpoint::ChatCompletions, json!({"model": "m"}), &schema).unwrap();
         assert_eq!(body["response_format"]["json_schema"]["schema"], schema);
-        assert_eq!(with_json_schema(Endpoint::Embeddings, json!({}), &schema).unwrap_err().argument, "endpoint");
-        assert_eq!(with_json_schema(Endpoint::Responses, json!({"text": {}}), &schema).unwrap_err().argument, "options");
-        assert_eq!(with_json_schema(Endpoint::Responses, json!({}), &json!(1)).unwrap_err().argument, "schema");
+        assert_eq!(
+            with_json_schema(Endpoint::Embeddings, json!({}), &schema)
+                .unwrap_err()
+                .argument,
+            "endpoint"
+        );
+        assert_eq!(
+            with_json_schema(Endpoint::Responses, json!({"text": {}}), &schema)
+                .unwrap_err()
+                .argument,
+            "options"
+        );
+        assert_eq!(
+            with_json_schema(Endpoint::Responses, json!({}), &json!(1))
+                .unwrap_err()
+                .argument,
+            "schema"
+        );
     }
 
     #[test]
     fn labels_must_be_distinct_and_at_least_two() {
         let (schema, labels) = label_schema(&[Some("yes"), Some("no")]).unwrap();
         assert_eq!(schema["properties"]["label"]["enum"], json!(["yes", "no"]));
-        assert_eq!(AnswerFormat::from_json(&AnswerFormat::Label(labels.clone()).to_json()), Some(AnswerFormat::Label(labels)));
+        assert_eq!(
+            AnswerFormat::from_json(&AnswerFormat::Label(labels.clone()).to_json()),
+            Some(AnswerFormat::Label(labels))
+        );
         assert_eq!(label_schema(&[Some("yes")]).unwrap_err().argument, "labels");
-        assert_eq!(label_schema(&[Some("yes"), Some("yes")]).unwrap_err().argument, "labels");
-        assert_eq!(label_schema(&[Some("yes"), None]).unwrap_err().argument, "labels");
+        assert_eq!(
+            label_schema(&[Some("yes"), Some("yes")])
+                .unwrap_err()
+                .argument,
+            "labels"
+        );
+        assert_eq!(
+            label_schema(&[Some("yes"), None]).unwrap_err().argument,
+            "labels"
+        );
     }
 
     #[test]
     fn a_batch_line_carries_the_body_verbatim() {
         let line = batch_line("7", "/v1/responses", r#"{"input": "x", "model": "m"}"#).unwrap();
-        assert_eq!(line, r#"{"custom_id":"7","method":"POST","url":"/v1/responses","body":{"input": "x", "model": "m"}}"#);
+        assert_eq!(
+            line,
+            r#"{"custom_id":"7","method":"POST","url":"/v1/responses","body":{"input": "x", "model": "m"}}"#
+        );
         assert!(batch_line("7", "/v1/responses", r#"{"input": "x"#).is_err());
     }
 
@@ -378,6 +595,9 @@ mod tests {
     #[test]
     fn oversized_requests_are_refused() {
         assert!(check_size(100, 1000, "input").is_ok());
-        assert_eq!(check_size(990, 1000, "input").unwrap_err().argument, "input");
+        assert_eq!(
+            check_size(990, 1000, "input").unwrap_err().argument,
+            "input"
+        );
     }
 }

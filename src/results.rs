@@ -8,9 +8,16 @@ use serde_json::Value;
 #[derive(Debug, PartialEq)]
 pub enum Outcome {
     /// The model answered.
-    Completed { response: Value, text: Option<String>, usage: Usage },
+    Completed {
+        response: Value,
+        text: Option<String>,
+        usage: Usage,
+    },
     /// The request ran and was refused for a reason that will not change by sending it again.
-    Failed { message: String, response: Option<Value> },
+    Failed {
+        message: String,
+        response: Option<Value>,
+    },
     /// The request did not run, or failed in a way that may pass on another try.
     Retry { reason: String },
 }
@@ -38,7 +45,11 @@ pub enum LineRead {
 }
 
 /// Reads the next line into `buf` (cleared first), holding at most `limit` bytes of it.
-pub fn read_line_bounded(reader: &mut impl std::io::BufRead, buf: &mut Vec<u8>, limit: usize) -> std::io::Result<LineRead> {
+pub fn read_line_bounded(
+    reader: &mut impl std::io::BufRead,
+    buf: &mut Vec<u8>,
+    limit: usize,
+) -> std::io::Result<LineRead> {
     buf.clear();
     let mut too_long = false;
     let mut read_any = false;
@@ -65,7 +76,11 @@ pub fn read_line_bounded(reader: &mut impl std::io::BufRead, buf: &mut Vec<u8>, 
         let used = part.len() + usize::from(found_newline);
         reader.consume(used);
         if found_newline {
-            return Ok(if too_long { LineRead::TooLong } else { LineRead::Line });
+            return Ok(if too_long {
+                LineRead::TooLong
+            } else {
+                LineRead::Line
+            });
         }
     }
 }
@@ -88,7 +103,10 @@ pub fn parse_line(endpoint: Endpoint, line: &str) -> Result<LineResult, String> 
     let outcome = outcome_of(endpoint, &value).unwrap_or_else(|reason| Outcome::Retry {
         reason: format!("the provider returned a malformed result line: {reason}"),
     });
-    Ok(LineResult { request_id, outcome })
+    Ok(LineResult {
+        request_id,
+        outcome,
+    })
 }
 
 fn outcome_of(endpoint: Endpoint, line: &Value) -> Result<Outcome, String> {
@@ -99,10 +117,20 @@ fn outcome_of(endpoint: Endpoint, line: &Value) -> Result<Outcome, String> {
 }
 
 fn response_outcome(endpoint: Endpoint, response: &Value) -> Result<Outcome, String> {
-    let status = response.get("status_code").and_then(Value::as_u64).ok_or("no status_code")?;
-    let body = response.get("body").filter(|b| b.is_object()).ok_or("no response body")?;
+    let status = response
+        .get("status_code")
+        .and_then(Value::as_u64)
+        .ok_or("no status_code")?;
+    let body = response
+        .get("body")
+        .filter(|b| b.is_object())
+        .ok_or("no response body")?;
     if (200..300).contains(&status) {
-        return Ok(Outcome::Completed { text: answer_text(endpoint, body), response: body.clone(), usage: token_usage(body) });
+        return Ok(Outcome::Completed {
+            text: answer_text(endpoint, body),
+            response: body.clone(),
+            usage: token_usage(body),
+        });
     }
     let message = body
         .pointer("/error/message")
@@ -111,21 +139,43 @@ fn response_outcome(endpoint: Endpoint, response: &Value) -> Result<Outcome, Str
         .unwrap_or_else(|| format!("the provider answered status {status}"));
     // Rate limits, timeouts and server errors are the provider's trouble, not the request's.
     if matches!(status, 408 | 409 | 429) || status >= 500 {
-        return Ok(Outcome::Retry { reason: format!("status {status}: {message}") });
+        return Ok(Outcome::Retry {
+            reason: format!("status {status}: {message}"),
+        });
     }
-    Ok(Outcome::Failed { message, response: Some(body.clone()) })
+    Ok(Outcome::Failed {
+        message,
+        response: Some(body.clone()),
+    })
 }
 
 /// Error codes of lines that never reached the model, or failed only for lack of time.
-const NOT_RUN_CODES: [&str; 4] = ["batch_expired", "batch_cancelled", "request_timeout", "batch_failed"];
+const NOT_RUN_CODES: [&str; 4] = [
+    "batch_expired",
+    "batch_cancelled",
+    "request_timeout",
+    "batch_failed",
+];
 
 fn line_error_outcome(error: &Value) -> Result<Outcome, String> {
-    let code = error.get("code").and_then(Value::as_str).ok_or("neither a response nor an error")?;
-    let message = error.get("message").and_then(Value::as_str).unwrap_or(code).to_owned();
+    let code = error
+        .get("code")
+        .and_then(Value::as_str)
+        .ok_or("neither a response nor an error")?;
+    let message = error
+        .get("message")
+        .and_then(Value::as_str)
+        .unwrap_or(code)
+        .to_owned();
     if NOT_RUN_CODES.contains(&code) {
-        return Ok(Outcome::Retry { reason: format!("{code}: {message}") });
+        return Ok(Outcome::Retry {
+            reason: format!("{code}: {message}"),
+        });
     }
-    Ok(Outcome::Failed { message: format!("{code}: {message}"), response: None })
+    Ok(Outcome::Failed {
+        message: format!("{code}: {message}"),
+        response: None,
+    })
 }
 
 /// The answer as text: Responses' output text, the first choice's message (Chat Completions)
@@ -147,7 +197,10 @@ pub fn answer_text(endpoint: Endpoint, body: &Value) -> Option<String> {
                 .collect();
             (!parts.is_empty()).then(|| parts.concat())
         }
-        Endpoint::ChatCompletions => body.pointer("/choices/0/message/content")?.as_str().map(str::to_owned),
+        Endpoint::ChatCompletions => body
+            .pointer("/choices/0/message/content")?
+            .as_str()
+            .map(str::to_owned),
         Endpoint::Completions => body.pointer("/choices/0/text")?.as_str().map(str::to_owned),
         Endpoint::Embeddings | Endpoint::Moderations => None,
     }
@@ -155,15 +208,25 @@ pub fn answer_text(endpoint: Endpoint, body: &Value) -> Option<String> {
 
 /// Checks a completed answer against the format its request asked for. Returns the answer
 /// text to keep and the parsed JSON answer, or why the answer is not acceptable.
-pub fn check_answer(format: &AnswerFormat, text: Option<&str>) -> Result<(Option<String>, Value), String> {
+pub fn check_answer(
+    format: &AnswerFormat,
+    text: Option<&str>,
+) -> Result<(Option<String>, Value), String> {
     let text = text.ok_or("the answer has no text")?;
-    let json: Value = serde_json::from_str(text).map_err(|e| format!("the answer is not valid JSON ({e}): {text:.200}"))?;
+    let json: Value = serde_json::from_str(text)
+        .map_err(|e| format!("the answer is not valid JSON ({e}): {text:.200}"))?;
     match format {
         AnswerFormat::Json => Ok((Some(text.to_owned()), json)),
         AnswerFormat::Label(labels) => {
-            let label = json.get("label").and_then(Value::as_str).ok_or_else(|| format!("the answer names no label: {text:.200}"))?;
+            let label = json
+                .get("label")
+                .and_then(Value::as_str)
+                .ok_or_else(|| format!("the answer names no label: {text:.200}"))?;
             if !labels.iter().any(|l| l == label) {
-                return Err(format!("the answer \"{label:.100}\" is not one of the labels {}", labels.join(", ")));
+                return Err(format!(
+                    "the answer \"{label:.100}\" is not one of the labels {}",
+                    labels.join(", ")
+                ));
             }
             Ok((Some(label.to_owned()), json))
         }
@@ -194,9 +257,15 @@ pub fn token_usage(body: &Value) -> Usage {
     };
     Usage {
         input: count(["/input_tokens", "/prompt_tokens"]),
-        cached: count(["/input_tokens_details/cached_tokens", "/prompt_tokens_details/cached_tokens"]),
+        cached: count([
+            "/input_tokens_details/cached_tokens",
+            "/prompt_tokens_details/cached_tokens",
+        ]),
         output: count(["/output_tokens", "/completion_tokens"]),
-        reasoning: count(["/output_tokens_details/reasoning_tokens", "/completion_tokens_details/reasoning_tokens"]),
+        reasoning: count([
+            "/output_tokens_details/reasoning_tokens",
+            "/completion_tokens_details/reasoning_tokens",
+        ]),
     }
 }
 
@@ -211,10 +280,12 @@ mod tests {
 
     #[test]
     fn a_response_line_yields_text_and_usage() {
-        let l = line(json!({"id": "batch_req_1", "custom_id": "17", "error": null, "response": {
+        let l = line(
+            json!({"id": "batch_req_1", "custom_id": "17", "error": null, "response": {
             "status_code": 200, "request_id": "r", "body": {"output": [{"type": "message",
             "content": [{"type": "output_text", "text": "positive"}]}],
-            "usage": {"input_tokens": 12, "output_tokens": 1}}}}));
+            "usage": {"input_tokens": 12, "output_tokens": 1}}}}),
+        );
         let r = parse_line(Endpoint::Responses, &l).unwrap();
         assert_eq!(r.request_id, 17);
         match r.outcome {
@@ -232,17 +303,38 @@ mod tests {
                           "usage": {"prompt_tokens": 3, "completion_tokens": 4,
                                     "prompt_tokens_details": {"cached_tokens": 2},
                                     "completion_tokens_details": {"reasoning_tokens": 1}}});
-        assert_eq!(answer_text(Endpoint::ChatCompletions, &body).as_deref(), Some("hi"));
-        assert_eq!(token_usage(&body), Usage { input: Some(3), cached: Some(2), output: Some(4), reasoning: Some(1) });
+        assert_eq!(
+            answer_text(Endpoint::ChatCompletions, &body).as_deref(),
+            Some("hi")
+        );
+        assert_eq!(
+            token_usage(&body),
+            Usage {
+                input: Some(3),
+                cached: Some(2),
+                output: Some(4),
+                reasoning: Some(1)
+            }
+        );
         let responses = json!({"usage": {"input_tokens": 9, "input_tokens_details": {"cached_tokens": 8},
                                          "output_tokens": 7, "output_tokens_details": {"reasoning_tokens": 6}}});
-        assert_eq!(token_usage(&responses), Usage { input: Some(9), cached: Some(8), output: Some(7), reasoning: Some(6) });
+        assert_eq!(
+            token_usage(&responses),
+            Usage {
+                input: Some(9),
+                cached: Some(8),
+                output: Some(7),
+                reasoning: Some(6)
+            }
+        );
     }
 
     #[test]
     fn a_rejected_request_fails_with_the_provider_message() {
-        let l = line(json!({"custom_id": "5", "error": null, "response": {"status_code": 400,
-            "body": {"error": {"message": "Invalid value for temperature", "type": "invalid_request_error"}}}}));
+        let l = line(
+            json!({"custom_id": "5", "error": null, "response": {"status_code": 400,
+            "body": {"error": {"message": "Invalid value for temperature", "type": "invalid_request_error"}}}}),
+        );
         match parse_line(Endpoint::Responses, &l).unwrap().outcome {
             Outcome::Failed { message, .. } => assert_eq!(message, "Invalid value for temperature"),
             other => panic!("{other:?}"),
@@ -251,12 +343,21 @@ mod tests {
 
     #[test]
     fn server_errors_and_unrun_lines_are_retried() {
-        let l = line(json!({"custom_id": "5", "response": {"status_code": 503, "body": {"error": {"message": "busy"}}}}));
-        assert!(matches!(parse_line(Endpoint::Responses, &l).unwrap().outcome, Outcome::Retry { .. }));
-        let l = line(json!({"custom_id": "6", "response": null, "error": {"code": "batch_expired", "message": "late"}}));
+        let l = line(
+            json!({"custom_id": "5", "response": {"status_code": 503, "body": {"error": {"message": "busy"}}}}),
+        );
+        assert!(matches!(
+            parse_line(Endpoint::Responses, &l).unwrap().outcome,
+            Outcome::Retry { .. }
+        ));
+        let l = line(
+            json!({"custom_id": "6", "response": null, "error": {"code": "batch_expired", "message": "late"}}),
+        );
         assert_eq!(
             parse_line(Endpoint::Responses, &l).unwrap().outcome,
-            Outcome::Retry { reason: "batch_expired: late".into() }
+            Outcome::Retry {
+                reason: "batch_expired: late".into()
+            }
         );
     }
 
@@ -264,9 +365,16 @@ mod tests {
     fn labelled_answers_must_be_on_the_list() {
         let labels = AnswerFormat::Label(vec!["positive".into(), "negative".into()]);
         let (text, json) = check_answer(&labels, Some(r#"{"label": "negative"}"#)).unwrap();
-        assert_eq!((text.as_deref(), json), (Some("negative"), json!({"label": "negative"})));
-        assert!(check_answer(&labels, Some(r#"{"label": "meh"}"#)).unwrap_err().contains("not one of the labels"));
-        assert!(check_answer(&labels, Some("positive")).unwrap_err().contains("not valid JSON"));
+        assert_eq!(
+            (text.as_deref(), json),
+            (Some("negative"), json!({"label": "negative"}))
+        );
+        assert!(check_answer(&labels, Some(r#"{"label": "meh"}"#))
+            .unwrap_err()
+            .contains("not one of the labels"));
+        assert!(check_answer(&labels, Some("positive"))
+            .unwrap_err()
+            .contains("not valid JSON"));
         assert!(check_answer(&AnswerFormat::Json, Some("[1, 2]")).is_ok());
         assert!(check_answer(&AnswerFormat::Json, None).is_err());
     }
@@ -275,13 +383,25 @@ mod tests {
     fn long_lines_are_skipped_not_held() {
         let mut input = std::io::Cursor::new(b"short\nthis one is too long\nlast".to_vec());
         let mut buf = Vec::new();
-        assert_eq!(read_line_bounded(&mut input, &mut buf, 10).unwrap(), LineRead::Line);
+        assert_eq!(
+            read_line_bounded(&mut input, &mut buf, 10).unwrap(),
+            LineRead::Line
+        );
         assert_eq!(buf, b"short");
-        assert_eq!(read_line_bounded(&mut input, &mut buf, 10).unwrap(), LineRead::TooLong);
+        assert_eq!(
+            read_line_bounded(&mut input, &mut buf, 10).unwrap(),
+            LineRead::TooLong
+        );
         assert!(buf.is_empty());
-        assert_eq!(read_line_bounded(&mut input, &mut buf, 10).unwrap(), LineRead::Line);
+        assert_eq!(
+            read_line_bounded(&mut input, &mut buf, 10).unwrap(),
+            LineRead::Line
+        );
         assert_eq!(buf, b"last");
-        assert_eq!(read_line_bounded(&mut input, &mut buf, 10).unwrap(), LineRead::End);
+        assert_eq!(
+            read_line_bounded(&mut input, &mut buf, 10).unwrap(),
+            LineRead::End
+        );
     }
 
     mod fuzzed {
@@ -299,7 +419,9 @@ mod tests {
                 Just(Value::Null),
                 any::<bool>().prop_map(Value::from),
                 any::<i64>().prop_map(Value::from),
-                any::<f64>().prop_map(|f| serde_json::Number::from_f64(f).map(Value::Number).unwrap_or(Value::Null)),
+                any::<f64>().prop_map(|f| serde_json::Number::from_f64(f)
+                    .map(Value::Number)
+                    .unwrap_or(Value::Null)),
                 ".{0,20}".prop_map(Value::from),
                 Just(Value::from("custom_id")),
                 Just(Value::from("42")),
@@ -308,11 +430,22 @@ mod tests {
                 prop_oneof![
                     prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
                     prop::collection::btree_map(
-                        prop_oneof![Just("custom_id".to_string()), Just("response".to_string()), Just("error".to_string()),
-                                    Just("status_code".to_string()), Just("body".to_string()), Just("output".to_string()),
-                                    Just("content".to_string()), Just("text".to_string()), Just("usage".to_string()), ".{0,8}"],
-                        inner, 0..6)
-                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                        prop_oneof![
+                            Just("custom_id".to_string()),
+                            Just("response".to_string()),
+                            Just("error".to_string()),
+                            Just("status_code".to_string()),
+                            Just("body".to_string()),
+                            Just("output".to_string()),
+                            Just("content".to_string()),
+                            Just("text".to_string()),
+                            Just("usage".to_string()),
+                            ".{0,8}"
+                        ],
+                        inner,
+                        0..6
+                    )
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
                 ]
             })
         }
@@ -350,7 +483,11 @@ mod tests {
         assert!(parse_line(Endpoint::Responses, "{\"custom_id\":\"1\",\"resp").is_err());
         assert!(parse_line(Endpoint::Responses, "[]").is_err());
         assert!(parse_line(Endpoint::Responses, "{\"custom_id\":\"x1\"}").is_err());
-        let r = parse_line(Endpoint::Responses, "{\"custom_id\":\"9\",\"response\":{\"status_code\":200}}").unwrap();
+        let r = parse_line(
+            Endpoint::Responses,
+            "{\"custom_id\":\"9\",\"response\":{\"status_code\":200}}",
+        )
+        .unwrap();
         assert!(matches!(r.outcome, Outcome::Retry { .. }));
     }
 }

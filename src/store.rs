@@ -6,11 +6,11 @@ use crate::provider::BatchInfo;
 use crate::request::Endpoint;
 use crate::request::{batch_line, AnswerFormat};
 use crate::results::{check_answer, custom_id, LineResult, Outcome};
-use serde_json::Value;
-use std::collections::HashMap;
 use pgrx::prelude::*;
 use pgrx::spi::{SpiClient, SpiResult};
 use pgrx::{JsonB, PgMemoryContexts};
+use serde_json::Value;
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
@@ -68,7 +68,9 @@ pub fn queued_groups() -> Vec<Group> {
                 queued: QueuedGroup {
                     requests: row.get::<i64>(3)?.unwrap_or(0) as usize,
                     body_bytes: row.get::<i64>(4)?.unwrap_or(0) as usize,
-                    oldest_wait: Duration::from_secs_f64(row.get::<f64>(5)?.unwrap_or(0.0).max(0.0)),
+                    oldest_wait: Duration::from_secs_f64(
+                        row.get::<f64>(5)?.unwrap_or(0.0).max(0.0),
+                    ),
                 },
             })
         })
@@ -95,12 +97,20 @@ pub fn token_budget(model: &str, default_cap: Option<i64>) -> Option<TokenBudget
     )
     .unwrap_or_else(|e| fail("reading the token budget", e));
     let cap = cap? as usize;
-    Some(TokenBudget { cap, available: cap.saturating_sub(used.unwrap_or(0).max(0) as usize) })
+    Some(TokenBudget {
+        cap,
+        available: cap.saturating_sub(used.unwrap_or(0).max(0) as usize),
+    })
 }
 
 /// Claims the oldest queued requests of a group into a new batch (state `pending`); returns
 /// its id, or None when nothing could be claimed. Requests that could never fit are failed.
-pub fn claim_batch(endpoint: &str, model: &str, limits: BatchLimits, budget: Option<TokenBudget>) -> Option<i64> {
+pub fn claim_batch(
+    endpoint: &str,
+    model: &str,
+    limits: BatchLimits,
+    budget: Option<TokenBudget>,
+) -> Option<i64> {
     let candidates: Vec<Candidate> = Spi::connect_mut(|client| {
         client
             .update(
@@ -108,10 +118,17 @@ pub fn claim_batch(endpoint: &str, model: &str, limits: BatchLimits, budget: Opt
                   WHERE state = 'queued' AND reused_from IS NULL AND endpoint = $1 AND model = $2
                   ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED",
                 None,
-                &[endpoint.into(), model.into(), (limits.max_requests as i64).into()],
+                &[
+                    endpoint.into(),
+                    model.into(),
+                    (limits.max_requests as i64).into(),
+                ],
             )?
             .map(|row| {
-                Ok(Candidate { id: row.get(1)?.unwrap_or(0), body_bytes: row.get::<i32>(2)?.unwrap_or(0) as usize })
+                Ok(Candidate {
+                    id: row.get(1)?.unwrap_or(0),
+                    body_bytes: row.get::<i32>(2)?.unwrap_or(0) as usize,
+                })
             })
             .collect::<SpiResult<Vec<_>>>()
     })
@@ -141,7 +158,12 @@ pub fn claim_batch(endpoint: &str, model: &str, limits: BatchLimits, budget: Opt
     let batch_id = Spi::get_one_with_args::<i64>(
         "INSERT INTO llmbatching.batches (endpoint, model, request_count, estimated_tokens)
          VALUES ($1, $2, $3, $4) RETURNING id",
-        &[endpoint.into(), model.into(), (split.batch.len() as i32).into(), (split.estimated_tokens as i64).into()],
+        &[
+            endpoint.into(),
+            model.into(),
+            (split.batch.len() as i32).into(),
+            (split.estimated_tokens as i64).into(),
+        ],
     )
     .unwrap_or_else(|e| fail("creating a batch", e))?;
     run(
@@ -184,7 +206,11 @@ const BATCH_COLUMNS: &str = "id, endpoint, state, provider_status, provider_erro
      output_file_id, error_file_id, step_failures, create_attempted_at IS NOT NULL, model,
      (completed_count + failed_count)::bigint, cancel_requested_at IS NOT NULL, cancel_sent_at IS NOT NULL";
 
-fn batch_rows(client: &SpiClient<'_>, sql: &str, args: &[pgrx::datum::DatumWithOid]) -> SpiResult<Vec<BatchRow>> {
+fn batch_rows(
+    client: &SpiClient<'_>,
+    sql: &str,
+    args: &[pgrx::datum::DatumWithOid],
+) -> SpiResult<Vec<BatchRow>> {
     client
         .select(sql, None, args)?
         .map(|row| {
@@ -215,7 +241,8 @@ pub fn batches_due() -> Vec<BatchRow> {
         "SELECT {BATCH_COLUMNS} FROM llmbatching.batches
           WHERE state <> 'done' AND next_check_at <= clock_timestamp() ORDER BY next_check_at, id"
     );
-    Spi::connect(|client| batch_rows(&client, &sql, &[])).unwrap_or_else(|e| fail("reading open batches", e))
+    Spi::connect(|client| batch_rows(&client, &sql, &[]))
+        .unwrap_or_else(|e| fail("reading open batches", e))
 }
 
 pub fn batch(id: i64) -> Option<BatchRow> {
@@ -232,24 +259,32 @@ pub fn write_input_file(batch: &BatchRow, path: &Path) -> std::io::Result<(usize
     let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
     let mut lines = 0usize;
     Spi::connect(|client| -> std::io::Result<()> {
-        let mut cursor = client
-            .open_cursor(
-                "SELECT id, body::text FROM llmbatching.requests
+        let mut cursor = client.open_cursor(
+            "SELECT id, body::text FROM llmbatching.requests
                   WHERE batch_id = $1 AND state = 'submitted' ORDER BY id",
-                &[batch.id.into()],
-            );
+            &[batch.id.into()],
+        );
         // Each fetch is read in a scratch context, reset afterwards, and its tuple table freed:
         // otherwise every detoasted body would stay allocated until the whole file is written.
         let mut scratch = PgMemoryContexts::new("llmbatching input file");
         loop {
             let written = unsafe {
                 scratch.switch_to(|_| -> std::io::Result<usize> {
-                    let rows = cursor.fetch(200).unwrap_or_else(|e| fail("reading a batch's requests", e));
+                    let rows = cursor
+                        .fetch(200)
+                        .unwrap_or_else(|e| fail("reading a batch's requests", e));
                     let mut count = 0;
                     for row in rows {
-                        let id: i64 = row.get(1).unwrap_or_else(|e| fail("reading a request id", e)).unwrap_or(0);
-                        let body: String = row.get(2).unwrap_or_else(|e| fail("reading a request body", e)).unwrap_or_default();
-                        let line = batch_line(&custom_id(id), &batch.endpoint, &body).map_err(std::io::Error::other)?;
+                        let id: i64 = row
+                            .get(1)
+                            .unwrap_or_else(|e| fail("reading a request id", e))
+                            .unwrap_or(0);
+                        let body: String = row
+                            .get(2)
+                            .unwrap_or_else(|e| fail("reading a request body", e))
+                            .unwrap_or_default();
+                        let line = batch_line(&custom_id(id), &batch.endpoint, &body)
+                            .map_err(std::io::Error::other)?;
                         out.write_all(line.as_bytes())?;
                         out.write_all(b"\n")?;
                         count += 1;
@@ -282,7 +317,10 @@ pub fn record_uploaded(batch_id: i64, file_id: &str, bytes: u64) {
 /// Notes that a create call is about to be made, so that after a crash the worker looks for
 /// the batch at the provider before creating it again.
 pub fn record_create_attempt(batch_id: i64) {
-    run("UPDATE llmbatching.batches SET create_attempted_at = now() WHERE id = $1", &[batch_id.into()]);
+    run(
+        "UPDATE llmbatching.batches SET create_attempted_at = now() WHERE id = $1",
+        &[batch_id.into()],
+    );
 }
 
 pub fn record_submitted(batch_id: i64, info: &BatchInfo, poll_interval: Duration) {
@@ -297,7 +335,11 @@ pub fn record_submitted(batch_id: i64, info: &BatchInfo, poll_interval: Duration
 
 /// Records what a poll saw. A batch that has ended moves to `ingesting`.
 pub fn record_poll(batch_id: i64, info: &BatchInfo, poll_interval: Duration) {
-    let state = if info.status.is_terminal() { "ingesting" } else { "submitted" };
+    let state = if info.status.is_terminal() {
+        "ingesting"
+    } else {
+        "submitted"
+    };
     run(
         "UPDATE llmbatching.batches SET
                 state = $2, provider_status = $3, output_file_id = $4, error_file_id = $5,
@@ -382,13 +424,20 @@ fn answer_formats(ids: Vec<i64>) -> HashMap<i64, AnswerFormat> {
 /// Holds each answer to the format its request asked for: a structured answer is parsed (the
 /// JSON comes back beside the result), and one that breaks its format fails the request.
 fn enforce_answer_formats(results: Vec<LineResult>) -> Vec<(LineResult, Option<Value>)> {
-    let completed = results.iter().filter(|r| matches!(r.outcome, Outcome::Completed { .. })).map(|r| r.request_id);
+    let completed = results
+        .iter()
+        .filter(|r| matches!(r.outcome, Outcome::Completed { .. }))
+        .map(|r| r.request_id);
     let formats = answer_formats(completed.collect());
     results
         .into_iter()
         .map(|mut result| {
-            let Some(format) = formats.get(&result.request_id) else { return (result, None) };
-            let Outcome::Completed { response, text, .. } = &mut result.outcome else { return (result, None) };
+            let Some(format) = formats.get(&result.request_id) else {
+                return (result, None);
+            };
+            let Outcome::Completed { response, text, .. } = &mut result.outcome else {
+                return (result, None);
+            };
             match check_answer(format, text.as_deref()) {
                 Ok((checked, json)) => {
                     *text = checked;
@@ -406,14 +455,19 @@ fn enforce_answer_formats(results: Vec<LineResult>) -> Vec<(LineResult, Option<V
 
 /// Applies one chunk of result lines of a batch.
 pub fn apply_results(batch_id: i64, results: Vec<LineResult>, max_attempts: i32) {
-    let (mut done_ids, mut responses, mut texts, mut answers) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut done_ids, mut responses, mut texts, mut answers) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut input_tokens, mut cached_tokens, mut output_tokens, mut reasoning_tokens) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut failed_ids, mut messages, mut failed_bodies) = (Vec::new(), Vec::new(), Vec::new());
     let (mut retry_ids, mut reasons) = (Vec::new(), Vec::new());
     for (result, answer) in enforce_answer_formats(results) {
         match result.outcome {
-            Outcome::Completed { response, text, usage } => {
+            Outcome::Completed {
+                response,
+                text,
+                usage,
+            } => {
                 done_ids.push(result.request_id);
                 responses.push(JsonB(response));
                 texts.push(text);
@@ -468,7 +522,13 @@ pub fn apply_results(batch_id: i64, results: Vec<LineResult>, max_attempts: i32)
     if !retry_ids.is_empty() {
         requeue_or_fail(
             "unnest($4::bigint[], $5::text[])",
-            &[batch_id.into(), max_attempts.into(), 0i32.into(), retry_ids.into(), reasons.into()],
+            &[
+                batch_id.into(),
+                max_attempts.into(),
+                0i32.into(),
+                retry_ids.into(),
+                reasons.into(),
+            ],
         );
     }
 }
@@ -481,7 +541,10 @@ pub fn close_batch(batch_id: i64, reason: &str, max_attempts: i32, refund_attemp
         "(SELECT id, $4::text FROM llmbatching.requests WHERE batch_id = $1 AND state = 'submitted')",
         &[batch_id.into(), max_attempts.into(), (refund_attempt as i32).into(), reason.into()],
     );
-    run("UPDATE llmbatching.batches SET state = 'done', finished_at = now() WHERE id = $1", &[batch_id.into()]);
+    run(
+        "UPDATE llmbatching.batches SET state = 'done', finished_at = now() WHERE id = $1",
+        &[batch_id.into()],
+    );
 }
 
 /// Holds back a model's new batches until `pause` has passed.
@@ -522,11 +585,17 @@ pub fn flag_cancelled_batches() {
 }
 
 pub fn record_cancel_sent(batch_id: i64) {
-    run("UPDATE llmbatching.batches SET cancel_sent_at = now() WHERE id = $1", &[batch_id.into()]);
+    run(
+        "UPDATE llmbatching.batches SET cancel_sent_at = now() WHERE id = $1",
+        &[batch_id.into()],
+    );
 }
 
 pub fn record_files_deleted(batch_id: i64) {
-    run("UPDATE llmbatching.batches SET files_deleted_at = now() WHERE id = $1", &[batch_id.into()]);
+    run(
+        "UPDATE llmbatching.batches SET files_deleted_at = now() WHERE id = $1",
+        &[batch_id.into()],
+    );
 }
 
 /// Deletes finished requests, then done batches left without requests, older than `retention`.

@@ -27,14 +27,17 @@ pub fn publish_worker_pid(pid: i32) {
 
 /// Arranges for the worker to be woken when the current transaction commits.
 pub fn wake_worker_at_commit() {
-    if !SHARED_MEMORY_READY.load(Ordering::Relaxed) || WAKE_REGISTERED.swap(true, Ordering::Relaxed) {
+    if !SHARED_MEMORY_READY.load(Ordering::Relaxed) || WAKE_REGISTERED.swap(true, Ordering::Relaxed)
+    {
         return;
     }
     register_xact_callback(PgXactCallbackEvent::Commit, || {
         WAKE_REGISTERED.store(false, Ordering::Relaxed);
         wake_worker();
     });
-    register_xact_callback(PgXactCallbackEvent::Abort, || WAKE_REGISTERED.store(false, Ordering::Relaxed));
+    register_xact_callback(PgXactCallbackEvent::Abort, || {
+        WAKE_REGISTERED.store(false, Ordering::Relaxed)
+    });
 }
 
 fn wake_worker() {

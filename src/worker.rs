@@ -63,7 +63,11 @@ fn shutdown_requested() -> bool {
 /// Shows what the worker is doing in `pg_stat_activity.query`.
 fn report_activity(what: &str) {
     let text = CString::new(what).unwrap_or_default();
-    let state = if what.is_empty() { pg_sys::BackendState::STATE_IDLE } else { pg_sys::BackendState::STATE_RUNNING };
+    let state = if what.is_empty() {
+        pg_sys::BackendState::STATE_IDLE
+    } else {
+        pg_sys::BackendState::STATE_RUNNING
+    };
     unsafe { pg_sys::pgstat_report_activity(state, text.as_ptr()) };
 }
 
@@ -124,7 +128,14 @@ impl Worker {
         if let Err(e) = std::fs::create_dir_all(&staging) {
             warning!("llmbatching: cannot create {}: {e}", staging.display());
         }
-        Worker { provider: None, provider_for: None, staging, instance: None, key_problem: None, last_purge: None }
+        Worker {
+            provider: None,
+            provider_for: None,
+            staging,
+            instance: None,
+            key_problem: None,
+            last_purge: None,
+        }
     }
 
     /// Does everything that is due; returns how long to sleep before the next round.
@@ -151,14 +162,18 @@ impl Worker {
             self.advance(batch, &settings);
         }
         let wait = settings.batch_wait;
-        tx(move || store::next_wake(wait)).unwrap_or(idle).clamp(Duration::from_millis(10), idle)
+        tx(move || store::next_wake(wait))
+            .unwrap_or(idle)
+            .clamp(Duration::from_millis(10), idle)
     }
 
     /// Builds the provider client, or rebuilds it after the base URL or key changed.
     fn ensure_provider(&mut self, settings: &Settings) -> bool {
         let key = match config::api_key() {
             Ok(Some(key)) => key,
-            Ok(None) => return self.key_problem("no API key; set llmbatching.api_key, llmbatching.api_key_file or OPENAI_API_KEY"),
+            Ok(None) => return self.key_problem(
+                "no API key; set llmbatching.api_key, llmbatching.api_key_file or OPENAI_API_KEY",
+            ),
             Err(problem) => return self.key_problem(&problem),
         };
         self.key_problem = None;
@@ -188,13 +203,20 @@ impl Worker {
     }
 
     fn provider(&self) -> &dyn BatchProvider {
-        self.provider.as_deref().expect("provider is set up before any batch step")
+        self.provider
+            .as_deref()
+            .expect("provider is set up before any batch step")
     }
 
     /// Deletes finished rows older than `llmbatching.retention`, at most once a minute.
     fn purge_if_due(&mut self, settings: &Settings) {
-        let Some(retention) = settings.retention else { return };
-        if self.last_purge.is_some_and(|at| at.elapsed() < PURGE_EVERY.min(retention)) {
+        let Some(retention) = settings.retention else {
+            return;
+        };
+        if self
+            .last_purge
+            .is_some_and(|at| at.elapsed() < PURGE_EVERY.min(retention))
+        {
             return;
         }
         self.last_purge = Some(std::time::Instant::now());
@@ -208,7 +230,8 @@ impl Worker {
     /// limits on open batches and on each model's enqueued tokens.
     fn form_batches(&mut self, settings: &Settings) {
         let (limits, wait) = (settings.limits, settings.batch_wait);
-        let (max_open, default_token_cap) = (settings.max_batches_in_flight, settings.max_enqueued_tokens);
+        let (max_open, default_token_cap) =
+            (settings.max_batches_in_flight, settings.max_enqueued_tokens);
         loop {
             let claimed = tx(move || {
                 let mut claimed = 0;
@@ -235,11 +258,16 @@ impl Worker {
     /// Takes a batch one step, or several while each succeeds at once.
     fn advance(&mut self, mut batch: BatchRow, settings: &Settings) {
         loop {
-            report_activity(&format!("llmbatching: batch {} ({})", batch.id, batch.state));
+            report_activity(&format!(
+                "llmbatching: batch {} ({})",
+                batch.id, batch.state
+            ));
             let (step, outcome) = match batch.state.as_str() {
                 "pending" => ("upload", self.upload(&batch)),
                 "uploaded" => ("batch creation", self.create(&batch, settings)),
-                "submitted" if batch.cancel_requested && !batch.cancel_sent => ("cancel", self.cancel(&batch)),
+                "submitted" if batch.cancel_requested && !batch.cancel_sent => {
+                    ("cancel", self.cancel(&batch))
+                }
                 "submitted" => ("poll", self.poll(&batch, settings)),
                 "ingesting" => ("download", self.ingest(&batch, settings)),
                 _ => return,
@@ -251,7 +279,10 @@ impl Worker {
             let id = batch.id;
             match tx(move || store::batch(id)) {
                 // Keep going while the batch moved to a step that is due now.
-                Some(next) if next.state != "done" && (next.state != batch.state || next.cancel_sent != batch.cancel_sent) => {
+                Some(next)
+                    if next.state != "done"
+                        && (next.state != batch.state || next.cancel_sent != batch.cancel_sent) =>
+                {
                     batch = next
                 }
                 _ => return,
@@ -288,13 +319,24 @@ impl Worker {
         let poll = settings.poll_interval;
         if batch.cancel_requested {
             let (id, max_attempts) = (batch.id, settings.max_attempts);
-            tx(move || store::close_batch(id, "the batch was cancelled before it was sent", max_attempts, false));
+            tx(move || {
+                store::close_batch(
+                    id,
+                    "the batch was cancelled before it was sent",
+                    max_attempts,
+                    false,
+                )
+            });
             self.delete_files(batch, settings);
             return Ok(());
         }
         if batch.create_attempted {
             if let Some(found) = self.find_created(batch)? {
-                log!("llmbatching: batch {} was already created at the provider as {}", batch.id, found.id);
+                log!(
+                    "llmbatching: batch {} was already created at the provider as {}",
+                    batch.id,
+                    found.id
+                );
                 tx(|| store::record_submitted(batch.id, &found, poll));
                 return Ok(());
             }
@@ -304,7 +346,10 @@ impl Worker {
         let request = NewBatch {
             input_file_id,
             endpoint: &batch.endpoint,
-            metadata: vec![(META_BATCH_ID, batch.id.to_string()), (META_INSTANCE, self.instance.clone().unwrap_or_default())],
+            metadata: vec![
+                (META_BATCH_ID, batch.id.to_string()),
+                (META_INSTANCE, self.instance.clone().unwrap_or_default()),
+            ],
         };
         let created = self.provider().create_batch(&request)?;
         tx(|| store::record_submitted(batch.id, &created, poll));
@@ -313,7 +358,10 @@ impl Worker {
 
     /// Looks through the provider's recent batches for one carrying this batch's tags.
     fn find_created(&self, batch: &BatchRow) -> Result<Option<BatchInfo>, ProviderError> {
-        let (id, instance) = (batch.id.to_string(), self.instance.clone().unwrap_or_default());
+        let (id, instance) = (
+            batch.id.to_string(),
+            self.instance.clone().unwrap_or_default(),
+        );
         let ours = |b: &BatchInfo| {
             b.metadata.get(META_BATCH_ID).and_then(|v| v.as_str()) == Some(id.as_str())
                 && b.metadata.get(META_INSTANCE).and_then(|v| v.as_str()) == Some(instance.as_str())
@@ -350,7 +398,11 @@ impl Worker {
         let provider_id = batch.provider_batch_id.as_deref().unwrap_or_default();
         let info = self.provider().get_batch(provider_id)?;
         if info.status.is_terminal() {
-            log!("llmbatching: batch {} ({provider_id}) ended {}", batch.id, info.status.as_str());
+            log!(
+                "llmbatching: batch {} ({provider_id}) ended {}",
+                batch.id,
+                info.status.as_str()
+            );
         }
         let poll = settings.poll_interval;
         tx(|| store::record_poll(batch.id, &info, poll));
@@ -359,17 +411,23 @@ impl Worker {
 
     /// Downloads and applies the output and error files, then settles what they left out.
     fn ingest(&mut self, batch: &BatchRow, settings: &Settings) -> Result<(), ProviderError> {
-        let files = [("output", &batch.output_file_id), ("error", &batch.error_file_id)];
+        let files = [
+            ("output", &batch.output_file_id),
+            ("error", &batch.error_file_id),
+        ];
         let mut lines = 0;
         let (mut downloading, mut applying) = (Duration::ZERO, Duration::ZERO);
         for (kind, file_id) in files {
             let Some(file_id) = file_id else { continue };
-            let path = self.staging.join(format!("batch-{}-{kind}.jsonl", batch.id));
+            let path = self
+                .staging
+                .join(format!("batch-{}-{kind}.jsonl", batch.id));
             let started = Instant::now();
             let downloaded = self.provider().download_file(file_id, &path);
             downloading += started.elapsed();
             let started = Instant::now();
-            let applied = downloaded.and_then(|_| self.apply_file(batch, &path, settings.max_attempts));
+            let applied =
+                downloaded.and_then(|_| self.apply_file(batch, &path, settings.max_attempts));
             applying += started.elapsed();
             let _ = std::fs::remove_file(&path);
             lines += applied?;
@@ -385,7 +443,10 @@ impl Worker {
         }
         let reason = leftover_reason(batch);
         let token_limited = batch.provider_status.as_deref() == Some("failed")
-            && batch.provider_errors.as_deref().is_some_and(|e| e.contains(TOKEN_LIMIT_CODE));
+            && batch
+                .provider_errors
+                .as_deref()
+                .is_some_and(|e| e.contains(TOKEN_LIMIT_CODE));
         if token_limited {
             // Nothing ran: the model's queue at the provider was full. Wait, then send again.
             let pause = settings.token_limit_pause;
@@ -413,10 +474,17 @@ impl Worker {
         if !settings.delete_provider_files {
             return;
         }
-        let files = [&batch.input_file_id, &batch.output_file_id, &batch.error_file_id];
+        let files = [
+            &batch.input_file_id,
+            &batch.output_file_id,
+            &batch.error_file_id,
+        ];
         for file_id in files.into_iter().flatten() {
             if let Err(e) = self.provider().delete_file(file_id) {
-                warning!("llmbatching: batch {}: could not delete file {file_id} at the provider: {e}", batch.id);
+                warning!(
+                    "llmbatching: batch {}: could not delete file {file_id} at the provider: {e}",
+                    batch.id
+                );
             }
         }
         tx(|| store::record_files_deleted(batch.id));
@@ -424,7 +492,12 @@ impl Worker {
 
     /// Reads a result file line by line and applies it in chunks, one transaction each.
     /// Returns how many lines named a request.
-    fn apply_file(&self, batch: &BatchRow, path: &std::path::Path, max_attempts: i32) -> Result<i64, ProviderError> {
+    fn apply_file(
+        &self,
+        batch: &BatchRow,
+        path: &std::path::Path,
+        max_attempts: i32,
+    ) -> Result<i64, ProviderError> {
         let local = |e: std::io::Error| ProviderError::Local(format!("{}: {e}", path.display()));
         let mut reader = std::io::BufReader::new(std::fs::File::open(path).map_err(local)?);
         let endpoint = batch.endpoint();
@@ -433,7 +506,9 @@ impl Worker {
         let mut line = Vec::new();
         let (mut attributed, mut unattributed, mut first_problem) = (0i64, 0usize, None);
         loop {
-            let read = results::read_line_bounded(&mut reader, &mut line, results::MAX_RESULT_LINE_BYTES).map_err(local)?;
+            let read =
+                results::read_line_bounded(&mut reader, &mut line, results::MAX_RESULT_LINE_BYTES)
+                    .map_err(local)?;
             match read {
                 LineRead::Line => {
                     let text = String::from_utf8_lossy(&line);
@@ -453,12 +528,18 @@ impl Worker {
                 }
                 LineRead::TooLong => {
                     unattributed += 1;
-                    first_problem.get_or_insert(format!("a line over {} bytes", results::MAX_RESULT_LINE_BYTES));
+                    first_problem.get_or_insert(format!(
+                        "a line over {} bytes",
+                        results::MAX_RESULT_LINE_BYTES
+                    ));
                 }
                 LineRead::End => {}
             }
             let end = read == LineRead::End;
-            if chunk.len() >= INGEST_CHUNK || chunk_bytes >= INGEST_CHUNK_BYTES || (end && !chunk.is_empty()) {
+            if chunk.len() >= INGEST_CHUNK
+                || chunk_bytes >= INGEST_CHUNK_BYTES
+                || (end && !chunk.is_empty())
+            {
                 let results = std::mem::take(&mut chunk);
                 chunk_bytes = 0;
                 let id = batch.id;
@@ -480,11 +561,21 @@ impl Worker {
 
     /// Records a failed step. Passing faults are retried with backoff; a refusal that persists
     /// ends the batch, and its requests go back to the queue (or fail, out of attempts).
-    fn step_failed(&mut self, batch: &BatchRow, step: &str, error: ProviderError, settings: &Settings) {
+    fn step_failed(
+        &mut self,
+        batch: &BatchRow,
+        step: &str,
+        error: ProviderError,
+        settings: &Settings,
+    ) {
         let message = format!("{step} failed: {error}");
-        let final_refusal = !error.is_retryable() && batch.step_failures + 1 >= REFUSALS_BEFORE_GIVING_UP;
+        let final_refusal =
+            !error.is_retryable() && batch.step_failures + 1 >= REFUSALS_BEFORE_GIVING_UP;
         if final_refusal {
-            warning!("llmbatching: batch {}: {message}; giving up on this batch", batch.id);
+            warning!(
+                "llmbatching: batch {}: {message}; giving up on this batch",
+                batch.id
+            );
             let (id, max_attempts) = (batch.id, settings.max_attempts);
             tx(move || store::close_batch(id, &message, max_attempts, false));
             self.delete_files(batch, settings);
@@ -492,8 +583,18 @@ impl Worker {
         }
         let base = settings.poll_interval.min(Duration::from_secs(2));
         let cap = settings.poll_interval.max(Duration::from_secs(300));
-        let delay = planner::retry_delay(batch.step_failures as u32, base, cap, error.retry_after(), rand::random());
-        warning!("llmbatching: batch {}: {message}; retrying in {:.1}s", batch.id, delay.as_secs_f64());
+        let delay = planner::retry_delay(
+            batch.step_failures as u32,
+            base,
+            cap,
+            error.retry_after(),
+            rand::random(),
+        );
+        warning!(
+            "llmbatching: batch {}: {message}; retrying in {:.1}s",
+            batch.id,
+            delay.as_secs_f64()
+        );
         let id = batch.id;
         tx(move || store::record_step_failure(id, &message, delay));
     }
@@ -507,7 +608,10 @@ fn leftover_reason(batch: &BatchRow) -> String {
         BatchStatus::Cancelled => "the batch was cancelled before this request ran".into(),
         BatchStatus::Failed => format!(
             "the batch failed at the provider: {}",
-            batch.provider_errors.as_deref().unwrap_or("no reason given")
+            batch
+                .provider_errors
+                .as_deref()
+                .unwrap_or("no reason given")
         ),
         _ => "the provider returned no result for this request".into(),
     }

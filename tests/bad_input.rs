@@ -32,16 +32,30 @@ fn bad_arguments_are_errors_naming_the_argument_and_queue_nothing() {
     ];
     for (sql, expected) in cases {
         let err = c.batch_execute(sql).expect_err(sql);
-        let message = err.as_db_error().map(|e| e.message().to_owned()).unwrap_or_else(|| err.to_string());
-        assert!(message.contains(expected), "{sql}: got {message:?}, expected {expected:?}");
+        let message = err
+            .as_db_error()
+            .map(|e| e.message().to_owned())
+            .unwrap_or_else(|| err.to_string());
+        assert!(
+            message.contains(expected),
+            "{sql}: got {message:?}, expected {expected:?}"
+        );
         assert!(message.starts_with("invalid argument"), "{sql}: {message}");
     }
-    let queued: i64 = c.query_one("SELECT count(*) FROM llmbatching.requests", &[]).unwrap().get(0);
+    let queued: i64 = c
+        .query_one("SELECT count(*) FROM llmbatching.requests", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(queued, 0);
     // In one transaction, a refused call rolls back the requests queued before it.
-    let err = c.batch_execute("BEGIN; SELECT llm_submit('m', 'ok'); SELECT llm_submit('m', NULL); COMMIT;");
+    let err = c.batch_execute(
+        "BEGIN; SELECT llm_submit('m', 'ok'); SELECT llm_submit('m', NULL); COMMIT;",
+    );
     assert!(err.is_err());
     c.batch_execute("ROLLBACK").unwrap();
-    let queued: i64 = c.query_one("SELECT count(*) FROM llmbatching.requests", &[]).unwrap().get(0);
+    let queued: i64 = c
+        .query_one("SELECT count(*) FROM llmbatching.requests", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(queued, 0);
 }

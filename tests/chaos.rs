@@ -32,7 +32,9 @@ impl Rng {
 
 fn faulty_provider() -> EmulatorConfig {
     let mut faults = BTreeMap::new();
-    for op in ["upload", "create", "get", "list", "content", "delete", "cancel"] {
+    for op in [
+        "upload", "create", "get", "list", "content", "delete", "cancel",
+    ] {
         let fault = Fault {
             error_rate: 0.15,
             statuses: vec![429, 500, 502, 503],
@@ -58,9 +60,16 @@ fn faulty_provider() -> EmulatorConfig {
 
 #[test]
 fn crashes_and_provider_faults_lose_no_request_and_pay_for_none_twice() {
-    let seed = std::env::var("CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64 | 1
-    });
+    let seed = std::env::var("CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
     println!("chaos: seed {seed} (set CHAOS_SEED to replay the same schedule)");
     let mut rng = Rng(seed);
     let cluster = Cluster::start(
@@ -94,7 +103,10 @@ fn crashes_and_provider_faults_lose_no_request_and_pay_for_none_twice() {
         match *event {
             "kill" => {
                 let pid = cluster.worker_pid();
-                std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+                std::process::Command::new("kill")
+                    .args(["-9", &pid.to_string()])
+                    .status()
+                    .unwrap();
             }
             _ => cluster.restart("immediate"),
         }
@@ -112,20 +124,34 @@ fn crashes_and_provider_faults_lose_no_request_and_pay_for_none_twice() {
         .unwrap();
     let (mut completed, mut failed) = (0, 0);
     for row in &rows {
-        let (model, prompt, status): (String, String, String) = (row.get(0), row.get(1), row.get(2));
+        let (model, prompt, status): (String, String, String) =
+            (row.get(0), row.get(1), row.get(2));
         let request_id: i64 = row.get(5);
         if prompt.contains(FAIL_MARKER) {
             assert_eq!(status, "failed", "{prompt}");
-            assert_eq!(row.get::<_, Option<String>>(4), Some(failure_message(&request_id.to_string())));
+            assert_eq!(
+                row.get::<_, Option<String>>(4),
+                Some(failure_message(&request_id.to_string()))
+            );
             failed += 1;
         } else {
-            assert_eq!(status, "completed", "{prompt}: {:?}", row.get::<_, Option<String>>(4));
-            assert_eq!(row.get::<_, Option<String>>(3), Some(echo_answer(&model, &prompt)), "{prompt}");
+            assert_eq!(
+                status,
+                "completed",
+                "{prompt}: {:?}",
+                row.get::<_, Option<String>>(4)
+            );
+            assert_eq!(
+                row.get::<_, Option<String>>(3),
+                Some(echo_answer(&model, &prompt)),
+                "{prompt}"
+            );
             completed += 1;
         }
     }
     let stats = cluster.emulator.stats();
-    let batches = cluster.count("SELECT count(*) FROM llmbatching.batches WHERE provider_batch_id IS NOT NULL");
+    let batches = cluster
+        .count("SELECT count(*) FROM llmbatching.batches WHERE provider_batch_id IS NOT NULL");
     let twice = stats.ran_more_than_once();
     let summary = format!(
         "chaos: {} requests: {completed} completed, {failed} failed as injected; {} batches created at the provider, \
@@ -139,8 +165,14 @@ fn crashes_and_provider_faults_lose_no_request_and_pay_for_none_twice() {
     );
     println!("{summary}");
     // The test runner hides a passing test's output; scripts/test prints this file instead.
-    let _ = std::fs::write(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("chaos-summary.txt"), &summary);
+    let _ = std::fs::write(
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("chaos-summary.txt"),
+        &summary,
+    );
     assert_eq!(rows.len(), REQUESTS as usize);
     assert!(twice.is_empty(), "answered more than once: {twice:?}");
-    assert_eq!(stats.batches_created, batches as u64, "a batch was created twice");
+    assert_eq!(
+        stats.batches_created, batches as u64,
+        "a batch was created twice"
+    );
 }

@@ -12,14 +12,21 @@ const SETTLE: Duration = Duration::from_secs(180);
 fn submit(cluster: &Cluster, n: i32) {
     cluster
         .client()
-        .execute("SELECT llm_submit('m', 'request number ' || g) FROM generate_series(1, $1) g", &[&n])
+        .execute(
+            "SELECT llm_submit('m', 'request number ' || g) FROM generate_series(1, $1) g",
+            &[&n],
+        )
         .unwrap();
 }
 
 #[test]
 fn a_token_limit_refusal_queues_the_requests_again_without_using_an_attempt_and_pauses_the_model() {
     // About 12 tokens a request: one batch of 20 fits under 300, two open at once do not.
-    let emulator = EmulatorConfig { enqueued_token_limit: Some(300), in_progress_ms: 300, ..quick() };
+    let emulator = EmulatorConfig {
+        enqueued_token_limit: Some(300),
+        in_progress_ms: 300,
+        ..quick()
+    };
     let cluster = Cluster::start(
         emulator,
         &[
@@ -28,36 +35,73 @@ fn a_token_limit_refusal_queues_the_requests_again_without_using_an_attempt_and_
             ("llmbatching.token_limit_pause", "300ms"),
         ],
     );
-    cluster.client().batch_execute("CREATE EXTENSION llmbatching").unwrap();
+    cluster
+        .client()
+        .batch_execute("CREATE EXTENSION llmbatching")
+        .unwrap();
     submit(&cluster, 60);
     cluster.wait_until_settled(SETTLE);
-    assert_eq!(cluster.count("SELECT count(*) FROM llmbatching.requests WHERE state = 'completed' AND attempts = 1"), 60);
+    assert_eq!(
+        cluster.count(
+            "SELECT count(*) FROM llmbatching.requests WHERE state = 'completed' AND attempts = 1"
+        ),
+        60
+    );
     let refused = cluster.count(
         "SELECT count(*) FROM llmbatching.batches
           WHERE provider_status = 'failed' AND provider_errors LIKE 'token_limit_exceeded%'",
     );
-    assert!(refused > 0, "the emulator never refused a batch; the test proves nothing");
-    assert_eq!(cluster.count("SELECT count(*) FROM llmbatching.model_pauses WHERE model = 'm'"), 1);
+    assert!(
+        refused > 0,
+        "the emulator never refused a batch; the test proves nothing"
+    );
+    assert_eq!(
+        cluster.count("SELECT count(*) FROM llmbatching.model_pauses WHERE model = 'm'"),
+        1
+    );
 }
 
 #[test]
 fn the_enqueued_token_cap_keeps_batches_under_the_provider_limit() {
-    let emulator = EmulatorConfig { enqueued_token_limit: Some(300), in_progress_ms: 300, ..quick() };
+    let emulator = EmulatorConfig {
+        enqueued_token_limit: Some(300),
+        in_progress_ms: 300,
+        ..quick()
+    };
     let cluster = Cluster::start(
         emulator,
-        &[("llmbatching.batch_max_requests", "20"), ("llmbatching.max_enqueued_tokens", "250")],
+        &[
+            ("llmbatching.batch_max_requests", "20"),
+            ("llmbatching.max_enqueued_tokens", "250"),
+        ],
     );
-    cluster.client().batch_execute("CREATE EXTENSION llmbatching").unwrap();
+    cluster
+        .client()
+        .batch_execute("CREATE EXTENSION llmbatching")
+        .unwrap();
     submit(&cluster, 60);
     cluster.wait_until_settled(SETTLE);
-    assert_eq!(cluster.count("SELECT count(*) FROM llmbatching.requests WHERE state = 'completed'"), 60);
-    assert_eq!(cluster.count("SELECT count(*) FROM llmbatching.batches WHERE provider_status = 'failed'"), 0);
+    assert_eq!(
+        cluster.count("SELECT count(*) FROM llmbatching.requests WHERE state = 'completed'"),
+        60
+    );
+    assert_eq!(
+        cluster.count("SELECT count(*) FROM llmbatching.batches WHERE provider_status = 'failed'"),
+        0
+    );
     assert!(cluster.count("SELECT max(estimated_tokens) FROM llmbatching.batches") <= 250);
 
     // A per-model cap overrides the setting; a request over the whole cap fails at once.
     let mut c = cluster.client();
-    c.batch_execute("INSERT INTO llmbatching.model_limits VALUES ('m', 5)").unwrap();
-    let id: i64 = c.query_one("SELECT llm_submit('m', 'a prompt longer than five tokens')", &[]).unwrap().get(0);
+    c.batch_execute("INSERT INTO llmbatching.model_limits VALUES ('m', 5)")
+        .unwrap();
+    let id: i64 = c
+        .query_one(
+            "SELECT llm_submit('m', 'a prompt longer than five tokens')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
     cluster.wait_until_settled(SETTLE);
     let error: String = c.query_one("SELECT llm_error($1)", &[&id]).unwrap().get(0);
     assert!(error.contains("enqueued-token cap of 5"), "{error}");
@@ -67,9 +111,15 @@ fn the_enqueued_token_cap_keeps_batches_under_the_provider_limit() {
 fn no_more_batches_are_open_than_the_in_flight_limit() {
     let cluster = Cluster::start(
         quick(),
-        &[("llmbatching.batch_max_requests", "10"), ("llmbatching.max_batches_in_flight", "1")],
+        &[
+            ("llmbatching.batch_max_requests", "10"),
+            ("llmbatching.max_batches_in_flight", "1"),
+        ],
     );
-    cluster.client().batch_execute("CREATE EXTENSION llmbatching").unwrap();
+    cluster
+        .client()
+        .batch_execute("CREATE EXTENSION llmbatching")
+        .unwrap();
     submit(&cluster, 40);
     cluster.wait_until_settled(SETTLE);
     assert_eq!(cluster.count("SELECT count(*) FROM llmbatching.batches"), 4);
@@ -79,53 +129,101 @@ fn no_more_batches_are_open_than_the_in_flight_limit() {
 #[test]
 fn server_errors_are_retried_honouring_retry_after_and_refusals_are_recorded() {
     let mut faults = std::collections::BTreeMap::new();
-    let throttled = Fault { error_rate: 1.0, statuses: vec![429], retry_after: Some(3), ..Fault::default() };
+    let throttled = Fault {
+        error_rate: 1.0,
+        statuses: vec![429],
+        retry_after: Some(3),
+        ..Fault::default()
+    };
     faults.insert("create".to_string(), throttled);
-    let cluster = Cluster::start(EmulatorConfig { faults, ..quick() }, &[("llmbatching.max_attempts", "1")]);
+    let cluster = Cluster::start(
+        EmulatorConfig { faults, ..quick() },
+        &[("llmbatching.max_attempts", "1")],
+    );
     let mut c = cluster.client();
     c.batch_execute("CREATE EXTENSION llmbatching").unwrap();
     submit(&cluster, 5);
     cluster.wait_for("a throttled create", Duration::from_secs(30), || {
-        c.query_one("SELECT count(*) FROM llmbatching.batches WHERE last_error LIKE '%429%'", &[]).unwrap().get::<_, i64>(0) > 0
+        c.query_one(
+            "SELECT count(*) FROM llmbatching.batches WHERE last_error LIKE '%429%'",
+            &[],
+        )
+        .unwrap()
+        .get::<_, i64>(0)
+            > 0
     });
     let wait: f64 = c
-        .query_one("SELECT extract(epoch FROM next_check_at - now())::float8 FROM llmbatching.batches", &[])
+        .query_one(
+            "SELECT extract(epoch FROM next_check_at - now())::float8 FROM llmbatching.batches",
+            &[],
+        )
         .unwrap()
         .get(0);
-    assert!(wait > 2.0, "Retry-After: 3 was not honoured (next try in {wait:.1}s)");
+    assert!(
+        wait > 2.0,
+        "Retry-After: 3 was not honoured (next try in {wait:.1}s)"
+    );
     cluster.emulator.configure(|c| c.faults.clear());
     cluster.wait_until_settled(SETTLE);
-    assert_eq!(cluster.count("SELECT count(*) FROM llmbatching.requests WHERE state = 'completed'"), 5);
+    assert_eq!(
+        cluster.count("SELECT count(*) FROM llmbatching.requests WHERE state = 'completed'"),
+        5
+    );
 
     // A refusal that persists ends the batch; out of attempts, its requests fail with the reason.
     cluster.emulator.configure(|c| {
-        let refused = Fault { error_rate: 1.0, statuses: vec![400], ..Fault::default() };
+        let refused = Fault {
+            error_rate: 1.0,
+            statuses: vec![400],
+            ..Fault::default()
+        };
         c.faults.insert("create".into(), refused);
     });
-    let id: i64 = c.query_one("SELECT llm_submit('m', 'refused')", &[]).unwrap().get(0);
+    let id: i64 = c
+        .query_one("SELECT llm_submit('m', 'refused')", &[])
+        .unwrap()
+        .get(0);
     cluster.wait_until_settled(SETTLE);
     let error: String = c.query_one("SELECT llm_error($1)", &[&id]).unwrap().get(0);
-    assert!(error.contains("batch creation failed: HTTP 400: Emulated fault on create"), "{error}");
+    assert!(
+        error.contains("batch creation failed: HTTP 400: Emulated fault on create"),
+        "{error}"
+    );
 }
 
 #[test]
 fn cancelling_every_request_of_a_submitted_batch_cancels_it_at_the_provider() {
-    let cluster = Cluster::start(EmulatorConfig { in_progress_ms: 4000, ..quick() }, &[]);
+    let cluster = Cluster::start(
+        EmulatorConfig {
+            in_progress_ms: 4000,
+            ..quick()
+        },
+        &[],
+    );
     let mut c = cluster.client();
     c.batch_execute("CREATE EXTENSION llmbatching").unwrap();
     submit(&cluster, 10);
     cluster.wait_for_a_submitted_batch();
     let cancelled: i64 = c
-        .query_one("SELECT count(*) FROM llmbatching.requests WHERE llm_cancel(id)", &[])
+        .query_one(
+            "SELECT count(*) FROM llmbatching.requests WHERE llm_cancel(id)",
+            &[],
+        )
         .unwrap()
         .get(0);
     assert_eq!(cancelled, 10);
     cluster.wait_for("the batch to be cancelled", SETTLE, || {
-        c.query_one("SELECT state = 'done' AND provider_status = 'cancelled' FROM llmbatching.batches", &[])
-            .unwrap()
-            .get::<_, bool>(0)
+        c.query_one(
+            "SELECT state = 'done' AND provider_status = 'cancelled' FROM llmbatching.batches",
+            &[],
+        )
+        .unwrap()
+        .get::<_, bool>(0)
     });
-    assert_eq!(cluster.count("SELECT count(*) FROM llmbatching.batches WHERE cancel_sent_at IS NOT NULL"), 1);
+    assert_eq!(
+        cluster.count("SELECT count(*) FROM llmbatching.batches WHERE cancel_sent_at IS NOT NULL"),
+        1
+    );
     assert_eq!(
         cluster.count("SELECT count(*) FROM llmbatching.requests WHERE state = 'cancelled' AND response IS NULL"),
         10
@@ -133,13 +231,19 @@ fn cancelling_every_request_of_a_submitted_batch_cancels_it_at_the_provider() {
 
     // Cancelling part of a batch leaves the batch running; that answer is ignored.
     let ids: Vec<i64> = c
-        .query("SELECT llm_submit('m', 'second ' || g) FROM generate_series(1, 5) g", &[])
+        .query(
+            "SELECT llm_submit('m', 'second ' || g) FROM generate_series(1, 5) g",
+            &[],
+        )
         .unwrap()
         .iter()
         .map(|r| r.get(0))
         .collect();
     cluster.wait_for_a_submitted_batch();
-    assert!(c.query_one("SELECT llm_cancel($1)", &[&ids[0]]).unwrap().get::<_, bool>(0));
+    assert!(c
+        .query_one("SELECT llm_cancel($1)", &[&ids[0]])
+        .unwrap()
+        .get::<_, bool>(0));
     cluster.wait_until_settled(SETTLE);
     let row = c
         .query_one(
@@ -150,19 +254,30 @@ fn cancelling_every_request_of_a_submitted_batch_cancels_it_at_the_provider() {
     assert_eq!(row.get::<_, String>(0), "cancelled");
     assert_eq!(row.get::<_, Option<String>>(1), None);
     assert_eq!(row.get::<_, String>(2), "completed");
-    assert_eq!(cluster.count("SELECT count(*) FROM llmbatching.requests WHERE state = 'completed'"), 4);
+    assert_eq!(
+        cluster.count("SELECT count(*) FROM llmbatching.requests WHERE state = 'completed'"),
+        4
+    );
 }
 
 #[test]
 fn provider_files_are_deleted_once_read_unless_kept() {
     let cluster = Cluster::start(quick(), &[]);
-    cluster.client().batch_execute("CREATE EXTENSION llmbatching").unwrap();
+    cluster
+        .client()
+        .batch_execute("CREATE EXTENSION llmbatching")
+        .unwrap();
     submit(&cluster, 5);
     cluster.wait_until_settled(SETTLE);
     cluster.wait_for("the files to be deleted", Duration::from_secs(10), || {
-        cluster.count("SELECT count(*) FROM llmbatching.batches WHERE files_deleted_at IS NOT NULL") == 1
+        cluster.count("SELECT count(*) FROM llmbatching.batches WHERE files_deleted_at IS NOT NULL")
+            == 1
     });
-    assert_eq!(cluster.emulator.stats().files_deleted, 2, "input and output file");
+    assert_eq!(
+        cluster.emulator.stats().files_deleted,
+        2,
+        "input and output file"
+    );
 
     cluster.set(&[("llmbatching.delete_provider_files", "off")]);
     std::thread::sleep(Duration::from_millis(300));
@@ -179,44 +294,80 @@ fn retention_removes_finished_rows_once_they_are_old_enough() {
     c.batch_execute("CREATE EXTENSION llmbatching").unwrap();
     submit(&cluster, 5);
     cluster.wait_until_settled(SETTLE);
-    c.batch_execute("SELECT llm_submit('m', 'waits') ; ").unwrap();
+    c.batch_execute("SELECT llm_submit('m', 'waits') ; ")
+        .unwrap();
     cluster.set(&[("llmbatching.batch_wait", "1h")]);
     cluster.wait_for("the purge", Duration::from_secs(30), || {
         cluster.count("SELECT count(*) FROM llmbatching.requests WHERE state = 'completed'") == 0
             && cluster.count("SELECT count(*) FROM llmbatching.batches") == 0
     });
-    assert_eq!(cluster.count("SELECT count(*) FROM llmbatching.requests WHERE state = 'queued'"), 1, "open work is kept");
+    assert_eq!(
+        cluster.count("SELECT count(*) FROM llmbatching.requests WHERE state = 'queued'"),
+        1,
+        "open work is kept"
+    );
 }
 
 #[test]
 fn a_batch_whose_create_answer_was_lost_is_found_again_not_created_twice() {
     let mut faults = std::collections::BTreeMap::new();
-    faults.insert("create".to_string(), Fault { drop_rate: 1.0, ..Fault::default() });
+    faults.insert(
+        "create".to_string(),
+        Fault {
+            drop_rate: 1.0,
+            ..Fault::default()
+        },
+    );
     let cluster = Cluster::start(EmulatorConfig { faults, ..quick() }, &[]);
-    cluster.client().batch_execute("CREATE EXTENSION llmbatching").unwrap();
+    cluster
+        .client()
+        .batch_execute("CREATE EXTENSION llmbatching")
+        .unwrap();
     submit(&cluster, 5);
     // Every create answer is lost, so only finding the batch again can complete the work.
     cluster.wait_until_settled(SETTLE);
-    assert_eq!(cluster.count("SELECT count(*) FROM llmbatching.requests WHERE state = 'completed'"), 5);
-    assert_eq!(cluster.emulator.stats().batches_created, 1, "the batch was created twice");
-    assert!(cluster.log().contains("was already created at the provider"));
+    assert_eq!(
+        cluster.count("SELECT count(*) FROM llmbatching.requests WHERE state = 'completed'"),
+        5
+    );
+    assert_eq!(
+        cluster.emulator.stats().batches_created,
+        1,
+        "the batch was created twice"
+    );
+    assert!(cluster
+        .log()
+        .contains("was already created at the provider"));
 }
 
 #[test]
 fn a_batch_that_lingers_in_validating_and_finalizing_is_polled_until_it_ends() {
-    let lingering = EmulatorConfig { validating_ms: 1500, in_progress_ms: 200, finalizing_ms: 1500, ..quick() };
+    let lingering = EmulatorConfig {
+        validating_ms: 1500,
+        in_progress_ms: 200,
+        finalizing_ms: 1500,
+        ..quick()
+    };
     let cluster = Cluster::start(lingering, &[]);
     let mut c = cluster.client();
     c.batch_execute("CREATE EXTENSION llmbatching").unwrap();
     submit(&cluster, 3);
     let mut seen = std::collections::BTreeSet::new();
     cluster.wait_for("the batch to complete", SETTLE, || {
-        let status: Option<String> =
-            c.query_opt("SELECT provider_status FROM llmbatching.batches", &[]).unwrap().and_then(|r| r.get(0));
+        let status: Option<String> = c
+            .query_opt("SELECT provider_status FROM llmbatching.batches", &[])
+            .unwrap()
+            .and_then(|r| r.get(0));
         seen.extend(status.clone());
         status.as_deref() == Some("completed")
     });
-    assert!(seen.contains("validating") && seen.contains("finalizing"), "{seen:?}");
+    assert!(
+        seen.contains("validating") && seen.contains("finalizing"),
+        "{seen:?}"
+    );
     cluster.wait_until_settled(SETTLE);
-    assert_eq!(cluster.count("SELECT count(*) FROM llmbatching.requests WHERE state = 'completed'"), 3);
+    assert_eq!(
+        cluster.count("SELECT count(*) FROM llmbatching.requests WHERE state = 'completed'"),
+        3
+    );
 }

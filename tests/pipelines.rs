@@ -4,8 +4,8 @@
 mod common;
 
 use common::{quick, Cluster, EmulatorConfig};
-use postgres::fallible_iterator::FallibleIterator;
 use llmbatching_emulator::answers::{echo_answer, embedding_of, OFF_LABEL_MARKER};
+use postgres::fallible_iterator::FallibleIterator;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,9 +23,15 @@ fn classifying_a_table_in_place_writes_each_answer_into_its_row_even_with_a_comp
     )
     .unwrap();
     let row = c
-        .query_one("SELECT * FROM llm_classify('reviews', 'sentiment', $$'Classify: ' || body$$, 'm')", &[])
+        .query_one(
+            "SELECT * FROM llm_classify('reviews', 'sentiment', $$'Classify: ' || body$$, 'm')",
+            &[],
+        )
         .unwrap();
-    assert_eq!((row.get::<_, String>(0), row.get::<_, i64>(1)), ("reviews.sentiment".to_string(), 20));
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, i64>(1)),
+        ("reviews.sentiment".to_string(), 20)
+    );
     // Meanwhile the table changes: a row is deleted, one edited, one re-keyed.
     c.batch_execute(
         "DELETE FROM reviews WHERE shop = 'north' AND n = 1;
@@ -33,24 +39,49 @@ fn classifying_a_table_in_place_writes_each_answer_into_its_row_even_with_a_comp
          UPDATE reviews SET n = 100 WHERE shop = 'north' AND n = 3;",
     )
     .unwrap();
-    assert!(c.query_one("SELECT llm_wait(job => 'reviews.sentiment', timeout => '2 min')", &[]).unwrap().get::<_, bool>(0));
+    assert!(c
+        .query_one(
+            "SELECT llm_wait(job => 'reviews.sentiment', timeout => '2 min')",
+            &[]
+        )
+        .unwrap()
+        .get::<_, bool>(0));
 
-    for row in c.query("SELECT shop, n, body, sentiment FROM reviews WHERE shop <> 'east'", &[]).unwrap() {
-        let (shop, n, body, sentiment): (String, i32, String, Option<String>) = (row.get(0), row.get(1), row.get(2), row.get(3));
+    for row in c
+        .query(
+            "SELECT shop, n, body, sentiment FROM reviews WHERE shop <> 'east'",
+            &[],
+        )
+        .unwrap()
+    {
+        let (shop, n, body, sentiment): (String, i32, String, Option<String>) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
         match (shop.as_str(), n) {
             // The answer is to the prompt as it was sent.
-            ("north", 2) => assert_eq!(sentiment, Some(echo_answer("m", "Classify: review north2"))),
+            ("north", 2) => {
+                assert_eq!(sentiment, Some(echo_answer("m", "Classify: review north2")))
+            }
             ("north", 100) => assert_eq!(sentiment, None),
-            _ => assert_eq!(sentiment, Some(echo_answer("m", &format!("Classify: {body}"))), "{shop} {n}"),
+            _ => assert_eq!(
+                sentiment,
+                Some(echo_answer("m", &format!("Classify: {body}"))),
+                "{shop} {n}"
+            ),
         }
     }
     let outcomes: Vec<(String, i64)> = c
-        .query("SELECT outcome, count(*) FROM llmbatching.writebacks GROUP BY 1 ORDER BY 1", &[])
+        .query(
+            "SELECT outcome, count(*) FROM llmbatching.writebacks GROUP BY 1 ORDER BY 1",
+            &[],
+        )
         .unwrap()
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    assert_eq!(outcomes, [("row missing".to_string(), 2), ("written".to_string(), 18)]);
+    assert_eq!(
+        outcomes,
+        [("row missing".to_string(), 2), ("written".to_string(), 18)]
+    );
 }
 
 #[test]
@@ -70,26 +101,62 @@ fn labels_are_guaranteed_and_structured_answers_arrive_as_json() {
              schema => '{\"type\": \"object\", \"properties\": {\"summary\": {\"type\": \"string\"}, \"urgent\": {\"type\": \"boolean\"}}}');",
     )
     .unwrap();
-    assert!(c.query_one("SELECT llm_wait(job => 'moods') AND llm_wait(job => 'facts')", &[]).unwrap().get::<_, bool>(0));
-    let moods: Vec<Option<String>> =
-        c.query("SELECT mood::text FROM tickets ORDER BY id", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert!(c
+        .query_one(
+            "SELECT llm_wait(job => 'moods') AND llm_wait(job => 'facts')",
+            &[]
+        )
+        .unwrap()
+        .get::<_, bool>(0));
+    let moods: Vec<Option<String>> = c
+        .query("SELECT mood::text FROM tickets ORDER BY id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     // No label appears in ticket 3, so the emulator picks the first; ticket 4 answered off the list.
-    assert_eq!(moods, [Some("positive".into()), Some("negative".into()), Some("positive".into()), None]);
+    assert_eq!(
+        moods,
+        [
+            Some("positive".into()),
+            Some("negative".into()),
+            Some("positive".into()),
+            None
+        ]
+    );
     let error: String = c
         .query_one("SELECT llm_error(w.request_id) FROM llmbatching.writebacks w WHERE w.row_key = '{\"id\": 4}'", &[])
         .unwrap()
         .get(0);
-    assert!(error.contains("is not one of the labels positive, negative, neutral"), "{error}");
-    let facts: serde_json::Value = c.query_one("SELECT facts FROM tickets WHERE id = 2", &[]).unwrap().get(0);
-    assert_eq!(facts, serde_json::json!({"summary": "so negative", "urgent": true}));
-    assert_eq!(cluster.count("SELECT count(*) FROM tickets WHERE facts IS NOT NULL"), 2);
+    assert!(
+        error.contains("is not one of the labels positive, negative, neutral"),
+        "{error}"
+    );
+    let facts: serde_json::Value = c
+        .query_one("SELECT facts FROM tickets WHERE id = 2", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        facts,
+        serde_json::json!({"summary": "so negative", "urgent": true})
+    );
+    assert_eq!(
+        cluster.count("SELECT count(*) FROM tickets WHERE facts IS NOT NULL"),
+        2
+    );
 
     let id: i64 = c
         .query_one("SELECT llm_submit_json('m', 'hi', '{\"type\": \"object\", \"properties\": {\"n\": {\"type\": \"integer\"}}}', endpoint => '/v1/chat/completions')", &[])
         .unwrap()
         .get(0);
-    assert!(c.query_one("SELECT llm_wait(ARRAY[$1::bigint])", &[&id]).unwrap().get::<_, bool>(0));
-    let answer: serde_json::Value = c.query_one("SELECT llm_answer_json($1)", &[&id]).unwrap().get(0);
+    assert!(c
+        .query_one("SELECT llm_wait(ARRAY[$1::bigint])", &[&id])
+        .unwrap()
+        .get::<_, bool>(0));
+    let answer: serde_json::Value = c
+        .query_one("SELECT llm_answer_json($1)", &[&id])
+        .unwrap()
+        .get(0);
     assert_eq!(answer, serde_json::json!({"n": 2}));
 }
 
@@ -103,11 +170,23 @@ fn embeddings_are_read_as_real_arrays_and_written_back_in_place() {
          SELECT llm_classify('docs', 'embedding', 'body', 'text-embedding-3-small', endpoint => '/v1/embeddings', job => 'emb');",
     )
     .unwrap();
-    assert!(c.query_one("SELECT llm_wait(job => 'emb')", &[]).unwrap().get::<_, bool>(0));
-    let stored: Vec<f32> = c.query_one("SELECT embedding FROM docs WHERE id = 1", &[]).unwrap().get(0);
+    assert!(c
+        .query_one("SELECT llm_wait(job => 'emb')", &[])
+        .unwrap()
+        .get::<_, bool>(0));
+    let stored: Vec<f32> = c
+        .query_one("SELECT embedding FROM docs WHERE id = 1", &[])
+        .unwrap()
+        .get(0);
     let expected = embedding_of("alpha");
     assert_eq!(stored.len(), expected.len());
-    assert!(stored.iter().zip(&expected).all(|(a, b)| (a - b).abs() < 1e-6), "{stored:?}");
+    assert!(
+        stored
+            .iter()
+            .zip(&expected)
+            .all(|(a, b)| (a - b).abs() < 1e-6),
+        "{stored:?}"
+    );
     let via_function: Vec<f32> = c
         .query_one("SELECT llm_embedding(request_id) FROM llmbatching.writebacks WHERE row_key = '{\"id\": 2}'", &[])
         .unwrap()
@@ -117,7 +196,13 @@ fn embeddings_are_read_as_real_arrays_and_written_back_in_place() {
 
 #[test]
 fn jobs_show_progress_tokens_and_an_estimated_finish() {
-    let cluster = Cluster::start(EmulatorConfig { in_progress_ms: 3000, ..quick() }, &[]);
+    let cluster = Cluster::start(
+        EmulatorConfig {
+            in_progress_ms: 3000,
+            ..quick()
+        },
+        &[],
+    );
     let mut c = cluster.client();
     c.batch_execute(
         "CREATE EXTENSION llmbatching;
@@ -132,11 +217,17 @@ fn jobs_show_progress_tokens_and_an_estimated_finish() {
             .unwrap_or(false)
     });
     let eta_in_future: bool = c
-        .query_one("SELECT estimated_finish > now() FROM llm_job_status('nightly')", &[])
+        .query_one(
+            "SELECT estimated_finish > now() FROM llm_job_status('nightly')",
+            &[],
+        )
         .unwrap()
         .get(0);
     assert!(eta_in_future);
-    assert!(c.query_one("SELECT llm_wait(job => 'nightly')", &[]).unwrap().get::<_, bool>(0));
+    assert!(c
+        .query_one("SELECT llm_wait(job => 'nightly')", &[])
+        .unwrap()
+        .get::<_, bool>(0));
     let row = c
         .query_one(
             "SELECT total, completed, percent_done::float8, input_tokens > 0 AND output_tokens > 0,
@@ -145,37 +236,69 @@ fn jobs_show_progress_tokens_and_an_estimated_finish() {
             &[],
         )
         .unwrap();
-    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1), row.get::<_, f64>(2)), (30, 30, 100.0));
+    assert_eq!(
+        (
+            row.get::<_, i64>(0),
+            row.get::<_, i64>(1),
+            row.get::<_, f64>(2)
+        ),
+        (30, 30, 100.0)
+    );
     assert!(row.get::<_, bool>(3) && row.get::<_, bool>(4));
     assert_eq!(cluster.count("SELECT count(*) FROM llmbatching.jobs"), 2);
 }
 
 #[test]
 fn waiting_times_out_reports_progress_and_can_be_cancelled() {
-    let cluster = Cluster::start(EmulatorConfig { in_progress_ms: 4000, ..quick() }, &[]);
+    let cluster = Cluster::start(
+        EmulatorConfig {
+            in_progress_ms: 4000,
+            ..quick()
+        },
+        &[],
+    );
     let notices = Arc::new(Mutex::new(Vec::new()));
     let mut c = cluster.client_with_notices(notices.clone());
     c.batch_execute("CREATE EXTENSION llmbatching; SELECT llm_submit('m', 'slow ' || g, job => 'slow') FROM generate_series(1, 3) g")
         .unwrap();
     let done: bool = c
-        .query_one("SELECT llm_wait(job => 'slow', timeout => '700ms', report_every => '200ms')", &[])
+        .query_one(
+            "SELECT llm_wait(job => 'slow', timeout => '700ms', report_every => '200ms')",
+            &[],
+        )
         .unwrap()
         .get(0);
     assert!(!done);
     let seen = notices.lock().unwrap().clone();
-    assert!(seen.iter().any(|n| n.starts_with("llm_wait: 0 of 3 requests finished")), "{seen:?}");
-    assert!(seen.iter().any(|n| n.starts_with("llm_wait: timed out")), "{seen:?}");
+    assert!(
+        seen.iter()
+            .any(|n| n.starts_with("llm_wait: 0 of 3 requests finished")),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter().any(|n| n.starts_with("llm_wait: timed out")),
+        "{seen:?}"
+    );
 
     let handle = {
         let mut w = cluster.client();
         let pid: i32 = w.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
-        let thread = std::thread::spawn(move || w.query_one("SELECT llm_wait(job => 'slow')", &[]).map(|r| r.get::<_, bool>(0)));
+        let thread = std::thread::spawn(move || {
+            w.query_one("SELECT llm_wait(job => 'slow')", &[])
+                .map(|r| r.get::<_, bool>(0))
+        });
         (pid, thread)
     };
     std::thread::sleep(Duration::from_millis(500));
-    assert!(c.query_one("SELECT pg_cancel_backend($1)", &[&handle.0]).unwrap().get::<_, bool>(0));
+    assert!(c
+        .query_one("SELECT pg_cancel_backend($1)", &[&handle.0])
+        .unwrap()
+        .get::<_, bool>(0));
     let err = handle.1.join().unwrap().unwrap_err();
-    let message = err.as_db_error().map(|e| e.message().to_owned()).unwrap_or_default();
+    let message = err
+        .as_db_error()
+        .map(|e| e.message().to_owned())
+        .unwrap_or_default();
     assert_eq!(message, "canceling statement due to user request");
 
     for (sql, expected) in [
@@ -188,27 +311,40 @@ fn waiting_times_out_reports_progress_and_can_be_cancelled() {
         assert!(message.contains(expected), "{sql}: {message}");
         let _ = c.batch_execute("ROLLBACK");
     }
-    assert!(c.query_one("SELECT llm_wait(job => 'slow')", &[]).unwrap().get::<_, bool>(0));
+    assert!(c
+        .query_one("SELECT llm_wait(job => 'slow')", &[])
+        .unwrap()
+        .get::<_, bool>(0));
 }
 
 #[test]
 fn listeners_are_notified_when_requests_and_jobs_finish() {
     let cluster = Cluster::with_extension(&[]);
     let mut listener = cluster.client();
-    listener.batch_execute("LISTEN llmbatching_request; LISTEN llmbatching_job").unwrap();
+    listener
+        .batch_execute("LISTEN llmbatching_request; LISTEN llmbatching_job")
+        .unwrap();
     let mut c = cluster.client();
     let ids: Vec<i64> = c
-        .query("SELECT llm_submit('m', 'ping ' || g, job => 'pings') FROM generate_series(1, 3) g", &[])
+        .query(
+            "SELECT llm_submit('m', 'ping ' || g, job => 'pings') FROM generate_series(1, 3) g",
+            &[],
+        )
         .unwrap()
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let cancelled: i64 = c.query_one("SELECT llm_submit('m', 'never')", &[]).unwrap().get(0);
+    let cancelled: i64 = c
+        .query_one("SELECT llm_submit('m', 'never')", &[])
+        .unwrap()
+        .get(0);
     c.execute("SELECT llm_cancel($1)", &[&cancelled]).unwrap();
 
     let mut got = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !got.contains(&("llmbatching_job".to_string(), "pings".to_string())) && std::time::Instant::now() < deadline {
+    while !got.contains(&("llmbatching_job".to_string(), "pings".to_string()))
+        && std::time::Instant::now() < deadline
+    {
         let mut notifications = listener.notifications();
         let mut batch = notifications.timeout_iter(Duration::from_millis(500));
         while let Ok(Some(n)) = batch.next() {
@@ -216,10 +352,22 @@ fn listeners_are_notified_when_requests_and_jobs_finish() {
         }
     }
     for id in ids {
-        assert!(got.contains(&("llmbatching_request".into(), format!("{id} completed"))), "{got:?}");
+        assert!(
+            got.contains(&("llmbatching_request".into(), format!("{id} completed"))),
+            "{got:?}"
+        );
     }
-    assert!(got.contains(&("llmbatching_request".into(), format!("{cancelled} cancelled"))), "{got:?}");
-    assert!(got.contains(&("llmbatching_job".into(), "pings".into())), "{got:?}");
+    assert!(
+        got.contains(&(
+            "llmbatching_request".into(),
+            format!("{cancelled} cancelled")
+        )),
+        "{got:?}"
+    );
+    assert!(
+        got.contains(&("llmbatching_job".into(), "pings".into())),
+        "{got:?}"
+    );
 }
 
 #[test]
@@ -228,27 +376,83 @@ fn single_requests_can_be_written_back_before_or_after_they_finish() {
     let mut c = cluster.client();
     c.batch_execute("CREATE TABLE notes (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), body text, summary text, score int)")
         .unwrap();
-    c.batch_execute("INSERT INTO notes (body) VALUES ('first'), ('second')").unwrap();
-    let rows = c.query("SELECT id::text, body FROM notes ORDER BY body", &[]).unwrap();
+    c.batch_execute("INSERT INTO notes (body) VALUES ('first'), ('second')")
+        .unwrap();
+    let rows = c
+        .query("SELECT id::text, body FROM notes ORDER BY body", &[])
+        .unwrap();
     let key = |i: usize| serde_json::json!({"id": rows[i].get::<_, String>(0)});
-    let early: i64 = c.query_one("SELECT llm_submit('m', 'first')", &[]).unwrap().get(0);
-    c.execute("SELECT llm_write_back($1, 'notes', 'summary', $2)", &[&early, &key(0)]).unwrap();
-    let late: i64 = c.query_one("SELECT llm_submit('m', 'second')", &[]).unwrap().get(0);
-    assert!(c.query_one("SELECT llm_wait(ARRAY[$1::bigint, $2])", &[&early, &late]).unwrap().get::<_, bool>(0));
-    c.execute("SELECT llm_write_back($1, 'notes', 'summary', $2)", &[&late, &key(1)]).unwrap();
-    let summaries: Vec<String> =
-        c.query("SELECT summary FROM notes ORDER BY body", &[]).unwrap().iter().map(|r| r.get(0)).collect();
-    assert_eq!(summaries, [echo_answer("m", "first"), echo_answer("m", "second")]);
+    let early: i64 = c
+        .query_one("SELECT llm_submit('m', 'first')", &[])
+        .unwrap()
+        .get(0);
+    c.execute(
+        "SELECT llm_write_back($1, 'notes', 'summary', $2)",
+        &[&early, &key(0)],
+    )
+    .unwrap();
+    let late: i64 = c
+        .query_one("SELECT llm_submit('m', 'second')", &[])
+        .unwrap()
+        .get(0);
+    assert!(c
+        .query_one("SELECT llm_wait(ARRAY[$1::bigint, $2])", &[&early, &late])
+        .unwrap()
+        .get::<_, bool>(0));
+    c.execute(
+        "SELECT llm_write_back($1, 'notes', 'summary', $2)",
+        &[&late, &key(1)],
+    )
+    .unwrap();
+    let summaries: Vec<String> = c
+        .query("SELECT summary FROM notes ORDER BY body", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        summaries,
+        [echo_answer("m", "first"), echo_answer("m", "second")]
+    );
 
     // An answer that cannot be stored is recorded against its write-back; the worker goes on.
-    let bad: i64 = c.query_one("SELECT llm_submit('m', 'not a number')", &[]).unwrap().get(0);
-    c.execute("SELECT llm_write_back($1, 'notes', 'score', $2)", &[&bad, &key(0)]).unwrap();
-    let good: i64 = c.query_one("SELECT llm_submit('m', 'third')", &[]).unwrap().get(0);
-    c.execute("SELECT llm_write_back($1, 'notes', 'summary', $2)", &[&good, &key(1)]).unwrap();
-    assert!(c.query_one("SELECT llm_wait(ARRAY[$1::bigint, $2])", &[&bad, &good]).unwrap().get::<_, bool>(0));
-    let outcome: String = c.query_one("SELECT outcome FROM llmbatching.writebacks WHERE request_id = $1", &[&bad]).unwrap().get(0);
-    assert!(outcome.starts_with("error: invalid input syntax for type integer"), "{outcome}");
-    let second: String = c.query_one("SELECT summary FROM notes WHERE body = 'second'", &[]).unwrap().get(0);
+    let bad: i64 = c
+        .query_one("SELECT llm_submit('m', 'not a number')", &[])
+        .unwrap()
+        .get(0);
+    c.execute(
+        "SELECT llm_write_back($1, 'notes', 'score', $2)",
+        &[&bad, &key(0)],
+    )
+    .unwrap();
+    let good: i64 = c
+        .query_one("SELECT llm_submit('m', 'third')", &[])
+        .unwrap()
+        .get(0);
+    c.execute(
+        "SELECT llm_write_back($1, 'notes', 'summary', $2)",
+        &[&good, &key(1)],
+    )
+    .unwrap();
+    assert!(c
+        .query_one("SELECT llm_wait(ARRAY[$1::bigint, $2])", &[&bad, &good])
+        .unwrap()
+        .get::<_, bool>(0));
+    let outcome: String = c
+        .query_one(
+            "SELECT outcome FROM llmbatching.writebacks WHERE request_id = $1",
+            &[&bad],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        outcome.starts_with("error: invalid input syntax for type integer"),
+        "{outcome}"
+    );
+    let second: String = c
+        .query_one("SELECT summary FROM notes WHERE body = 'second'", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(second, echo_answer("m", "third"));
 }
 
@@ -258,7 +462,10 @@ fn bad_pipeline_arguments_are_errors_naming_the_argument() {
     let mut c = cluster.client();
     c.batch_execute("CREATE TABLE keyless (body text, answer text); CREATE TABLE t (id int PRIMARY KEY, body text, answer text)")
         .unwrap();
-    let id: i64 = c.query_one("SELECT llm_submit('m', 'x')", &[]).unwrap().get(0);
+    let id: i64 = c
+        .query_one("SELECT llm_submit('m', 'x')", &[])
+        .unwrap()
+        .get(0);
     let cases = [
         ("SELECT llm_classify('keyless', 'answer', 'body', 'm')".to_string(), "\"target\": table public.keyless has no primary key"),
         ("SELECT llm_classify('t', 'nope', 'body', 'm')".to_string(), "\"target_column\": table public.t has no column nope"),
@@ -274,8 +481,15 @@ fn bad_pipeline_arguments_are_errors_naming_the_argument() {
     ];
     for (sql, expected) in cases {
         let err = c.batch_execute(&sql).expect_err(&sql);
-        let message = err.as_db_error().map(|e| e.message().to_owned()).unwrap_or_default();
+        let message = err
+            .as_db_error()
+            .map(|e| e.message().to_owned())
+            .unwrap_or_default();
         assert!(message.contains(expected), "{sql}: {message}");
     }
-    assert_eq!(cluster.count("SELECT count(*) FROM llmbatching.requests"), 1, "a refused call queued something");
+    assert_eq!(
+        cluster.count("SELECT count(*) FROM llmbatching.requests"),
+        1,
+        "a refused call queued something"
+    );
 }

@@ -64,7 +64,10 @@ pub fn run_request(endpoint: &str, custom_id: &str, body: &Value, seq: u64) -> L
                 "type": "invalid_request_error", "param": null, "code": "emulated_failure"}}),
         };
     }
-    let model = body.get("model").and_then(Value::as_str).unwrap_or("unknown");
+    let model = body
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("unknown");
     LineResult::Ok(match endpoint {
         "/v1/chat/completions" => chat_completion(model, body, seq),
         "/v1/completions" => completion(model, body, seq),
@@ -110,13 +113,19 @@ pub fn structured_answer(schema: &Value, prompt: &str) -> Value {
         if prompt.contains(OFF_LABEL_MARKER) {
             return json!("not-a-label");
         }
-        let matching = choices.iter().find(|c| c.as_str().is_some_and(|c| lower.contains(&c.to_lowercase())));
+        let matching = choices.iter().find(|c| {
+            c.as_str()
+                .is_some_and(|c| lower.contains(&c.to_lowercase()))
+        });
         return matching.or(choices.first()).cloned().unwrap_or(Value::Null);
     }
     match schema.get("type").and_then(Value::as_str) {
         Some("object") => {
             let properties = schema.get("properties").and_then(Value::as_object);
-            let fields = properties.into_iter().flatten().map(|(k, s)| (k.clone(), structured_answer(s, prompt)));
+            let fields = properties
+                .into_iter()
+                .flatten()
+                .map(|(k, s)| (k.clone(), structured_answer(s, prompt)));
             Value::Object(fields.collect())
         }
         Some("array") => json!([]),
@@ -128,11 +137,15 @@ pub fn structured_answer(schema: &Value, prompt: &str) -> Value {
 
 /// The schema a body asks its answer to follow, if any.
 fn requested_schema(body: &Value) -> Option<&Value> {
-    let format = body.pointer("/text/format").or_else(|| body.get("response_format"))?;
+    let format = body
+        .pointer("/text/format")
+        .or_else(|| body.get("response_format"))?;
     if format.get("type").and_then(Value::as_str) != Some("json_schema") {
         return None;
     }
-    format.get("schema").or_else(|| format.pointer("/json_schema/schema"))
+    format
+        .get("schema")
+        .or_else(|| format.pointer("/json_schema/schema"))
 }
 
 /// The answer text: JSON following the requested schema, or the echo.
@@ -213,7 +226,9 @@ mod tests {
     #[test]
     fn responses_echo_the_last_user_text() {
         let body = json!({"model": "m1", "input": "hello"});
-        let LineResult::Ok(v) = run_request("/v1/responses", "1", &body, 1) else { panic!() };
+        let LineResult::Ok(v) = run_request("/v1/responses", "1", &body, 1) else {
+            panic!()
+        };
         assert_eq!(v["output"][0]["content"][0]["text"], "[m1] hello");
     }
 
@@ -221,7 +236,9 @@ mod tests {
     fn chat_echoes_the_last_user_message() {
         let body = json!({"model": "m2", "messages": [
             {"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]});
-        let LineResult::Ok(v) = run_request("/v1/chat/completions", "1", &body, 1) else { panic!() };
+        let LineResult::Ok(v) = run_request("/v1/chat/completions", "1", &body, 1) else {
+            panic!()
+        };
         assert_eq!(v["choices"][0]["message"]["content"], "[m2] hi");
     }
 
@@ -243,19 +260,30 @@ mod tests {
             "label": {"type": "string", "enum": ["positive", "negative"]}, "why": {"type": "string"}}});
         let body = json!({"model": "m", "input": "Quite NEGATIVE review",
                           "text": {"format": {"type": "json_schema", "name": "a", "schema": schema}}});
-        let LineResult::Ok(v) = run_request("/v1/responses", "1", &body, 1) else { panic!() };
+        let LineResult::Ok(v) = run_request("/v1/responses", "1", &body, 1) else {
+            panic!()
+        };
         let text = v["output"][0]["content"][0]["text"].as_str().unwrap();
         let answer: Value = serde_json::from_str(text).unwrap();
-        assert_eq!(answer, json!({"label": "negative", "why": "Quite NEGATIVE review"}));
+        assert_eq!(
+            answer,
+            json!({"label": "negative", "why": "Quite NEGATIVE review"})
+        );
     }
 
     #[test]
     fn embeddings_are_unit_vectors_per_input() {
         let body = json!({"model": "e", "input": ["a", "bc"]});
-        let LineResult::Ok(v) = run_request("/v1/embeddings", "1", &body, 1) else { panic!() };
+        let LineResult::Ok(v) = run_request("/v1/embeddings", "1", &body, 1) else {
+            panic!()
+        };
         assert_eq!(v["data"].as_array().unwrap().len(), 2);
         let norm: f64 = v["data"][1]["embedding"]
-            .as_array().unwrap().iter().map(|x| x.as_f64().unwrap().powi(2)).sum();
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap().powi(2))
+            .sum();
         assert!((norm - 1.0).abs() < 1e-4);
     }
 }

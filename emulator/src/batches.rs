@@ -106,7 +106,11 @@ pub struct Stats {
 impl Stats {
     /// The custom_ids that ran in more than one batch.
     pub fn ran_more_than_once(&self) -> Vec<String> {
-        self.runs_per_custom_id.iter().filter(|(_, n)| **n > 1).map(|(id, _)| id.clone()).collect()
+        self.runs_per_custom_id
+            .iter()
+            .filter(|(_, n)| **n > 1)
+            .map(|(id, _)| id.clone())
+            .collect()
     }
 }
 
@@ -163,7 +167,11 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: u16, message: impl Into<String>) -> Self {
-        ApiError { status, message: message.into(), code: None }
+        ApiError {
+            status,
+            message: message.into(),
+            code: None,
+        }
     }
     pub fn body(&self) -> Value {
         json!({"error": {"message": self.message, "type": "invalid_request_error",
@@ -181,7 +189,10 @@ pub struct Provider {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn unix_at(base: u64, since_start: Duration) -> u64 {
@@ -190,7 +201,10 @@ fn unix_at(base: u64, since_start: Duration) -> u64 {
 
 impl Provider {
     pub fn new(config: Config) -> Self {
-        Provider { config, ..Default::default() }
+        Provider {
+            config,
+            ..Default::default()
+        }
     }
 
     fn new_id(&mut self, prefix: &str) -> String {
@@ -200,23 +214,46 @@ impl Provider {
 
     fn store_file(&mut self, filename: String, purpose: &str, bytes: Vec<u8>) -> String {
         let id = self.new_id("file");
-        let file = StoredFile { id: id.clone(), filename, purpose: purpose.into(), created_at: unix_now(), bytes };
+        let file = StoredFile {
+            id: id.clone(),
+            filename,
+            purpose: purpose.into(),
+            created_at: unix_now(),
+            bytes,
+        };
         self.files.insert(id.clone(), file);
         id
     }
 
-    pub fn upload(&mut self, filename: &str, purpose: &str, bytes: Vec<u8>) -> Result<Value, ApiError> {
+    pub fn upload(
+        &mut self,
+        filename: &str,
+        purpose: &str,
+        bytes: Vec<u8>,
+    ) -> Result<Value, ApiError> {
         if purpose != "batch" {
-            return Err(ApiError::new(400, format!("Invalid purpose '{purpose}' for this emulator")));
+            return Err(ApiError::new(
+                400,
+                format!("Invalid purpose '{purpose}' for this emulator"),
+            ));
         }
         if !filename.ends_with(".jsonl") {
-            return Err(ApiError::new(400, "Batch input files must have the .jsonl extension"));
+            return Err(ApiError::new(
+                400,
+                "Batch input files must have the .jsonl extension",
+            ));
         }
         if bytes.starts_with(&[0xEF, 0xBB, 0xBF]) {
-            return Err(ApiError::new(400, "The file starts with a byte-order mark; upload UTF-8 without BOM"));
+            return Err(ApiError::new(
+                400,
+                "The file starts with a byte-order mark; upload UTF-8 without BOM",
+            ));
         }
         if bytes.len() > MAX_FILE_BYTES {
-            return Err(ApiError::new(413, "File exceeds the 200 MB limit for batch input"));
+            return Err(ApiError::new(
+                413,
+                "File exceeds the 200 MB limit for batch input",
+            ));
         }
         self.stats.files_uploaded += 1;
         let id = self.store_file(filename.into(), purpose, bytes);
@@ -224,33 +261,49 @@ impl Provider {
     }
 
     pub fn file(&self, id: &str) -> Result<&StoredFile, ApiError> {
-        self.files.get(id).ok_or_else(|| ApiError::new(404, format!("No such File object: {id}")))
+        self.files
+            .get(id)
+            .ok_or_else(|| ApiError::new(404, format!("No such File object: {id}")))
     }
 
     pub fn delete_file(&mut self, id: &str) -> Result<Value, ApiError> {
-        self.files.remove(id).ok_or_else(|| ApiError::new(404, format!("No such File object: {id}")))?;
+        self.files
+            .remove(id)
+            .ok_or_else(|| ApiError::new(404, format!("No such File object: {id}")))?;
         self.stats.files_deleted += 1;
         Ok(json!({"id": id, "object": "file", "deleted": true}))
     }
 
     pub fn create_batch(&mut self, request: &Value) -> Result<Value, ApiError> {
         let field = |name: &str| request.get(name).and_then(Value::as_str).map(str::to_owned);
-        let input_file_id = field("input_file_id").ok_or_else(|| ApiError::new(400, "Missing input_file_id"))?;
+        let input_file_id =
+            field("input_file_id").ok_or_else(|| ApiError::new(400, "Missing input_file_id"))?;
         let endpoint = field("endpoint").ok_or_else(|| ApiError::new(400, "Missing endpoint"))?;
         let completion_window = field("completion_window").unwrap_or_default();
         if completion_window != "24h" {
             return Err(ApiError::new(400, "completion_window must be '24h'"));
         }
-        const ENDPOINTS: [&str; 5] =
-            ["/v1/responses", "/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/moderations"];
+        const ENDPOINTS: [&str; 5] = [
+            "/v1/responses",
+            "/v1/chat/completions",
+            "/v1/embeddings",
+            "/v1/completions",
+            "/v1/moderations",
+        ];
         if !ENDPOINTS.contains(&endpoint.as_str()) {
-            return Err(ApiError::new(400, format!("Unsupported endpoint '{endpoint}'")));
+            return Err(ApiError::new(
+                400,
+                format!("Unsupported endpoint '{endpoint}'"),
+            ));
         }
         let metadata = request.get("metadata").cloned().unwrap_or(Value::Null);
         check_metadata(&metadata)?;
         let content = self.file(&input_file_id)?.bytes.clone();
         let (lines, validation_errors, model) = validate(&content, &endpoint);
-        let prompt_tokens = lines.iter().map(|l| (l.body.to_string().len() as u64).div_ceil(4)).sum();
+        let prompt_tokens = lines
+            .iter()
+            .map(|l| (l.body.to_string().len() as u64).div_ceil(4))
+            .sum();
 
         let expire_fraction = if self.config.expire_next > 0 {
             self.config.expire_next -= 1;
@@ -301,13 +354,18 @@ impl Provider {
     fn enqueued_tokens(&self, model: Option<&str>) -> u64 {
         self.batches
             .iter()
-            .filter(|b| b.model.as_deref() == model && !b.is_terminal() && b.validation_errors.is_empty())
+            .filter(|b| {
+                b.model.as_deref() == model && !b.is_terminal() && b.validation_errors.is_empty()
+            })
             .map(|b| b.prompt_tokens)
             .sum()
     }
 
     fn batch_index(&self, id: &str) -> Result<usize, ApiError> {
-        self.batches.iter().position(|b| b.id == id).ok_or_else(|| ApiError::new(404, format!("No such Batch object: {id}")))
+        self.batches
+            .iter()
+            .position(|b| b.id == id)
+            .ok_or_else(|| ApiError::new(404, format!("No such Batch object: {id}")))
     }
 
     /// Brings every batch's state up to the present.
@@ -338,7 +396,12 @@ impl Provider {
                 batch.times.insert("cancelling_at", unix_now());
             }
             "cancelling" => {}
-            other => return Err(ApiError::new(409, format!("Cannot cancel a batch with status '{other}'"))),
+            other => {
+                return Err(ApiError::new(
+                    409,
+                    format!("Cannot cancel a batch with status '{other}'"),
+                ))
+            }
         }
         Ok(batch.object(&self.config))
     }
@@ -347,11 +410,19 @@ impl Provider {
         self.advance();
         let newest_first: Vec<&Batch> = self.batches.iter().rev().collect();
         let start = match after {
-            Some(id) => newest_first.iter().position(|b| b.id == id).map(|p| p + 1).unwrap_or(newest_first.len()),
+            Some(id) => newest_first
+                .iter()
+                .position(|b| b.id == id)
+                .map(|p| p + 1)
+                .unwrap_or(newest_first.len()),
             None => 0,
         };
-        let page: Vec<Value> =
-            newest_first.iter().skip(start).take(limit).map(|b| b.object(&self.config)).collect();
+        let page: Vec<Value> = newest_first
+            .iter()
+            .skip(start)
+            .take(limit)
+            .map(|b| b.object(&self.config))
+            .collect();
         let has_more = start + page.len() < newest_first.len();
         Ok(json!({"object": "list",
                   "first_id": page.first().map(|b| b["id"].clone()),
@@ -363,28 +434,45 @@ impl Provider {
     /// its final status.
     fn finish(&mut self, i: usize, ended: Ending) {
         let endpoint = self.batches[i].endpoint.clone();
-        let (line_failure_rate, line_failure_status) = (self.config.line_failure_rate, self.config.line_failure_status);
+        let (line_failure_rate, line_failure_status) = (
+            self.config.line_failure_rate,
+            self.config.line_failure_status,
+        );
         let (status, ran, not_run_code, not_run_message) = match ended {
             Ending::Completed => ("completed", usize::MAX, "", ""),
-            Ending::Expired(ran) => ("expired", ran, "batch_expired",
-                "This request could not be executed before the completion window expired."),
-            Ending::Cancelled(ran) => ("cancelled", ran, "batch_cancelled",
-                "This request was not executed because the batch was cancelled."),
+            Ending::Expired(ran) => (
+                "expired",
+                ran,
+                "batch_expired",
+                "This request could not be executed before the completion window expired.",
+            ),
+            Ending::Cancelled(ran) => (
+                "cancelled",
+                ran,
+                "batch_cancelled",
+                "This request was not executed because the batch was cancelled.",
+            ),
         };
         let mut output = Vec::new();
         let mut errors = Vec::new();
-        let (mut input_tokens, mut output_tokens, mut cached_tokens, mut reasoning_tokens) = (0u64, 0u64, 0u64, 0u64);
+        let (mut input_tokens, mut output_tokens, mut cached_tokens, mut reasoning_tokens) =
+            (0u64, 0u64, 0u64, 0u64);
         for (n, line) in self.batches[i].lines.iter().enumerate() {
             let seq = self.next_id + n as u64;
             let request_id = format!("batch_req_{seq:012}");
             if n >= ran {
-                errors.push(json!({"id": request_id, "custom_id": line.custom_id, "response": null,
-                                   "error": {"code": not_run_code, "message": not_run_message}}));
+                errors.push(
+                    json!({"id": request_id, "custom_id": line.custom_id, "response": null,
+                                   "error": {"code": not_run_code, "message": not_run_message}}),
+                );
                 continue;
             }
             let outcome = if rand::random::<f64>() < line_failure_rate {
-                LineResult::Rejected { status: line_failure_status, body: json!({"error": {
-                    "message": "Emulated transient failure", "type": "server_error", "param": null, "code": null}}) }
+                LineResult::Rejected {
+                    status: line_failure_status,
+                    body: json!({"error": {
+                    "message": "Emulated transient failure", "type": "server_error", "param": null, "code": null}}),
+                }
             } else {
                 run_request(&endpoint, &line.custom_id, &line.body, seq)
             };
@@ -415,19 +503,34 @@ impl Provider {
         output.shuffle(&mut rng);
         errors.shuffle(&mut rng);
         let batch_id = self.batches[i].id.clone();
-        let output_file_id = (!output.is_empty())
-            .then(|| self.store_file(format!("{batch_id}_output.jsonl"), "batch_output", to_jsonl(&output)));
-        let error_file_id = (!errors.is_empty())
-            .then(|| self.store_file(format!("{batch_id}_error.jsonl"), "batch_output", to_jsonl(&errors)));
+        let output_file_id = (!output.is_empty()).then(|| {
+            self.store_file(
+                format!("{batch_id}_output.jsonl"),
+                "batch_output",
+                to_jsonl(&output),
+            )
+        });
+        let error_file_id = (!errors.is_empty()).then(|| {
+            self.store_file(
+                format!("{batch_id}_error.jsonl"),
+                "batch_output",
+                to_jsonl(&errors),
+            )
+        });
         let batch = &mut self.batches[i];
         batch.status = status;
-        batch.times.insert(status_time_field(status), unix_at(batch.created_at, batch.started.elapsed()));
+        batch.times.insert(
+            status_time_field(status),
+            unix_at(batch.created_at, batch.started.elapsed()),
+        );
         batch.output_file_id = output_file_id;
         batch.error_file_id = error_file_id;
         batch.counts = (output.len(), errors.len());
-        batch.usage = Some(json!({"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": cached_tokens},
+        batch.usage = Some(
+            json!({"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": cached_tokens},
             "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
-            "total_tokens": input_tokens + output_tokens}));
+            "total_tokens": input_tokens + output_tokens}),
+        );
     }
 }
 
@@ -498,26 +601,54 @@ fn validate(content: &[u8], endpoint: &str) -> (Vec<InputLine>, Vec<Value>, Opti
             continue;
         }
         let Ok(value) = serde_json::from_slice::<Value>(raw) else {
-            error(line_no, "invalid_json_line", format!("Line {line_no} is not valid JSON."));
+            error(
+                line_no,
+                "invalid_json_line",
+                format!("Line {line_no} is not valid JSON."),
+            );
             continue;
         };
-        let custom_id = value.get("custom_id").and_then(Value::as_str).unwrap_or_default().to_owned();
+        let custom_id = value
+            .get("custom_id")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
         if custom_id.is_empty() {
-            error(line_no, "missing_required_parameter", format!("Line {line_no} has no custom_id."));
+            error(
+                line_no,
+                "missing_required_parameter",
+                format!("Line {line_no} has no custom_id."),
+            );
             continue;
         }
         if !seen.insert(custom_id.clone()) {
-            error(line_no, "duplicate_custom_id", format!("The custom_id '{custom_id}' on line {line_no} is not unique."));
+            error(
+                line_no,
+                "duplicate_custom_id",
+                format!("The custom_id '{custom_id}' on line {line_no} is not unique."),
+            );
         }
         if value.get("method").and_then(Value::as_str) != Some("POST") {
-            error(line_no, "invalid_method", format!("Line {line_no}: method must be POST."));
+            error(
+                line_no,
+                "invalid_method",
+                format!("Line {line_no}: method must be POST."),
+            );
         }
         if value.get("url").and_then(Value::as_str) != Some(endpoint) {
-            error(line_no, "mismatched_url", format!("Line {line_no}: url does not match the batch endpoint {endpoint}."));
+            error(
+                line_no,
+                "mismatched_url",
+                format!("Line {line_no}: url does not match the batch endpoint {endpoint}."),
+            );
         }
         let body = value.get("body").cloned().unwrap_or(Value::Null);
         if body.get("stream").and_then(Value::as_bool) == Some(true) {
-            error(line_no, "invalid_request", format!("Line {line_no}: streaming is not supported in batches."));
+            error(
+                line_no,
+                "invalid_request",
+                format!("Line {line_no}: streaming is not supported in batches."),
+            );
         }
         let line_model = body.get("model").and_then(Value::as_str).map(str::to_owned);
         match (&model, &line_model) {
@@ -530,7 +661,11 @@ fn validate(content: &[u8], endpoint: &str) -> (Vec<InputLine>, Vec<Value>, Opti
         lines.push(InputLine { custom_id, body });
     }
     if lines.len() > MAX_REQUESTS_PER_BATCH {
-        error(0, "too_many_requests", format!("A batch may hold at most {MAX_REQUESTS_PER_BATCH} requests."));
+        error(
+            0,
+            "too_many_requests",
+            format!("A batch may hold at most {MAX_REQUESTS_PER_BATCH} requests."),
+        );
     }
     if lines.is_empty() && errors.is_empty() {
         errors.push(json!({"code": "empty_file", "line": null, "message": "The input file holds no requests.", "param": null}));
@@ -546,7 +681,10 @@ enum Ending {
 
 impl Batch {
     fn is_terminal(&self) -> bool {
-        matches!(self.status, "completed" | "failed" | "expired" | "cancelled")
+        matches!(
+            self.status,
+            "completed" | "failed" | "expired" | "cancelled"
+        )
     }
 
     fn phase_ends(&self, config: &Config) -> (Duration, Duration, Duration) {
@@ -651,26 +789,44 @@ mod tests {
     fn create(p: &mut Provider, content: String) -> String {
         let file = p.upload("in.jsonl", "batch", content.into_bytes()).unwrap();
         let b = p
-            .create_batch(&json!({"input_file_id": file["id"], "endpoint": "/v1/responses",
-                                  "completion_window": "24h", "metadata": {"k": "v"}}))
+            .create_batch(
+                &json!({"input_file_id": file["id"], "endpoint": "/v1/responses",
+                                  "completion_window": "24h", "metadata": {"k": "v"}}),
+            )
             .unwrap();
         b["id"].as_str().unwrap().to_owned()
     }
 
     fn instant() -> Config {
-        Config { validating_ms: 0, in_progress_ms: 0, finalizing_ms: 0, cancelling_ms: 0, ..Config::default() }
+        Config {
+            validating_ms: 0,
+            in_progress_ms: 0,
+            finalizing_ms: 0,
+            cancelling_ms: 0,
+            ..Config::default()
+        }
     }
 
     #[test]
     fn a_clean_batch_completes_with_every_answer() {
         let mut p = provider(instant());
-        let content = format!("{}\n{}\n", line("1", "m", "/v1/responses"), line("2", "m", "/v1/responses"));
+        let content = format!(
+            "{}\n{}\n",
+            line("1", "m", "/v1/responses"),
+            line("2", "m", "/v1/responses")
+        );
         let id = create(&mut p, content);
         let b = p.get_batch(&id).unwrap();
         assert_eq!(b["status"], "completed");
         assert_eq!(b["request_counts"]["completed"], 2);
         assert!(b["error_file_id"].is_null());
-        let out = String::from_utf8(p.file(b["output_file_id"].as_str().unwrap()).unwrap().bytes.clone()).unwrap();
+        let out = String::from_utf8(
+            p.file(b["output_file_id"].as_str().unwrap())
+                .unwrap()
+                .bytes
+                .clone(),
+        )
+        .unwrap();
         assert_eq!(out.lines().count(), 2);
         assert_eq!(p.stats.runs_per_custom_id.len(), 2);
     }
@@ -678,29 +834,53 @@ mod tests {
     #[test]
     fn duplicate_ids_and_two_models_fail_validation() {
         let mut p = provider(instant());
-        let content = format!("{}\n{}\n", line("1", "m", "/v1/responses"), line("1", "other", "/v1/responses"));
+        let content = format!(
+            "{}\n{}\n",
+            line("1", "m", "/v1/responses"),
+            line("1", "other", "/v1/responses")
+        );
         let id = create(&mut p, content);
         let b = p.get_batch(&id).unwrap();
         assert_eq!(b["status"], "failed");
-        let codes: Vec<&str> = b["errors"]["data"].as_array().unwrap().iter().map(|e| e["code"].as_str().unwrap()).collect();
+        let codes: Vec<&str> = b["errors"]["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["code"].as_str().unwrap())
+            .collect();
         assert_eq!(codes, ["duplicate_custom_id", "mismatched_model"]);
         assert!(p.stats.runs_per_custom_id.is_empty());
     }
 
     #[test]
     fn an_expired_batch_reports_the_rest_as_batch_expired() {
-        let mut p = provider(Config { expire_next: 1, expire_fraction: 0.5, ..instant() });
-        let content: String = (0..4).map(|i| line(&i.to_string(), "m", "/v1/responses") + "\n").collect();
+        let mut p = provider(Config {
+            expire_next: 1,
+            expire_fraction: 0.5,
+            ..instant()
+        });
+        let content: String = (0..4)
+            .map(|i| line(&i.to_string(), "m", "/v1/responses") + "\n")
+            .collect();
         let id = create(&mut p, content);
         let b = p.get_batch(&id).unwrap();
         assert_eq!(b["status"], "expired");
-        let errors = String::from_utf8(p.file(b["error_file_id"].as_str().unwrap()).unwrap().bytes.clone()).unwrap();
+        let errors = String::from_utf8(
+            p.file(b["error_file_id"].as_str().unwrap())
+                .unwrap()
+                .bytes
+                .clone(),
+        )
+        .unwrap();
         assert_eq!(errors.matches("batch_expired").count(), 2);
     }
 
     #[test]
     fn the_token_cap_fails_validation_after_create() {
-        let mut p = provider(Config { enqueued_token_limit: Some(1), ..instant() });
+        let mut p = provider(Config {
+            enqueued_token_limit: Some(1),
+            ..instant()
+        });
         let id = create(&mut p, line("1", "m", "/v1/responses"));
         let b = p.get_batch(&id).unwrap();
         assert_eq!(b["status"], "failed");
@@ -710,13 +890,18 @@ mod tests {
     #[test]
     fn a_bom_is_refused_at_upload() {
         let mut p = provider(instant());
-        let err = p.upload("in.jsonl", "batch", b"\xEF\xBB\xBF{}".to_vec()).unwrap_err();
+        let err = p
+            .upload("in.jsonl", "batch", b"\xEF\xBB\xBF{}".to_vec())
+            .unwrap_err();
         assert_eq!(err.status, 400);
     }
 
     #[test]
     fn random_line_failures_are_not_billed() {
-        let mut p = provider(Config { line_failure_rate: 1.0, ..instant() });
+        let mut p = provider(Config {
+            line_failure_rate: 1.0,
+            ..instant()
+        });
         let id = create(&mut p, line("1", "m", "/v1/responses"));
         let b = p.get_batch(&id).unwrap();
         assert_eq!(b["request_counts"]["failed"], 1);
@@ -725,8 +910,13 @@ mod tests {
 
     #[test]
     fn list_pages_newest_first() {
-        let mut p = provider(Config { validating_ms: 60_000, ..instant() });
-        let ids: Vec<String> = (0..3).map(|i| create(&mut p, line(&i.to_string(), "m", "/v1/responses"))).collect();
+        let mut p = provider(Config {
+            validating_ms: 60_000,
+            ..instant()
+        });
+        let ids: Vec<String> = (0..3)
+            .map(|i| create(&mut p, line(&i.to_string(), "m", "/v1/responses")))
+            .collect();
         let page = p.list_batches(None, 2).unwrap();
         assert_eq!(page["data"][0]["id"], ids[2].as_str());
         assert_eq!(page["has_more"], true);

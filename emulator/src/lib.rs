@@ -37,26 +37,44 @@ impl IntoResponse for ApiError {
 }
 
 fn lock(shared: &Shared) -> MutexGuard<'_, Provider> {
-    shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    shared
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 type ApiResult = Result<Json<Value>, ApiError>;
 
 async fn upload(State(shared): State<Shared>, mut form: Multipart) -> ApiResult {
     let (mut purpose, mut file) = (None, None);
-    while let Some(field) = form.next_field().await.map_err(|e| ApiError::new(400, e.to_string()))? {
+    while let Some(field) = form
+        .next_field()
+        .await
+        .map_err(|e| ApiError::new(400, e.to_string()))?
+    {
         match field.name() {
-            Some("purpose") => purpose = Some(field.text().await.map_err(|e| ApiError::new(400, e.to_string()))?),
+            Some("purpose") => {
+                purpose = Some(
+                    field
+                        .text()
+                        .await
+                        .map_err(|e| ApiError::new(400, e.to_string()))?,
+                )
+            }
             Some("file") => {
                 let name = field.file_name().unwrap_or("upload").to_owned();
-                let bytes = field.bytes().await.map_err(|e| ApiError::new(400, e.to_string()))?;
+                let bytes = field
+                    .bytes()
+                    .await
+                    .map_err(|e| ApiError::new(400, e.to_string()))?;
                 file = Some((name, bytes.to_vec()));
             }
             _ => {}
         }
     }
-    let purpose = purpose.ok_or_else(|| ApiError::new(400, "Missing required parameter: 'purpose'"))?;
-    let (name, bytes) = file.ok_or_else(|| ApiError::new(400, "Missing required parameter: 'file'"))?;
+    let purpose =
+        purpose.ok_or_else(|| ApiError::new(400, "Missing required parameter: 'purpose'"))?;
+    let (name, bytes) =
+        file.ok_or_else(|| ApiError::new(400, "Missing required parameter: 'file'"))?;
     lock(&shared).upload(&name, &purpose, bytes).map(Json)
 }
 
@@ -64,9 +82,16 @@ async fn file_object(State(shared): State<Shared>, Path(id): Path<String>) -> Ap
     lock(&shared).file(&id).map(|f| Json(f.object()))
 }
 
-async fn file_content(State(shared): State<Shared>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn file_content(
+    State(shared): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let bytes = lock(&shared).file(&id)?.bytes.clone();
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], Bytes::from(bytes)).into_response())
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        Bytes::from(bytes),
+    )
+        .into_response())
 }
 
 async fn delete_file(State(shared): State<Shared>, Path(id): Path<String>) -> ApiResult {
@@ -74,17 +99,25 @@ async fn delete_file(State(shared): State<Shared>, Path(id): Path<String>) -> Ap
 }
 
 async fn create_batch(State(shared): State<Shared>, body: Bytes) -> ApiResult {
-    let request: Value = serde_json::from_slice(&body).map_err(|e| ApiError::new(400, format!("Invalid JSON body: {e}")))?;
+    let request: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(400, format!("Invalid JSON body: {e}")))?;
     lock(&shared).create_batch(&request).map(Json)
 }
 
-async fn get_batch(State(shared): State<Shared>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn get_batch(
+    State(shared): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let mut provider = lock(&shared);
     let batch = provider.get_batch(&id)?;
     if provider.config.malformed_polls > 0 {
         provider.config.malformed_polls -= 1;
         let text = batch.to_string();
-        return Ok(([(header::CONTENT_TYPE, "application/json")], text[..text.floor_char_boundary(text.len() / 3)].to_owned()).into_response());
+        return Ok((
+            [(header::CONTENT_TYPE, "application/json")],
+            text[..text.floor_char_boundary(text.len() / 3)].to_owned(),
+        )
+            .into_response());
     }
     Ok(Json(batch).into_response())
 }
@@ -104,7 +137,9 @@ async fn list_batches(State(shared): State<Shared>, Query(q): Query<ListQuery>) 
     if !(1..=100).contains(&limit) {
         return Err(ApiError::new(400, "limit must be between 1 and 100"));
     }
-    lock(&shared).list_batches(q.after.as_deref(), limit).map(Json)
+    lock(&shared)
+        .list_batches(q.after.as_deref(), limit)
+        .map(Json)
 }
 
 async fn get_config(State(shared): State<Shared>) -> Json<Value> {
@@ -120,8 +155,11 @@ async fn set_config(State(shared): State<Shared>, Json(changes): Json<Value>) ->
             target.insert(k.clone(), v.clone());
         }
     }
-    provider.config = serde_json::from_value(merged).map_err(|e| ApiError::new(400, e.to_string()))?;
-    Ok(Json(serde_json::to_value(&provider.config).unwrap_or_default()))
+    provider.config =
+        serde_json::from_value(merged).map_err(|e| ApiError::new(400, e.to_string()))?;
+    Ok(Json(
+        serde_json::to_value(&provider.config).unwrap_or_default(),
+    ))
 }
 
 async fn get_stats(State(shared): State<Shared>) -> Json<Value> {
@@ -130,7 +168,11 @@ async fn get_stats(State(shared): State<Shared>) -> Json<Value> {
 
 /// The operation a call performs, as named in [`Config::faults`].
 fn operation(method: &axum::http::Method, path: &str) -> &'static str {
-    let parts: Vec<&str> = path.trim_start_matches("/v1").trim_matches('/').split('/').collect();
+    let parts: Vec<&str> = path
+        .trim_start_matches("/v1")
+        .trim_matches('/')
+        .split('/')
+        .collect();
     match (method.as_str(), parts.as_slice()) {
         ("POST", ["files"]) => "upload",
         ("GET", ["files", _]) => "file",
@@ -156,10 +198,16 @@ async fn inject_faults(State(shared): State<Shared>, request: Request, next: Nex
     }
     if rand::random::<f64>() < fault.error_rate {
         lock(&shared).stats.faults_injected += 1;
-        let status = fault.statuses.get(rand::random_range(0..fault.statuses.len().max(1))).copied().unwrap_or(500);
+        let status = fault
+            .statuses
+            .get(rand::random_range(0..fault.statuses.len().max(1)))
+            .copied()
+            .unwrap_or(500);
         let mut response = ApiError::new(status, format!("Emulated fault on {op}")).into_response();
         if let Some(seconds) = fault.retry_after {
-            response.headers_mut().insert(header::RETRY_AFTER, seconds.into());
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, seconds.into());
         }
         return response;
     }
@@ -167,22 +215,34 @@ async fn inject_faults(State(shared): State<Shared>, request: Request, next: Nex
     if rand::random::<f64>() < fault.drop_rate {
         lock(&shared).stats.faults_injected += 1;
         // Headers go out, then the body fails: the client loses the connection mid-answer.
-        let broken = futures_util::stream::once(async { Err::<Bytes, std::io::Error>(std::io::Error::other("dropped")) });
+        let broken = futures_util::stream::once(async {
+            Err::<Bytes, std::io::Error>(std::io::Error::other("dropped"))
+        });
         return (response.status(), axum::body::Body::from_stream(broken)).into_response();
     }
     if rand::random::<f64>() < fault.truncate_rate {
         lock(&shared).stats.faults_injected += 1;
         let (parts, body) = response.into_parts();
-        let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap_or_default();
+        let bytes = axum::body::to_bytes(body, usize::MAX)
+            .await
+            .unwrap_or_default();
         let mut parts = parts;
         parts.headers.remove(header::CONTENT_LENGTH);
-        return Response::from_parts(parts, axum::body::Body::from(bytes.slice(..bytes.len() / 2)));
+        return Response::from_parts(
+            parts,
+            axum::body::Body::from(bytes.slice(..bytes.len() / 2)),
+        );
     }
     response
 }
 
 /// Refuses `/v1` calls without a bearer token (or with the wrong one, when a key is set).
-async fn require_key(State(shared): State<Shared>, headers: HeaderMap, request: Request, next: Next) -> Response {
+async fn require_key(
+    State(shared): State<Shared>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -208,7 +268,10 @@ pub fn router(shared: Arc<Mutex<Provider>>) -> Router {
         .route("/batches/{id}", get(get_batch))
         .route("/batches/{id}/cancel", post(cancel_batch))
         .layer(middleware::from_fn_with_state(shared.clone(), require_key))
-        .layer(middleware::from_fn_with_state(shared.clone(), inject_faults))
+        .layer(middleware::from_fn_with_state(
+            shared.clone(),
+            inject_faults,
+        ))
         .layer(DefaultBodyLimit::max(batches::MAX_FILE_BYTES + 1024 * 1024));
     Router::new()
         .nest("/v1", api)
@@ -234,7 +297,10 @@ impl Emulator {
         let shared = Arc::new(Mutex::new(Provider::new(config)));
         let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
         let app = router(shared.clone());
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
         let thread = std::thread::spawn(move || {
             runtime.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
@@ -245,7 +311,12 @@ impl Emulator {
                     .await;
             })
         });
-        Ok(Emulator { base_url, shared, shutdown: Some(shutdown), thread: Some(thread) })
+        Ok(Emulator {
+            base_url,
+            shared,
+            shutdown: Some(shutdown),
+            thread: Some(thread),
+        })
     }
 
     /// Changes the configuration of the running emulator.
@@ -280,11 +351,17 @@ mod tests {
     #[test]
     fn calls_map_to_their_operation() {
         assert_eq!(operation(&Method::POST, "/files"), "upload");
-        assert_eq!(operation(&Method::GET, "/v1/files/file-1/content"), "content");
+        assert_eq!(
+            operation(&Method::GET, "/v1/files/file-1/content"),
+            "content"
+        );
         assert_eq!(operation(&Method::DELETE, "/files/file-1"), "delete");
         assert_eq!(operation(&Method::POST, "/batches"), "create");
         assert_eq!(operation(&Method::GET, "/batches"), "list");
         assert_eq!(operation(&Method::GET, "/batches/batch-1"), "get");
-        assert_eq!(operation(&Method::POST, "/batches/batch-1/cancel"), "cancel");
+        assert_eq!(
+            operation(&Method::POST, "/batches/batch-1/cancel"),
+            "cancel"
+        );
     }
 }

@@ -36,8 +36,13 @@ async fn main() -> std::io::Result<()> {
         ..Config::default()
     };
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
-    println!("llmbatching-emulator listening on http://{}/v1", listener.local_addr()?);
-    let shared = Arc::new(Mutex::new(llmbatching_emulator::batches::Provider::new(config)));
+    println!(
+        "llmbatching-emulator listening on http://{}/v1",
+        listener.local_addr()?
+    );
+    let shared = Arc::new(Mutex::new(llmbatching_emulator::batches::Provider::new(
+        config,
+    )));
     axum::serve(listener, router(shared))
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;

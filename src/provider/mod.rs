@@ -12,7 +12,10 @@ use std::time::Duration;
 pub enum ProviderError {
     /// Rate limits, server errors, timeouts, dropped connections: try again later.
     #[error("{message}")]
-    Transient { message: String, retry_after: Option<Duration> },
+    Transient {
+        message: String,
+        retry_after: Option<Duration>,
+    },
     /// The provider refused the call (a 4xx other than rate limiting).
     #[error("HTTP {status}: {message}")]
     Rejected { status: u16, message: String },
@@ -30,7 +33,9 @@ impl ProviderError {
     /// requests must still be there when they do.
     pub fn is_retryable(&self) -> bool {
         match self {
-            ProviderError::Transient { .. } | ProviderError::Malformed(_) | ProviderError::Local(_) => true,
+            ProviderError::Transient { .. }
+            | ProviderError::Malformed(_)
+            | ProviderError::Local(_) => true,
             ProviderError::Rejected { status, .. } => matches!(status, 401 | 403),
         }
     }
@@ -90,7 +95,13 @@ impl BatchStatus {
 
     /// Whether the batch has ended and its files can be read.
     pub fn is_terminal(&self) -> bool {
-        matches!(self, BatchStatus::Completed | BatchStatus::Failed | BatchStatus::Expired | BatchStatus::Cancelled)
+        matches!(
+            self,
+            BatchStatus::Completed
+                | BatchStatus::Failed
+                | BatchStatus::Expired
+                | BatchStatus::Cancelled
+        )
     }
 }
 
@@ -150,24 +161,42 @@ pub trait BatchProvider {
 }
 
 fn non_empty_string(v: Option<&Value>) -> Option<String> {
-    v.and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_owned)
+    v.and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
 }
 
 impl BatchInfo {
     /// Reads a batch object. `error_file_id` and `output_file_id` given as `""` mean no file.
     pub fn from_json(v: &Value) -> ProviderResult<BatchInfo> {
-        let malformed = |what: &str| ProviderError::Malformed(format!("batch object without {what}"));
+        let malformed =
+            |what: &str| ProviderError::Malformed(format!("batch object without {what}"));
         let id = non_empty_string(v.get("id")).ok_or_else(|| malformed("an id"))?;
-        let status = v.get("status").and_then(Value::as_str).ok_or_else(|| malformed("a status"))?;
-        let count = |name: &str| v.pointer(&format!("/request_counts/{name}")).and_then(Value::as_i64).unwrap_or(0);
+        let status = v
+            .get("status")
+            .and_then(Value::as_str)
+            .ok_or_else(|| malformed("a status"))?;
+        let count = |name: &str| {
+            v.pointer(&format!("/request_counts/{name}"))
+                .and_then(Value::as_i64)
+                .unwrap_or(0)
+        };
         let errors = v
             .pointer("/errors/data")
             .and_then(Value::as_array)
             .map(|list| {
                 list.iter()
                     .map(|e| BatchError {
-                        code: e.get("code").and_then(Value::as_str).unwrap_or("unknown").to_owned(),
-                        message: e.get("message").and_then(Value::as_str).unwrap_or("").to_owned(),
+                        code: e
+                            .get("code")
+                            .and_then(Value::as_str)
+                            .unwrap_or("unknown")
+                            .to_owned(),
+                        message: e
+                            .get("message")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_owned(),
                     })
                     .collect()
             })
@@ -181,18 +210,30 @@ impl BatchInfo {
             completed: count("completed"),
             failed: count("failed"),
             errors,
-            metadata: v.get("metadata").and_then(Value::as_object).cloned().unwrap_or_default(),
+            metadata: v
+                .get("metadata")
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_default(),
             input_tokens: v.pointer("/usage/input_tokens").and_then(Value::as_i64),
-            cached_tokens: v.pointer("/usage/input_tokens_details/cached_tokens").and_then(Value::as_i64),
+            cached_tokens: v
+                .pointer("/usage/input_tokens_details/cached_tokens")
+                .and_then(Value::as_i64),
             output_tokens: v.pointer("/usage/output_tokens").and_then(Value::as_i64),
-            reasoning_tokens: v.pointer("/usage/output_tokens_details/reasoning_tokens").and_then(Value::as_i64),
+            reasoning_tokens: v
+                .pointer("/usage/output_tokens_details/reasoning_tokens")
+                .and_then(Value::as_i64),
         })
     }
 
     /// The validation errors as one line of text.
     pub fn errors_text(&self) -> Option<String> {
         (!self.errors.is_empty()).then(|| {
-            self.errors.iter().map(|e| format!("{}: {}", e.code, e.message)).collect::<Vec<_>>().join("; ")
+            self.errors
+                .iter()
+                .map(|e| format!("{}: {}", e.code, e.message))
+                .collect::<Vec<_>>()
+                .join("; ")
         })
     }
 }
@@ -204,8 +245,11 @@ mod tests {
 
     #[test]
     fn empty_file_ids_mean_no_file() {
-        let b = BatchInfo::from_json(&json!({"id": "batch_1", "status": "completed", "output_file_id": null,
-            "error_file_id": "", "request_counts": {"total": 3, "completed": 0, "failed": 3}})).unwrap();
+        let b = BatchInfo::from_json(
+            &json!({"id": "batch_1", "status": "completed", "output_file_id": null,
+            "error_file_id": "", "request_counts": {"total": 3, "completed": 0, "failed": 3}}),
+        )
+        .unwrap();
         assert_eq!((b.output_file_id, b.error_file_id), (None, None));
         assert_eq!((b.total, b.failed), (3, 3));
         assert!(b.status.is_terminal());
@@ -214,13 +258,23 @@ mod tests {
     #[test]
     fn validation_errors_are_read() {
         let b = BatchInfo::from_json(&json!({"id": "b", "status": "failed",
-            "errors": {"data": [{"code": "token_limit_exceeded", "message": "too many"}]}})).unwrap();
-        assert_eq!(b.errors_text().as_deref(), Some("token_limit_exceeded: too many"));
+            "errors": {"data": [{"code": "token_limit_exceeded", "message": "too many"}]}}))
+        .unwrap();
+        assert_eq!(
+            b.errors_text().as_deref(),
+            Some("token_limit_exceeded: too many")
+        );
     }
 
     #[test]
     fn a_batch_without_status_is_malformed() {
-        assert!(matches!(BatchInfo::from_json(&json!({"id": "b"})), Err(ProviderError::Malformed(_))));
-        assert!(matches!(BatchInfo::from_json(&json!("x")), Err(ProviderError::Malformed(_))));
+        assert!(matches!(
+            BatchInfo::from_json(&json!({"id": "b"})),
+            Err(ProviderError::Malformed(_))
+        ));
+        assert!(matches!(
+            BatchInfo::from_json(&json!("x")),
+            Err(ProviderError::Malformed(_))
+        ));
     }
 }

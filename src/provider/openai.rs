@@ -25,13 +25,21 @@ impl OpenAi {
     pub fn new(base_url: &str, api_key: &str) -> ProviderResult<OpenAi> {
         let local = |e: &dyn std::fmt::Display| ProviderError::Local(e.to_string());
         // One thread: the worker waits on each call in turn, and a backend must not grow threads.
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| local(&e))?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| local(&e))?;
         let client = Client::builder()
             .connect_timeout(Duration::from_secs(15))
             .user_agent(concat!("llmbatching/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| local(&e))?;
-        Ok(OpenAi { base_url: base_url.trim_end_matches('/').to_owned(), api_key: api_key.to_owned(), client, runtime })
+        Ok(OpenAi {
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            api_key: api_key.to_owned(),
+            client,
+            runtime,
+        })
     }
 
     fn url(&self, path: &str) -> String {
@@ -47,7 +55,8 @@ impl OpenAi {
         self.runtime.block_on(async {
             let response = send(self.authorized(request).timeout(CONTROL_TIMEOUT)).await?;
             let bytes = read_limited(response, MAX_JSON_BYTES).await?;
-            serde_json::from_slice(&bytes).map_err(|e| ProviderError::Malformed(format!("invalid JSON ({e})")))
+            serde_json::from_slice(&bytes)
+                .map_err(|e| ProviderError::Malformed(format!("invalid JSON ({e})")))
         })
     }
 }
@@ -70,17 +79,30 @@ async fn send(request: RequestBuilder) -> ProviderResult<Response> {
         .map(Duration::from_secs);
     let body = read_limited(response, 64 * 1024).await.unwrap_or_default();
     let message = error_message(status, &body);
-    if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::REQUEST_TIMEOUT || status.is_server_error() {
-        return Err(ProviderError::Transient { message: format!("HTTP {}: {message}", status.as_u16()), retry_after });
+    if status == StatusCode::TOO_MANY_REQUESTS
+        || status == StatusCode::REQUEST_TIMEOUT
+        || status.is_server_error()
+    {
+        return Err(ProviderError::Transient {
+            message: format!("HTTP {}: {message}", status.as_u16()),
+            retry_after,
+        });
     }
-    Err(ProviderError::Rejected { status: status.as_u16(), message })
+    Err(ProviderError::Rejected {
+        status: status.as_u16(),
+        message,
+    })
 }
 
 /// The `error.message` of an OpenAI error body, or the status's own words.
 fn error_message(status: StatusCode, body: &[u8]) -> String {
     serde_json::from_slice::<Value>(body)
         .ok()
-        .and_then(|v| v.pointer("/error/message").and_then(Value::as_str).map(str::to_owned))
+        .and_then(|v| {
+            v.pointer("/error/message")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
         .unwrap_or_else(|| status.canonical_reason().unwrap_or("error").to_owned())
 }
 
@@ -100,9 +122,14 @@ async fn read_limited(response: Response, limit: usize) -> ProviderResult<Vec<u8
     let mut stream = response.bytes_stream();
     let mut body = Vec::new();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ProviderError::Transient { message: describe(&e), retry_after: None })?;
+        let chunk = chunk.map_err(|e| ProviderError::Transient {
+            message: describe(&e),
+            retry_after: None,
+        })?;
         if body.len() + chunk.len() > limit {
-            return Err(ProviderError::Malformed(format!("response larger than {limit} bytes")));
+            return Err(ProviderError::Malformed(format!(
+                "response larger than {limit} bytes"
+            )));
         }
         body.extend_from_slice(&chunk);
     }
@@ -120,10 +147,16 @@ impl BatchProvider for OpenAi {
                 .file_name(filename.to_owned())
                 .mime_str("application/jsonl")
                 .map_err(|e| ProviderError::Local(e.to_string()))?;
-            let form = reqwest::multipart::Form::new().text("purpose", "batch").part("file", part);
-            let request = self.authorized(self.client.post(self.url("/files"))).multipart(form).timeout(TRANSFER_TIMEOUT);
+            let form = reqwest::multipart::Form::new()
+                .text("purpose", "batch")
+                .part("file", part);
+            let request = self
+                .authorized(self.client.post(self.url("/files")))
+                .multipart(form)
+                .timeout(TRANSFER_TIMEOUT);
             let bytes = read_limited(send(request).await?, MAX_JSON_BYTES).await?;
-            serde_json::from_slice::<Value>(&bytes).map_err(|e| ProviderError::Malformed(format!("invalid JSON ({e})")))
+            serde_json::from_slice::<Value>(&bytes)
+                .map_err(|e| ProviderError::Malformed(format!("invalid JSON ({e})")))
         })?;
         value
             .get("id")
@@ -134,8 +167,11 @@ impl BatchProvider for OpenAi {
     }
 
     fn create_batch(&self, batch: &NewBatch<'_>) -> ProviderResult<BatchInfo> {
-        let metadata: serde_json::Map<String, Value> =
-            batch.metadata.iter().map(|(k, v)| (k.to_string(), Value::String(v.clone()))).collect();
+        let metadata: serde_json::Map<String, Value> = batch
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.to_string(), Value::String(v.clone())))
+            .collect();
         let body = json!({"input_file_id": batch.input_file_id, "endpoint": batch.endpoint,
                           "completion_window": "24h", "metadata": metadata});
         BatchInfo::from_json(&self.call_json(self.client.post(self.url("/batches")).json(&body))?)
@@ -158,23 +194,36 @@ impl BatchProvider for OpenAi {
             .iter()
             .map(BatchInfo::from_json)
             .collect::<ProviderResult<Vec<_>>>()?;
-        Ok(BatchPage { batches, has_more: page.get("has_more").and_then(Value::as_bool).unwrap_or(false) })
+        Ok(BatchPage {
+            batches,
+            has_more: page
+                .get("has_more")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+        })
     }
 
     fn cancel_batch(&self, id: &str) -> ProviderResult<BatchInfo> {
-        BatchInfo::from_json(&self.call_json(self.client.post(self.url(&format!("/batches/{id}/cancel"))))?)
+        BatchInfo::from_json(
+            &self.call_json(self.client.post(self.url(&format!("/batches/{id}/cancel"))))?,
+        )
     }
 
     fn download_file(&self, id: &str, dest: &Path) -> ProviderResult<u64> {
         let local = |e: std::io::Error| ProviderError::Local(format!("{}: {e}", dest.display()));
         self.runtime.block_on(async {
-            let request = self.authorized(self.client.get(self.url(&format!("/files/{id}/content")))).timeout(TRANSFER_TIMEOUT);
+            let request = self
+                .authorized(self.client.get(self.url(&format!("/files/{id}/content"))))
+                .timeout(TRANSFER_TIMEOUT);
             let response = send(request).await?;
             let mut file = tokio::fs::File::create(dest).await.map_err(local)?;
             let mut stream = response.bytes_stream();
             let mut written = 0u64;
             while let Some(chunk) = stream.next().await {
-                let chunk = chunk.map_err(|e| ProviderError::Transient { message: describe(&e), retry_after: None })?;
+                let chunk = chunk.map_err(|e| ProviderError::Transient {
+                    message: describe(&e),
+                    retry_after: None,
+                })?;
                 file.write_all(&chunk).await.map_err(local)?;
                 written += chunk.len() as u64;
             }
@@ -184,6 +233,7 @@ impl BatchProvider for OpenAi {
     }
 
     fn delete_file(&self, id: &str) -> ProviderResult<()> {
-        self.call_json(self.client.delete(self.url(&format!("/files/{id}")))).map(|_| ())
+        self.call_json(self.client.delete(self.url(&format!("/files/{id}"))))
+            .map(|_| ())
     }
 }

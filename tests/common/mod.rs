@@ -17,23 +17,39 @@ pub const API_KEY: &str = "sk-test-llmbatching";
 
 /// A provider that moves batches along in a few hundred milliseconds.
 pub fn quick() -> EmulatorConfig {
-    EmulatorConfig { validating_ms: 50, in_progress_ms: 200, finalizing_ms: 50, ..EmulatorConfig::default() }
+    EmulatorConfig {
+        validating_ms: 50,
+        in_progress_ms: 200,
+        finalizing_ms: 50,
+        ..EmulatorConfig::default()
+    }
 }
 
 fn pg_bin() -> PathBuf {
-    let pg_config = std::env::var("PG_CONFIG").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_config".into());
-    let out = Command::new(&pg_config).arg("--bindir").output().expect("pg_config runs");
+    let pg_config = std::env::var("PG_CONFIG")
+        .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_config".into());
+    let out = Command::new(&pg_config)
+        .arg("--bindir")
+        .output()
+        .expect("pg_config runs");
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
 fn pkglibdir() -> PathBuf {
     let bin = pg_bin();
-    let out = Command::new(bin.join("pg_config")).arg("--pkglibdir").output().expect("pg_config runs");
+    let out = Command::new(bin.join("pg_config"))
+        .arg("--pkglibdir")
+        .output()
+        .expect("pg_config runs");
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
 fn running_as_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false)
 }
 
 /// Runs a server tool, as `postgres` when we are root.
@@ -49,7 +65,11 @@ fn pg_command(tool: &str) -> Command {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn run(mut command: Command, what: &str) {
@@ -77,7 +97,11 @@ impl Cluster {
             pkglibdir().display()
         );
         let emulator = Emulator::start(emulator).expect("emulator starts");
-        let dir = std::env::temp_dir().join(format!("llmbatching-test-{}-{}", std::process::id(), free_port()));
+        let dir = std::env::temp_dir().join(format!(
+            "llmbatching-test-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         if running_as_root() {
             let mut chown = Command::new("chown");
@@ -86,7 +110,18 @@ impl Cluster {
         }
         let data = dir.join("data");
         let mut initdb = pg_command("initdb");
-        initdb.args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "-D"]).arg(&data);
+        initdb
+            .args([
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "-D",
+            ])
+            .arg(&data);
         run(initdb, "initdb");
 
         let port = free_port();
@@ -102,7 +137,11 @@ impl Cluster {
             conf.push_str(&format!("{name} = '{value}'\n"));
         }
         append_as_owner(&data.join("postgresql.conf"), &conf);
-        let cluster = Cluster { dir, port, emulator };
+        let cluster = Cluster {
+            dir,
+            port,
+            emulator,
+        };
         cluster.pg_ctl(&["start", "-w", "-t", "60"]);
         cluster
     }
@@ -110,7 +149,10 @@ impl Cluster {
     /// A quick cluster with the extension already created.
     pub fn with_extension(settings: &[(&str, &str)]) -> Cluster {
         let cluster = Cluster::start(quick(), settings);
-        cluster.client().batch_execute("CREATE EXTENSION llmbatching").unwrap();
+        cluster
+            .client()
+            .batch_execute("CREATE EXTENSION llmbatching")
+            .unwrap();
         cluster
     }
 
@@ -124,7 +166,11 @@ impl Cluster {
 
     pub fn pg_ctl(&self, args: &[&str]) {
         let mut c = pg_command("pg_ctl");
-        c.arg("-D").arg(self.data()).arg("-l").arg(self.log_path()).args(args);
+        c.arg("-D")
+            .arg(self.data())
+            .arg("-l")
+            .arg(self.log_path())
+            .args(args);
         run(c, &format!("pg_ctl {args:?}"));
     }
 
@@ -138,14 +184,22 @@ impl Cluster {
     }
 
     /// A client whose NOTICE messages are collected into `notices`.
-    pub fn client_with_notices(&self, notices: std::sync::Arc<std::sync::Mutex<Vec<String>>>) -> Client {
+    pub fn client_with_notices(
+        &self,
+        notices: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    ) -> Client {
         let mut config: postgres::Config = self.connection_string("postgres").parse().unwrap();
-        config.notice_callback(move |notice| notices.lock().unwrap().push(notice.message().to_owned()));
+        config.notice_callback(move |notice| {
+            notices.lock().unwrap().push(notice.message().to_owned())
+        });
         config.connect(NoTls).unwrap()
     }
 
     fn connection_string(&self, user: &str) -> String {
-        format!("host=127.0.0.1 port={} user={user} dbname=postgres", self.port)
+        format!(
+            "host=127.0.0.1 port={} user={user} dbname=postgres",
+            self.port
+        )
     }
 
     pub fn client_as(&self, user: &str) -> Client {
@@ -166,19 +220,30 @@ impl Cluster {
     pub fn worker_pid(&self) -> i32 {
         let mut c = self.client();
         self.wait_for("the worker to start", Duration::from_secs(30), || {
-            c.query_opt("SELECT pid FROM pg_stat_activity WHERE backend_type = 'llmbatching worker'", &[])
-                .ok()
-                .flatten()
-                .is_some()
+            c.query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'llmbatching worker'",
+                &[],
+            )
+            .ok()
+            .flatten()
+            .is_some()
         });
-        c.query_one("SELECT pid FROM pg_stat_activity WHERE backend_type = 'llmbatching worker'", &[]).unwrap().get(0)
+        c.query_one(
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'llmbatching worker'",
+            &[],
+        )
+        .unwrap()
+        .get(0)
     }
 
     /// Polls `done` until it holds, failing the test after `timeout`.
     pub fn wait_for(&self, what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
         let deadline = Instant::now() + timeout;
         while !done() {
-            assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {what}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -192,9 +257,12 @@ impl Cluster {
     pub fn wait_for_a_submitted_batch(&self) {
         let mut c = self.client();
         self.wait_for("a batch to be submitted", Duration::from_secs(60), || {
-            c.query_one("SELECT count(*) FROM llmbatching.batches WHERE state = 'submitted'", &[])
-                .map(|r| r.get::<_, i64>(0) > 0)
-                .unwrap_or(false)
+            c.query_one(
+                "SELECT count(*) FROM llmbatching.batches WHERE state = 'submitted'",
+                &[],
+            )
+            .map(|r| r.get::<_, i64>(0) > 0)
+            .unwrap_or(false)
         });
     }
 
@@ -202,7 +270,10 @@ impl Cluster {
     pub fn wait_until_settled(&self, timeout: Duration) {
         let mut c = self.client();
         self.wait_for("every request to finish", timeout, || {
-            match c.query_one("SELECT count(*) FROM llmbatching.requests WHERE state IN ('queued', 'submitted')", &[]) {
+            match c.query_one(
+                "SELECT count(*) FROM llmbatching.requests WHERE state IN ('queued', 'submitted')",
+                &[],
+            ) {
                 Ok(row) => row.get::<_, i64>(0) == 0,
                 Err(_) => {
                     c = self.client();
@@ -216,7 +287,8 @@ impl Cluster {
     pub fn set(&self, settings: &[(&str, &str)]) {
         let mut c = self.client();
         for (name, value) in settings {
-            c.batch_execute(&format!("ALTER SYSTEM SET {name} = '{value}'")).unwrap();
+            c.batch_execute(&format!("ALTER SYSTEM SET {name} = '{value}'"))
+                .unwrap();
         }
         c.batch_execute("SELECT pg_reload_conf()").unwrap();
     }
@@ -246,11 +318,17 @@ impl Cluster {
 fn append_as_owner(path: &Path, text: &str) {
     if running_as_root() {
         let mut c = Command::new("sudo");
-        c.args(["-u", "postgres", "--", "sh", "-c"]).arg(format!("cat >> '{}'", path.display()));
+        c.args(["-u", "postgres", "--", "sh", "-c"])
+            .arg(format!("cat >> '{}'", path.display()));
         c.stdin(std::process::Stdio::piped());
         let mut child = c.spawn().unwrap();
         use std::io::Write;
-        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
         assert!(child.wait().unwrap().success());
     } else {
         use std::io::Write;
@@ -270,7 +348,9 @@ impl Drop for Cluster {
             }
         }
         let mut c = pg_command("pg_ctl");
-        c.arg("-D").arg(self.data()).args(["stop", "-m", "immediate"]);
+        c.arg("-D")
+            .arg(self.data())
+            .args(["stop", "-m", "immediate"]);
         let _ = c.output();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
