@@ -261,6 +261,22 @@ CREATE TRIGGER requests_changed
     REFERENCING NEW TABLE AS new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION llmbatching.requests_changed();
 
+-- Deleted (purged) requests take their write-backs with them.
+CREATE FUNCTION llmbatching.requests_deleted() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+AS $$
+BEGIN
+    DELETE FROM llmbatching.writebacks w USING old_rows o WHERE w.request_id = o.id;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER requests_deleted
+    AFTER DELETE ON llmbatching.requests
+    REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION llmbatching.requests_deleted();
+
 -- Checks a write-back target and returns its primary key columns.
 CREATE FUNCTION llmbatching.check_target(target regclass, target_column name) RETURNS name[]
 LANGUAGE plpgsql STABLE

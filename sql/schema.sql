@@ -67,7 +67,9 @@ CREATE TABLE llmbatching.requests (
     body            jsonb NOT NULL,
     -- Size of the body as it is written into the batch file.
     body_bytes      integer NOT NULL GENERATED ALWAYS AS (octet_length(body::text)) STORED,
-    batch_id        bigint REFERENCES llmbatching.batches (id),
+    -- The batch carrying the request; set only by the worker. Not a foreign key: checking one
+    -- would cost a query per request each time a batch is claimed.
+    batch_id        bigint,
     attempts        integer NOT NULL DEFAULT 0,
     response        jsonb,
     result_text     text,
@@ -125,7 +127,10 @@ COMMENT ON TABLE llmbatching.model_pauses IS 'Models whose new batches wait unti
 -- Where an answer is written when it arrives: a column of one row of a user table, found by
 -- the row's primary key.
 CREATE TABLE llmbatching.writebacks (
-    request_id    bigint PRIMARY KEY REFERENCES llmbatching.requests (id) ON DELETE CASCADE,
+    -- Not a foreign key, which would check and lock the request row for every write-back
+    -- registered (a million of them for a million-row table); a write-back goes with its request
+    -- when the request is deleted (trigger requests_deleted).
+    request_id    bigint PRIMARY KEY,
     target        regclass NOT NULL,
     target_column name NOT NULL,
     row_key       jsonb NOT NULL,

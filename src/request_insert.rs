@@ -178,6 +178,15 @@ unsafe fn call_site(fcinfo: pg_sys::FunctionCallInfo) -> &'static mut CallSite {
     }
     let memory = (*flinfo).fn_mcxt;
     let prepared = PgMemoryContexts::For(memory).switch_to(|_| Prepared::new());
+    if !existing.is_null() {
+        // A call site that outlives its command (a PL/pgSQL expression in a loop) is rebuilt
+        // in place; the old state's memory goes now rather than with the function's context.
+        if let Some(old) = (*existing).prepared.take() {
+            old.release();
+        }
+        *existing = CallSite { scope, prepared };
+        return &mut *existing;
+    }
     let site = PgMemoryContexts::For(memory).leak_and_drop_on_delete(CallSite { scope, prepared });
     (*flinfo).fn_extra = site.cast();
     &mut *site
@@ -188,7 +197,7 @@ unsafe fn name_of(ptr: *const std::ffi::c_char) -> &'static str {
 }
 
 /// Whether every insert trigger on the table is one this module stands in for, or internal
-/// (a foreign key check: the only reference, batch_id, is NULL in a new row).
+/// (a foreign key check: the table has none of its own, and a new row references nothing).
 unsafe fn only_own_insert_triggers(rel: pg_sys::Relation) -> bool {
     let trigdesc = (*rel).trigdesc;
     if trigdesc.is_null() {
@@ -282,6 +291,15 @@ impl Prepared {
             scan_slot,
             insert_slot,
         })
+    }
+
+    /// Frees what `new` allocated. (Not a `Drop`: when the call site's memory context goes, the
+    /// executor state, its child context, is already gone.)
+    unsafe fn release(self) {
+        pg_sys::ExecDropSingleTupleTableSlot(self.scan_slot);
+        pg_sys::ExecDropSingleTupleTableSlot(self.insert_slot);
+        pg_sys::FreeExecutorState(self.estate);
+        pg_sys::FreeTupleDesc(self.tupdesc);
     }
 
     fn attnum(&self, col: Col) -> usize {

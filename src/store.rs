@@ -116,7 +116,7 @@ pub fn claim_batch(
             .update(
                 "SELECT id, body_bytes FROM llmbatching.requests
                   WHERE state = 'queued' AND reused_from IS NULL AND endpoint = $1 AND model = $2
-                  ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED",
+                  ORDER BY id LIMIT $3",
                 None,
                 &[
                     endpoint.into(),
@@ -166,11 +166,29 @@ pub fn claim_batch(
         ],
     )
     .unwrap_or_else(|e| fail("creating a batch", e))?;
-    run(
-        "UPDATE llmbatching.requests
-            SET state = 'submitted', batch_id = $1, attempts = attempts + 1, submitted_at = now()
-          WHERE id = ANY($2)",
+    // Only the worker claims requests, but a role may cancel one of them meanwhile: the claim
+    // takes those still queued (no row is locked in advance, which would write every row twice).
+    let claimed = Spi::get_one_with_args::<i64>(
+        "WITH claimed AS (
+             UPDATE llmbatching.requests
+                SET state = 'submitted', batch_id = $1, attempts = attempts + 1, submitted_at = now()
+              WHERE id = ANY($2) AND state = 'queued' AND reused_from IS NULL
+             RETURNING 1)
+         SELECT count(*) FROM claimed",
         &[batch_id.into(), split.batch.into()],
+    )
+    .unwrap_or_else(|e| fail("claiming queued requests", e))
+    .unwrap_or(0);
+    if claimed == 0 {
+        run(
+            "DELETE FROM llmbatching.batches WHERE id = $1",
+            &[batch_id.into()],
+        );
+        return None;
+    }
+    run(
+        "UPDATE llmbatching.batches SET request_count = $2 WHERE id = $1 AND request_count <> $2",
+        &[batch_id.into(), (claimed as i32).into()],
     );
     Some(batch_id)
 }
@@ -260,8 +278,10 @@ pub fn write_input_file(batch: &BatchRow, path: &Path) -> std::io::Result<(usize
     let mut lines = 0usize;
     Spi::connect(|client| -> std::io::Result<()> {
         let mut cursor = client.open_cursor(
+            // In no particular order: lines are matched by custom_id, and an ORDER BY would tempt
+            // the planner (a cursor wants its first rows fast) to walk the whole primary key.
             "SELECT id, body::text FROM llmbatching.requests
-                  WHERE batch_id = $1 AND state = 'submitted' ORDER BY id",
+                  WHERE batch_id = $1 AND state = 'submitted'",
             &[batch.id.into()],
         );
         // Each fetch is read in a scratch context, reset afterwards, and its tuple table freed:
@@ -394,7 +414,7 @@ fn requeue_or_fail(source: &str, args: &[pgrx::datum::DatumWithOid]) {
                     queued_at = now(),
                     finished_at = CASE WHEN r.attempts - $3 >= $2 THEN now() END
                FROM {source} AS x(id, reason)
-              WHERE r.id = x.id AND r.batch_id = $1 AND r.state = 'submitted'"
+              WHERE r.id = x.id AND r.batch_id IS NOT DISTINCT FROM $1 AND r.state = 'submitted'"
         ),
         args,
     );
@@ -454,7 +474,13 @@ fn enforce_answer_formats(results: Vec<LineResult>) -> Vec<(LineResult, Option<V
 }
 
 /// Applies one chunk of result lines of a batch.
+///
+/// Every statement here finds its rows by primary key, one probe per line. The batch test is
+/// written `IS NOT DISTINCT FROM` so that it cannot be used to scan the batch instead, and
+/// sequential scans are off: the table's statistics usually predate the batch (claimed moments
+/// ago, by the planner's clock), and a plan built on them can scan the whole batch per chunk.
 pub fn apply_results(batch_id: i64, results: Vec<LineResult>, max_attempts: i32) {
+    run("SET LOCAL enable_seqscan = off", &[]);
     let (mut done_ids, mut responses, mut texts, mut answers) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut input_tokens, mut cached_tokens, mut output_tokens, mut reasoning_tokens) =
@@ -496,7 +522,7 @@ pub fn apply_results(batch_id: i64, results: Vec<LineResult>, max_attempts: i32)
                     error = NULL, finished_at = now()
                FROM unnest($2::bigint[], $3::jsonb[], $4::text[], $5::int[], $6::int[], $7::int[], $8::int[], $9::jsonb[])
                     AS x(id, response, text, input_tokens, cached_tokens, output_tokens, reasoning_tokens, answer)
-              WHERE r.id = x.id AND r.batch_id = $1 AND r.state = 'submitted'",
+              WHERE r.id = x.id AND r.batch_id IS NOT DISTINCT FROM $1 AND r.state = 'submitted'",
             &[
                 batch_id.into(),
                 done_ids.into(),
@@ -515,7 +541,7 @@ pub fn apply_results(batch_id: i64, results: Vec<LineResult>, max_attempts: i32)
             "UPDATE llmbatching.requests r SET state = 'failed', error = x.message, response = x.response,
                     finished_at = now()
                FROM unnest($2::bigint[], $3::text[], $4::jsonb[]) AS x(id, message, response)
-              WHERE r.id = x.id AND r.batch_id = $1 AND r.state = 'submitted'",
+              WHERE r.id = x.id AND r.batch_id IS NOT DISTINCT FROM $1 AND r.state = 'submitted'",
             &[batch_id.into(), failed_ids.into(), messages.into(), failed_bodies.into()],
         );
     }

@@ -294,12 +294,18 @@ fn retention_removes_finished_rows_once_they_are_old_enough() {
     c.batch_execute("CREATE EXTENSION llmbatching").unwrap();
     submit(&cluster, 5);
     cluster.wait_until_settled(SETTLE);
-    c.batch_execute("SELECT llm_submit('m', 'waits') ; ")
-        .unwrap();
+    // A write-back goes with its request.
+    c.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, a text); INSERT INTO t VALUES (1);
+         SELECT llm_write_back(r.id, 't', 'a', '{\"id\": 1}') FROM llmbatching.requests r WHERE r.state = 'completed' LIMIT 1;
+         SELECT llm_submit('m', 'waits');",
+    )
+    .unwrap();
     cluster.set(&[("llmbatching.batch_wait", "1h")]);
     cluster.wait_for("the purge", Duration::from_secs(30), || {
         cluster.count("SELECT count(*) FROM llmbatching.requests WHERE state = 'completed'") == 0
             && cluster.count("SELECT count(*) FROM llmbatching.batches") == 0
+            && cluster.count("SELECT count(*) FROM llmbatching.writebacks") == 0
     });
     assert_eq!(
         cluster.count("SELECT count(*) FROM llmbatching.requests WHERE state = 'queued'"),
