@@ -142,6 +142,7 @@ DECLARE
     t_key     text;
     src_key   text;
     own_role  text := current_setting('role');
+    written_ids bigint[];
 BEGIN
     FOR t IN SELECT DISTINCT w.target, w.target_column, w.submitted_by
                FROM llmbatching.writebacks w
@@ -181,14 +182,19 @@ BEGIN
                 written AS (
                     UPDATE %2$s AS t SET %3$I = src.value FROM src WHERE (%4$s) = (%5$s)
                     RETURNING src.request_id)
+                SELECT coalesce(array_agg(request_id), '{}') FROM written
+                $sql$, value_sql, t.target, t.target_column, t_key, src_key)
+            INTO written_ids
+            USING ids, t.target, t.target_column, t.submitted_by;
+            -- A second statement, so that the written ids are a constant the test below hashes.
+            EXECUTE $sql$
                 UPDATE llmbatching.writebacks w
                    SET written_at = now(),
-                       outcome = CASE WHEN w.request_id IN (SELECT request_id FROM written) THEN 'written'
-                                      ELSE 'row missing' END
-                  FROM src
-                 WHERE w.request_id = src.request_id
-                $sql$, value_sql, t.target, t.target_column, t_key, src_key)
-            USING ids, t.target, t.target_column, t.submitted_by;
+                       outcome = CASE WHEN w.request_id = ANY ($5) THEN 'written' ELSE 'row missing' END
+                 WHERE w.request_id = ANY ($1) AND w.target = $2 AND w.target_column = $3
+                   AND w.submitted_by = $4 AND w.written_at IS NULL
+                $sql$
+            USING ids, t.target, t.target_column, t.submitted_by, written_ids;
             PERFORM set_config('role', own_role, true);
         EXCEPTION WHEN OTHERS THEN
             -- Leaving the block undid the role change.
@@ -210,6 +216,9 @@ $$;
 -- rows (no join with the old ones) keeps the cost linear whatever plan is cached.
 CREATE FUNCTION llmbatching.requests_changed() RETURNS trigger
 LANGUAGE plpgsql
+-- Its statements join one statement's rows to the state tables: probes through their indexes,
+-- never scans, whatever the planner's (often stale, mid-batch) statistics suggest.
+SET enable_seqscan = off
 AS $$
 DECLARE
     completed bigint[];

@@ -141,7 +141,6 @@ CREATE TABLE llmbatching.writebacks (
     outcome       text
 );
 COMMENT ON TABLE llmbatching.writebacks IS 'Answers to write into a table column when they arrive, and what happened';
-CREATE INDEX writebacks_pending ON llmbatching.writebacks (target, target_column) WHERE written_at IS NULL;
 
 -- Prices in US dollars per million tokens, for the standard (synchronous) API and the batch
 -- API. Cached input tokens are billed at the cached price; reasoning tokens are output tokens.
