@@ -267,7 +267,7 @@ fn b5_end_to_end(n: i64) {
     }
     let ours = started.elapsed().as_secs_f64();
     assert_eq!(
-        cluster.count("SELECT count(*) FROM reviews WHERE answer IS NOT NULL"),
+        cluster.count("SELECT count(*) FROM reviews WHERE answer = '[gpt-4o-mini] ' || body"),
         n
     );
     let batches = cluster.count("SELECT count(*) FROM llmbatching.batches");
@@ -304,7 +304,7 @@ fn b5_end_to_end(n: i64) {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(
-        cluster.count("SELECT count(*) FROM reviews WHERE answer IS NOT NULL"),
+        cluster.count("SELECT count(*) FROM reviews WHERE answer = '[gpt-4o-mini] ' || body"),
         n
     );
     report(

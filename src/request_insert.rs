@@ -380,7 +380,7 @@ impl Prepared {
         set(Col::created_at, Some(pg_sys::Datum::from(now)));
         set(Col::queued_at, Some(pg_sys::Datum::from(now)));
 
-        match self.find_identical(rel, hash_datum, user, reuse_applies(request), now) {
+        match self.find_identical(rel, hash_datum, &hash, user, reuse_applies(request), now) {
             Identical::None => {}
             Identical::InFlight(leader) => set(Col::reused_from, leader.into_datum()),
             Identical::Answered(source, tuple) => {
@@ -436,6 +436,7 @@ impl Prepared {
         &mut self,
         rel: pg_sys::Relation,
         hash: pg_sys::Datum,
+        hash_bytes: &[u8],
         user: pg_sys::Datum,
         reuse: bool,
         now: pg_sys::TimestampTz,
@@ -469,6 +470,14 @@ impl Prepared {
                 let at = self.attnum(col) - 1;
                 (!*(*slot).tts_isnull.add(at)).then(|| *(*slot).tts_values.add(at))
             };
+            // A hash index finds rows by a 32-bit hash of the key: compare the whole hash (a
+            // million requests hold about a hundred such near misses).
+            let same_hash = value(Col::request_hash)
+                .and_then(|d| Vec::<u8>::from_datum(d, false))
+                .is_some_and(|h| h == hash_bytes);
+            if !same_hash {
+                continue;
+            }
             let same_role = value(Col::submitted_by).is_some_and(|d| {
                 CStr::from_ptr(d.cast_mut_ptr::<std::ffi::c_char>())
                     == CStr::from_ptr(user.cast_mut_ptr::<std::ffi::c_char>())

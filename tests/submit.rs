@@ -136,3 +136,39 @@ fn submissions_roll_back_with_their_subtransaction_and_need_a_writable_transacti
         3
     );
 }
+
+#[test]
+fn requests_whose_hashes_share_an_index_bucket_are_not_taken_for_each_other() {
+    let cluster = Cluster::with_extension(&[("llmbatching.batch_wait", "1h")]);
+    let mut c = cluster.client();
+    // Each pair's sha256 hashes agree in the 32 bits the hash index files them under (found
+    // among 200,000 prompts 'p1' .. 'p200000'); only the whole hash tells them apart.
+    let pairs = [
+        ("p124285", "p185112"),
+        ("p104011", "p192385"),
+        ("p105608", "p119804"),
+        ("p148596", "p167817"),
+        ("p5751", "p127707"),
+    ];
+    for (first, second) in pairs {
+        c.batch_execute(&format!(
+            "SELECT llm_submit('m', '{first}'); SELECT llm_submit('m', '{second}');"
+        ))
+        .unwrap();
+    }
+    assert_eq!(
+        cluster.count("SELECT count(*) FROM llmbatching.requests WHERE reused_from IS NULL"),
+        10,
+        "no request waits on a different one"
+    );
+    // A true duplicate is still found in the same bucket.
+    c.batch_execute("SELECT llm_submit('m', 'p185112')")
+        .unwrap();
+    assert_eq!(
+        cluster.count(
+            "SELECT count(*) FROM llmbatching.requests r JOIN llmbatching.requests l ON l.id = r.reused_from
+              WHERE l.body = r.body"
+        ),
+        1
+    );
+}
