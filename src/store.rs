@@ -48,18 +48,38 @@ pub struct Group {
     pub queued: QueuedGroup,
 }
 
-pub fn queued_groups() -> Vec<Group> {
+/// The queued groups and, for each, its first `max_requests` requests: that many make a group
+/// due whatever else is queued, so the count stops there and a wake-up never reads the whole
+/// queue (a million queued rows would be read on every wake).
+pub fn queued_groups(max_requests: usize) -> Vec<Group> {
     Spi::connect(|client| {
         let rows = client.select(
-            "SELECT endpoint, model, count(*), sum(body_bytes)::bigint,
-                    extract(epoch FROM clock_timestamp() - min(queued_at))::float8
-               FROM llmbatching.requests r
-              WHERE state = 'queued' AND reused_from IS NULL
-                AND NOT EXISTS (SELECT FROM llmbatching.model_pauses p
-                                 WHERE p.model = r.model AND p.paused_until > now())
-              GROUP BY endpoint, model",
+            "WITH RECURSIVE groups AS (
+                 (SELECT endpoint, model FROM llmbatching.requests
+                   WHERE state = 'queued' AND reused_from IS NULL
+                   ORDER BY endpoint, model LIMIT 1)
+                 UNION ALL
+                 SELECT next.endpoint, next.model
+                   FROM groups g
+                  CROSS JOIN LATERAL (
+                      SELECT r.endpoint, r.model FROM llmbatching.requests r
+                       WHERE r.state = 'queued' AND r.reused_from IS NULL
+                         AND (r.endpoint, r.model) > (g.endpoint, g.model)
+                       ORDER BY r.endpoint, r.model LIMIT 1) next)
+             SELECT g.endpoint, g.model, c.requests, c.body_bytes,
+                    extract(epoch FROM clock_timestamp() - c.oldest)::float8
+               FROM groups g
+              CROSS JOIN LATERAL (
+                  SELECT count(*) AS requests, sum(first.body_bytes)::bigint AS body_bytes,
+                         min(first.queued_at) AS oldest
+                    FROM (SELECT r.body_bytes, r.queued_at FROM llmbatching.requests r
+                           WHERE r.state = 'queued' AND r.reused_from IS NULL
+                             AND r.endpoint = g.endpoint AND r.model = g.model
+                           ORDER BY r.id LIMIT $1) first) c
+              WHERE NOT EXISTS (SELECT FROM llmbatching.model_pauses p
+                                 WHERE p.model = g.model AND p.paused_until > now())",
             None,
-            &[],
+            &[(max_requests as i64).into()],
         )?;
         rows.map(|row| {
             Ok(Group {

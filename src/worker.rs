@@ -235,7 +235,7 @@ impl Worker {
         loop {
             let claimed = tx(move || {
                 let mut claimed = 0;
-                for group in store::queued_groups() {
+                for group in store::queued_groups(limits.max_requests) {
                     if store::open_batch_count() >= max_open {
                         break;
                     }
