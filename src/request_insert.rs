@@ -32,53 +32,39 @@ pub struct NewRequest<'a> {
     pub reuse: Option<bool>,
 }
 
-/// The columns this module writes or reads, by name; resolved to attribute numbers per statement.
-const COLUMNS: [&str; 26] = [
-    "id",
-    "state",
-    "endpoint",
-    "model",
-    "body",
-    "body_bytes",
-    "batch_id",
-    "attempts",
-    "response",
-    "result_text",
-    "result_json",
-    "answer_format",
-    "job",
-    "error",
-    "input_tokens",
-    "cached_tokens",
-    "output_tokens",
-    "reasoning_tokens",
-    "request_hash",
-    "reuse",
-    "reused_from",
-    "submitted_by",
-    "created_at",
-    "queued_at",
-    "submitted_at",
-    "finished_at",
-];
+/// Declares `Col` and `COLUMNS` from one list, so that `COLUMNS[col as usize]` is always the
+/// column's name.
+macro_rules! columns {
+    ($($name:ident),* $(,)?) => {
+        /// A column of llmbatching.requests; its number is its place in [`COLUMNS`].
+        #[allow(non_camel_case_types, dead_code)]
+        #[derive(Clone, Copy)]
+        enum Col {
+            $($name),*
+        }
 
-/// Index into [`COLUMNS`] of each column, by name.
-#[allow(non_camel_case_types)]
-#[derive(Clone, Copy)]
-enum Col {
+        /// Every column of llmbatching.requests, by name; resolved to attribute numbers per
+        /// statement.
+        const COLUMNS: &[&str] = &[$(stringify!($name)),*];
+    };
+}
+
+columns!(
     id,
     state,
     endpoint,
     model,
     body,
     body_bytes,
-    attempts = 7,
+    batch_id,
+    attempts,
     response,
     result_text,
     result_json,
     answer_format,
     job,
-    input_tokens = 14,
+    error,
+    input_tokens,
     cached_tokens,
     output_tokens,
     reasoning_tokens,
@@ -88,8 +74,9 @@ enum Col {
     submitted_by,
     created_at,
     queued_at,
-    finished_at = 25,
-}
+    submitted_at,
+    finished_at,
+);
 
 /// Columns an identical earlier answer lends to a request that reuses it.
 const REUSED_COLUMNS: [Col; 7] = [
@@ -329,12 +316,7 @@ impl Prepared {
     }
 
     unsafe fn write(&mut self, rel: pg_sys::Relation, request: &NewRequest) -> i64 {
-        let body_text = CString::new(request.body_json).expect("serialized JSON has no NUL byte");
-        let body = direct_function_call_as_datum(
-            pg_sys::jsonb_in,
-            &[Some(pg_sys::Datum::from(body_text.as_ptr()))],
-        )
-        .expect("jsonb_in returns a value");
+        let body = jsonb_from_text(request.body_json);
         // The hash and size are those of the body as Postgres prints it (keys in jsonb's order),
         // the same text the dedupe trigger hashes for a direct INSERT.
         let canonical = direct_function_call_as_datum(pg_sys::jsonb_out, &[Some(body)])
