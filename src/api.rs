@@ -179,6 +179,7 @@ fn built_body_with_schema(
 
 /// Queues a request built from a model and an input; returns its id.
 #[pg_extern(volatile, parallel_unsafe)]
+#[allow(clippy::too_many_arguments)] // the SQL signature
 fn llm_submit(
     model: Option<&str>,
     input: Option<&str>,
@@ -206,6 +207,7 @@ fn llm_submit(
 /// Queues a request whose answer must be JSON following `schema`; read it with
 /// `llm_answer_json`.
 #[pg_extern(volatile, parallel_unsafe)]
+#[allow(clippy::too_many_arguments)] // the SQL signature
 fn llm_submit_json(
     model: Option<&str>,
     input: Option<&str>,
@@ -237,6 +239,7 @@ fn llm_submit_json(
 /// Queues a request whose answer is one of `labels`; `llm_result` is then always one of them,
 /// or the request fails saying what the model answered instead.
 #[pg_extern(volatile, parallel_unsafe)]
+#[allow(clippy::too_many_arguments)] // the SQL signature
 fn llm_submit_label(
     model: Option<&str>,
     input: Option<&str>,
