@@ -99,7 +99,6 @@ CREATE TABLE llmbatching.requests (
 COMMENT ON TABLE llmbatching.requests IS 'Every LLM request: its body, its state and, once answered, the response';
 CREATE INDEX requests_queue ON llmbatching.requests (endpoint, model, id)
     WHERE state = 'queued' AND reused_from IS NULL;
-CREATE INDEX requests_queued_at ON llmbatching.requests (queued_at) WHERE state = 'queued' AND reused_from IS NULL;
 -- Only ever searched for one hash: a hash index is smaller and cheaper to add to than a btree.
 CREATE INDEX requests_hash ON llmbatching.requests USING hash (request_hash);
 CREATE INDEX requests_waiting ON llmbatching.requests (reused_from) WHERE state = 'queued' AND reused_from IS NOT NULL;

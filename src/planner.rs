@@ -62,6 +62,14 @@ pub fn group_is_due(group: &QueuedGroup, limits: BatchLimits, batch_wait: Durati
         || group.oldest_wait >= batch_wait
 }
 
+/// How long until a group that is not due yet becomes due by waiting (zero if it is due now).
+pub fn due_in(group: &QueuedGroup, limits: BatchLimits, batch_wait: Duration) -> Duration {
+    if group_is_due(group, limits, batch_wait) {
+        return Duration::ZERO;
+    }
+    batch_wait.saturating_sub(group.oldest_wait)
+}
+
 /// How the candidates (oldest first) are split off into the next batch.
 #[derive(Debug, Default, PartialEq)]
 pub struct Split {
@@ -227,6 +235,9 @@ mod tests {
         assert!(!group_is_due(&group(3, 5), limits, wait));
         assert!(group_is_due(&group(10, 5), limits, wait));
         assert!(group_is_due(&group(3, 30), limits, wait));
+        assert_eq!(due_in(&group(3, 5), limits, wait), Duration::from_secs(25));
+        assert_eq!(due_in(&group(10, 5), limits, wait), Duration::ZERO);
+        assert_eq!(due_in(&group(3, 40), limits, wait), Duration::ZERO);
     }
 
     #[test]

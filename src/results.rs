@@ -2,6 +2,8 @@
 //! to each request. Pure: no database, no network.
 
 use crate::request::{AnswerFormat, Endpoint};
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 /// What one result line says about its request.
@@ -9,14 +11,16 @@ use serde_json::Value;
 pub enum Outcome {
     /// The model answered.
     Completed {
-        response: Value,
+        /// The response body as the provider wrote it (JSON text).
+        response: String,
         text: Option<String>,
         usage: Usage,
     },
     /// The request ran and was refused for a reason that will not change by sending it again.
     Failed {
         message: String,
-        response: Option<Value>,
+        /// The response body as the provider wrote it (JSON text), if there was one.
+        response: Option<String>,
     },
     /// The request did not run, or failed in a way that may pass on another try.
     Retry { reason: String },
@@ -94,13 +98,14 @@ pub fn custom_id(request_id: i64) -> String {
 /// any request; its text is returned for the log. A line that names its request but is
 /// otherwise malformed becomes a [`Outcome::Retry`], so the request is asked again.
 pub fn parse_line(endpoint: Endpoint, line: &str) -> Result<LineResult, String> {
-    let value: Value = serde_json::from_str(line).map_err(|e| format!("not JSON ({e})"))?;
-    let request_id = value
-        .get("custom_id")
+    let line: RawLine = serde_json::from_str(line).map_err(|e| format!("not JSON ({e})"))?;
+    let request_id = line
+        .custom_id
+        .as_ref()
         .and_then(Value::as_str)
         .and_then(|id| id.parse::<i64>().ok())
         .ok_or_else(|| "no custom_id that llmbatching issued".to_string())?;
-    let outcome = outcome_of(endpoint, &value).unwrap_or_else(|reason| Outcome::Retry {
+    let outcome = outcome_of(endpoint, &line).unwrap_or_else(|reason| Outcome::Retry {
         reason: format!("the provider returned a malformed result line: {reason}"),
     });
     Ok(LineResult {
@@ -109,27 +114,51 @@ pub fn parse_line(endpoint: Endpoint, line: &str) -> Result<LineResult, String> 
     })
 }
 
-fn outcome_of(endpoint: Endpoint, line: &Value) -> Result<Outcome, String> {
-    match line.get("response") {
-        Some(response) if !response.is_null() => response_outcome(endpoint, response),
-        _ => line_error_outcome(line.get("error").unwrap_or(&Value::Null)),
+/// A result line, with the response left as the provider's text: its body is stored as it came,
+/// and only read into a tree to find the answer and the token counts.
+#[derive(Deserialize)]
+struct RawLine<'a> {
+    #[serde(default)]
+    custom_id: Option<Value>,
+    #[serde(default, borrow)]
+    response: Option<&'a RawValue>,
+    #[serde(default)]
+    error: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct RawResponse<'a> {
+    #[serde(default)]
+    status_code: Option<Value>,
+    #[serde(default, borrow)]
+    body: Option<&'a RawValue>,
+}
+
+fn outcome_of(endpoint: Endpoint, line: &RawLine) -> Result<Outcome, String> {
+    match line.response.filter(|r| r.get() != "null") {
+        Some(response) => response_outcome(endpoint, response),
+        None => line_error_outcome(line.error.as_ref().unwrap_or(&Value::Null)),
     }
 }
 
-fn response_outcome(endpoint: Endpoint, response: &Value) -> Result<Outcome, String> {
+fn response_outcome(endpoint: Endpoint, response: &RawValue) -> Result<Outcome, String> {
+    let response: RawResponse =
+        serde_json::from_str(response.get()).map_err(|_| "the response is not an object")?;
     let status = response
-        .get("status_code")
+        .status_code
+        .as_ref()
         .and_then(Value::as_u64)
         .ok_or("no status_code")?;
-    let body = response
-        .get("body")
-        .filter(|b| b.is_object())
-        .ok_or("no response body")?;
+    let raw_body = response.body.ok_or("no response body")?;
+    let body: Value = serde_json::from_str(raw_body.get()).map_err(|e| e.to_string())?;
+    if !body.is_object() {
+        return Err("no response body".into());
+    }
     if (200..300).contains(&status) {
         return Ok(Outcome::Completed {
-            text: answer_text(endpoint, body),
-            response: body.clone(),
-            usage: token_usage(body),
+            text: answer_text(endpoint, &body),
+            response: raw_body.get().to_owned(),
+            usage: token_usage(&body),
         });
     }
     let message = body
@@ -145,7 +174,7 @@ fn response_outcome(endpoint: Endpoint, response: &Value) -> Result<Outcome, Str
     }
     Ok(Outcome::Failed {
         message,
-        response: Some(body.clone()),
+        response: Some(raw_body.get().to_owned()),
     })
 }
 
@@ -289,9 +318,19 @@ mod tests {
         let r = parse_line(Endpoint::Responses, &l).unwrap();
         assert_eq!(r.request_id, 17);
         match r.outcome {
-            Outcome::Completed { text, usage, .. } => {
+            Outcome::Completed {
+                text,
+                usage,
+                response,
+            } => {
                 assert_eq!(text.as_deref(), Some("positive"));
                 assert_eq!((usage.input, usage.output), (Some(12), Some(1)));
+                let stored: Value = serde_json::from_str(&response).unwrap();
+                assert_eq!(stored["usage"]["input_tokens"], 12);
+                assert!(
+                    stored.get("status_code").is_none(),
+                    "the body, not the envelope"
+                );
             }
             other => panic!("{other:?}"),
         }

@@ -279,13 +279,13 @@ pub fn batches_due() -> Vec<BatchRow> {
         "SELECT {BATCH_COLUMNS} FROM llmbatching.batches
           WHERE state <> 'done' AND next_check_at <= clock_timestamp() ORDER BY next_check_at, id"
     );
-    Spi::connect(|client| batch_rows(&client, &sql, &[]))
+    Spi::connect(|client| batch_rows(client, &sql, &[]))
         .unwrap_or_else(|e| fail("reading open batches", e))
 }
 
 pub fn batch(id: i64) -> Option<BatchRow> {
     let sql = format!("SELECT {BATCH_COLUMNS} FROM llmbatching.batches WHERE id = $1");
-    Spi::connect(|client| batch_rows(&client, &sql, &[id.into()]))
+    Spi::connect(|client| batch_rows(client, &sql, &[id.into()]))
         .unwrap_or_else(|e| fail("reading a batch", e))
         .pop()
 }
@@ -416,6 +416,18 @@ pub fn record_step_failure(batch_id: i64, error: &str, retry_in: Duration) {
     );
 }
 
+/// How a statement applying results finds each request: by primary key, and only while it is
+/// still `submitted` in the batch the results belong to (`x.claimed_batch`, `x.claimed_state`).
+///
+/// The batch and the state are columns of the joined rows, not constants, and those rows come
+/// from a subquery the planner may not flatten (`OFFSET 0`). So no condition narrows the
+/// requests table on its own, and the one cheap-looking plan is a probe of the primary key per
+/// line. Written with constants, statistics taken before the claim (no request `submitted`)
+/// made the table look like one row, and a 5,000-line chunk walked the whole table once per line.
+/// `IS NOT DISTINCT FROM` keeps the batch index out; sequential scans are off ([`apply_results`]).
+const CLAIMED_BY: &str =
+    "r.id = x.id AND r.batch_id IS NOT DISTINCT FROM x.claimed_batch AND r.state = x.claimed_state";
+
 /// Requests go back to the queue with their reason, or fail with it once they have used all
 /// their attempts. `source` yields `(id, reason)` rows; `$1` is the batch, `$2` the max attempts,
 /// `$3` how many attempts to give back (1 when the provider refused the batch through no fault
@@ -433,8 +445,10 @@ fn requeue_or_fail(source: &str, args: &[pgrx::datum::DatumWithOid]) {
                     batch_id = CASE WHEN r.attempts - $3 >= $2 THEN r.batch_id END,
                     queued_at = now(),
                     finished_at = CASE WHEN r.attempts - $3 >= $2 THEN now() END
-               FROM {source} AS x(id, reason)
-              WHERE r.id = x.id AND r.batch_id IS NOT DISTINCT FROM $1 AND r.state = 'submitted'"
+               FROM (SELECT s.id, s.reason, $1::bigint AS claimed_batch, 'submitted'::text AS claimed_state
+                       FROM {source} AS s(id, reason)
+                     OFFSET 0) x
+              WHERE {CLAIMED_BY}"
         ),
         args,
     );
@@ -495,10 +509,7 @@ fn enforce_answer_formats(results: Vec<LineResult>) -> Vec<(LineResult, Option<V
 
 /// Applies one chunk of result lines of a batch.
 ///
-/// Every statement here finds its rows by primary key, one probe per line. The batch test is
-/// written `IS NOT DISTINCT FROM` so that it cannot be used to scan the batch instead, and
-/// sequential scans are off: the table's statistics usually predate the batch (claimed moments
-/// ago, by the planner's clock), and a plan built on them can scan the whole batch per chunk.
+/// Every statement here finds its rows by primary key, one probe per line (see [`CLAIMED_BY`]).
 pub fn apply_results(batch_id: i64, results: Vec<LineResult>, max_attempts: i32) {
     run("SET LOCAL enable_seqscan = off", &[]);
     let (mut done_ids, mut responses, mut texts, mut answers) =
@@ -515,7 +526,7 @@ pub fn apply_results(batch_id: i64, results: Vec<LineResult>, max_attempts: i32)
                 usage,
             } => {
                 done_ids.push(result.request_id);
-                responses.push(JsonB(response));
+                responses.push(response);
                 texts.push(text);
                 input_tokens.push(usage.input);
                 cached_tokens.push(usage.cached);
@@ -526,7 +537,7 @@ pub fn apply_results(batch_id: i64, results: Vec<LineResult>, max_attempts: i32)
             Outcome::Failed { message, response } => {
                 failed_ids.push(result.request_id);
                 messages.push(message);
-                failed_bodies.push(response.map(JsonB));
+                failed_bodies.push(response);
             }
             Outcome::Retry { reason } => {
                 retry_ids.push(result.request_id);
@@ -536,13 +547,15 @@ pub fn apply_results(batch_id: i64, results: Vec<LineResult>, max_attempts: i32)
     }
     if !done_ids.is_empty() {
         run(
-            "UPDATE llmbatching.requests r SET state = 'completed', response = x.response, result_text = x.text,
+            &format!("UPDATE llmbatching.requests r SET state = 'completed', response = x.response::jsonb, result_text = x.text,
                     result_json = x.answer, input_tokens = x.input_tokens, cached_tokens = x.cached_tokens,
                     output_tokens = x.output_tokens, reasoning_tokens = x.reasoning_tokens,
                     error = NULL, finished_at = now()
-               FROM unnest($2::bigint[], $3::jsonb[], $4::text[], $5::int[], $6::int[], $7::int[], $8::int[], $9::jsonb[])
-                    AS x(id, response, text, input_tokens, cached_tokens, output_tokens, reasoning_tokens, answer)
-              WHERE r.id = x.id AND r.batch_id IS NOT DISTINCT FROM $1 AND r.state = 'submitted'",
+               FROM (SELECT u.*, $1::bigint AS claimed_batch, 'submitted'::text AS claimed_state
+                       FROM unnest($2::bigint[], $3::text[], $4::text[], $5::int[], $6::int[], $7::int[], $8::int[], $9::jsonb[])
+                            AS u(id, response, text, input_tokens, cached_tokens, output_tokens, reasoning_tokens, answer)
+                     OFFSET 0) x
+              WHERE {CLAIMED_BY}"),
             &[
                 batch_id.into(),
                 done_ids.into(),
@@ -558,10 +571,12 @@ pub fn apply_results(batch_id: i64, results: Vec<LineResult>, max_attempts: i32)
     }
     if !failed_ids.is_empty() {
         run(
-            "UPDATE llmbatching.requests r SET state = 'failed', error = x.message, response = x.response,
+            &format!("UPDATE llmbatching.requests r SET state = 'failed', error = x.message, response = x.response::jsonb,
                     finished_at = now()
-               FROM unnest($2::bigint[], $3::text[], $4::jsonb[]) AS x(id, message, response)
-              WHERE r.id = x.id AND r.batch_id IS NOT DISTINCT FROM $1 AND r.state = 'submitted'",
+               FROM (SELECT u.*, $1::bigint AS claimed_batch, 'submitted'::text AS claimed_state
+                       FROM unnest($2::bigint[], $3::text[], $4::text[]) AS u(id, message, response)
+                     OFFSET 0) x
+              WHERE {CLAIMED_BY}"),
             &[batch_id.into(), failed_ids.into(), messages.into(), failed_bodies.into()],
         );
     }
@@ -669,17 +684,14 @@ pub fn purge_finished(retention: Duration) -> (i64, i64) {
     (requests, batches)
 }
 
-/// How long the worker may sleep before something is due: a queued group's wait running out,
-/// or a batch's next step.
-pub fn next_wake(batch_wait: Duration) -> Option<Duration> {
-    Spi::get_one_with_args::<f64>(
+/// How long until a batch's next step or the end of a model's pause, whichever comes first.
+/// (Queued groups' waits are known from [`queued_groups`].)
+pub fn next_step_due() -> Option<Duration> {
+    Spi::get_one::<f64>(
         "SELECT extract(epoch FROM least(
-                    (SELECT min(queued_at) FROM llmbatching.requests WHERE state = 'queued' AND reused_from IS NULL)
-                        + make_interval(secs => $1),
                     (SELECT min(next_check_at) FROM llmbatching.batches WHERE state <> 'done'),
                     (SELECT min(paused_until) FROM llmbatching.model_pauses WHERE paused_until > now()))
                 - clock_timestamp())::float8",
-        &[seconds(batch_wait).into()],
     )
     .unwrap_or_else(|e| fail("computing the next wake-up", e))
     .map(|secs| Duration::from_secs_f64(secs.max(0.0)))

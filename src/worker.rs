@@ -153,7 +153,7 @@ impl Worker {
             return idle;
         }
         tx(store::promote_orphaned_duplicates);
-        self.form_batches(&settings);
+        let next_group_due = self.form_batches(&settings);
         tx(store::flag_cancelled_batches);
         for batch in tx(store::batches_due) {
             if shutdown_requested() {
@@ -161,8 +161,11 @@ impl Worker {
             }
             self.advance(batch, &settings);
         }
-        let wait = settings.batch_wait;
-        tx(move || store::next_wake(wait))
+        let next_step_due = tx(store::next_step_due);
+        [next_group_due, next_step_due]
+            .into_iter()
+            .flatten()
+            .min()
             .unwrap_or(idle)
             .clamp(Duration::from_millis(10), idle)
     }
@@ -227,19 +230,23 @@ impl Worker {
     }
 
     /// Claims queued requests into new batches for every group that is due, within the
-    /// limits on open batches and on each model's enqueued tokens.
-    fn form_batches(&mut self, settings: &Settings) {
+    /// limits on open batches and on each model's enqueued tokens. Returns how long until the
+    /// first group left waiting becomes due.
+    fn form_batches(&mut self, settings: &Settings) -> Option<Duration> {
         let (limits, wait) = (settings.limits, settings.batch_wait);
         let (max_open, default_token_cap) =
             (settings.max_batches_in_flight, settings.max_enqueued_tokens);
         loop {
-            let claimed = tx(move || {
-                let mut claimed = 0;
+            let (claimed, next_due) = tx(move || {
+                let (mut claimed, mut next_due) = (0, None::<Duration>);
                 for group in store::queued_groups(limits.max_requests) {
-                    if store::open_batch_count() >= max_open {
-                        break;
-                    }
                     if !planner::group_is_due(&group.queued, limits, wait) {
+                        let due_in = planner::due_in(&group.queued, limits, wait);
+                        next_due = Some(next_due.map_or(due_in, |d| d.min(due_in)));
+                        continue;
+                    }
+                    // A due group that cannot go now waits for a batch to end: a batch step.
+                    if store::open_batch_count() >= max_open {
                         continue;
                     }
                     let budget = store::token_budget(&group.model, default_token_cap);
@@ -247,10 +254,10 @@ impl Worker {
                         claimed += 1;
                     }
                 }
-                claimed
+                (claimed, next_due)
             });
             if claimed == 0 || shutdown_requested() {
-                return;
+                return next_due;
             }
         }
     }
