@@ -130,6 +130,11 @@ $$;
 -- Each call writes one chunk of answers into tables that may hold millions of rows: it must
 -- find those rows through their primary key, never by scanning the table, whatever the
 -- planner guesses about the chunk (sequential scans are therefore disabled while it runs).
+-- The chunk's ids drive the join, from a subquery the planner may not flatten (OFFSET 0) that
+-- also carries the target and the state wanted: so no condition narrows the requests or the
+-- write-backs on its own, and each id is one probe of each primary key. Written as conditions
+-- on the tables, stale statistics let the planner start from every completed request (through
+-- requests_finished) and probe the write-backs with the whole id array each time.
 CREATE FUNCTION llmbatching.write_back(ids bigint[]) RETURNS void
 LANGUAGE plpgsql
 SET enable_seqscan = off
@@ -175,10 +180,14 @@ BEGIN
             EXECUTE format($sql$
                 WITH src AS (
                     SELECT w.request_id, %1$s AS value, jsonb_populate_record(NULL::%2$s, w.row_key) AS k
-                      FROM llmbatching.writebacks w
-                      JOIN llmbatching.requests r ON r.id = w.request_id
-                     WHERE w.request_id = ANY ($1) AND w.target = $2 AND w.target_column = $3
-                       AND w.submitted_by = $4 AND w.written_at IS NULL AND r.state = 'completed'),
+                      FROM (SELECT i.id, $2::regclass AS target, $3::name AS target_column,
+                                   $4::name AS submitted_by, 'completed'::text AS state
+                              FROM unnest($1) AS i (id) OFFSET 0) i
+                      JOIN llmbatching.writebacks w
+                        ON w.request_id = i.id AND w.target = i.target AND w.target_column = i.target_column
+                       AND w.submitted_by = i.submitted_by
+                      JOIN llmbatching.requests r ON r.id = i.id AND r.state = i.state
+                     WHERE w.written_at IS NULL),
                 written AS (
                     UPDATE %2$s AS t SET %3$I = src.value FROM src WHERE (%4$s) = (%5$s)
                     RETURNING src.request_id)
