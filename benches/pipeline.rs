@@ -92,6 +92,25 @@ fn curl(args: &[&str]) -> f64 {
     started.elapsed().as_secs_f64()
 }
 
+/// What any claim that writes a row per request costs at least: one statement marking `n` rows
+/// of a narrow, freshly vacuumed table (primary key only) as taken by a batch.
+fn mark_rows_seconds(c: &mut Client, n: i64) -> f64 {
+    c.batch_execute(&format!(
+        "CREATE TABLE marked (id bigint PRIMARY KEY, state text NOT NULL, batch_id bigint);
+         INSERT INTO marked SELECT g, 'queued', NULL FROM generate_series(1, {n}) g"
+    ))
+    .unwrap();
+    c.batch_execute("VACUUM ANALYZE marked").unwrap();
+    let ids: Vec<i64> = (1..=n).collect();
+    let started = Instant::now();
+    c.execute(
+        "UPDATE marked SET state = 'submitted', batch_id = 1 WHERE id = ANY($1)",
+        &[&ids],
+    )
+    .unwrap();
+    started.elapsed().as_secs_f64()
+}
+
 /// B2 and B3 on one batch of `n` requests.
 fn b2_b3_build_upload_ingest(n: i64) {
     let cluster = Cluster::start(
@@ -174,6 +193,11 @@ fn b2_b3_build_upload_ingest(n: i64) {
     writer.finish().unwrap();
     let copy = started.elapsed().as_secs_f64();
     report(&format!("B3 ingest ({n})"), ingest, copy, "s", 3.0);
+    let floor = mark_rows_seconds(&mut c, n);
+    println!(
+        "   floor: one UPDATE marking {n} rows of a three-column table takes {floor:.3} s, {:.1} times the B2 upload",
+        floor / upload
+    );
     for line in cluster.log().lines().filter(|l| l.contains("read back")) {
         println!(
             "   worker: {}",
