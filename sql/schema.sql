@@ -104,8 +104,10 @@ CREATE INDEX requests_hash ON llmbatching.requests USING hash (request_hash);
 CREATE INDEX requests_waiting ON llmbatching.requests (reused_from) WHERE state = 'queued' AND reused_from IS NOT NULL;
 CREATE INDEX requests_batch ON llmbatching.requests (batch_id) WHERE batch_id IS NOT NULL;
 CREATE INDEX requests_job ON llmbatching.requests (job, state) WHERE job IS NOT NULL;
+-- Requests that finished without a batch (cancelled while queued, answered from an identical
+-- one, refused before sending), for retention; those a batch carried are found through it.
 CREATE INDEX requests_finished ON llmbatching.requests (finished_at)
-    WHERE state IN ('completed', 'failed', 'cancelled');
+    WHERE batch_id IS NULL AND state IN ('completed', 'failed', 'cancelled');
 
 -- Per-model caps on prompt tokens enqueued at the provider at once, overriding
 -- llmbatching.max_enqueued_tokens for that model.

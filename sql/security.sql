@@ -36,23 +36,42 @@ $$;
 CREATE TRIGGER check_request BEFORE INSERT ON llmbatching.requests
     FOR EACH ROW EXECUTE FUNCTION llmbatching.check_request();
 
--- Deletes finished requests older than `older_than` (and batches left without requests).
-CREATE FUNCTION llm_purge(older_than interval) RETURNS bigint
+-- Deletes requests that finished before `cutoff` and done batches left without requests;
+-- returns how many of each went. A request that a batch carried goes with its batch, once the
+-- batch is done before the cutoff (it is done after every request it carried has finished):
+-- these are found through the batches, so the index of finished requests need only hold the
+-- few that finished without a batch, and a batch's answers arriving never add to it.
+CREATE FUNCTION llmbatching.purge_before(cutoff timestamptz, OUT requests bigint, OUT batches bigint)
 LANGUAGE plpgsql STRICT
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    purged bigint;
+    carried bigint;
 BEGIN
-    WITH gone AS (DELETE FROM llmbatching.requests
-                   WHERE state IN ('completed', 'failed', 'cancelled') AND finished_at < now() - older_than
+    WITH gone AS (DELETE FROM llmbatching.requests r
+                   USING llmbatching.batches b
+                   WHERE b.state = 'done' AND b.finished_at < cutoff AND r.batch_id = b.id
+                     AND r.state IN ('completed', 'failed', 'cancelled') AND r.finished_at < cutoff
                   RETURNING 1)
-    SELECT count(*) INTO purged FROM gone;
-    DELETE FROM llmbatching.batches b
-     WHERE b.state = 'done' AND b.finished_at < now() - older_than
-       AND NOT EXISTS (SELECT FROM llmbatching.requests r WHERE r.batch_id = b.id);
-    RETURN purged;
+    SELECT count(*) INTO carried FROM gone;
+    WITH gone AS (DELETE FROM llmbatching.requests r
+                   WHERE r.batch_id IS NULL AND r.state IN ('completed', 'failed', 'cancelled')
+                     AND r.finished_at < cutoff
+                  RETURNING 1)
+    SELECT carried + count(*) INTO requests FROM gone;
+    WITH gone AS (DELETE FROM llmbatching.batches b
+                   WHERE b.state = 'done' AND b.finished_at < cutoff
+                     AND NOT EXISTS (SELECT FROM llmbatching.requests r WHERE r.batch_id = b.id)
+                  RETURNING 1)
+    SELECT count(*) INTO batches FROM gone;
 END
+$$;
+
+-- Deletes finished requests older than `older_than` (and batches left without requests).
+CREATE FUNCTION llm_purge(older_than interval) RETURNS bigint
+LANGUAGE sql STRICT
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT requests FROM llmbatching.purge_before(now() - older_than)
 $$;
 COMMENT ON FUNCTION llm_purge(interval) IS 'Deletes finished requests older than the interval; for llmbatching_admin';
 
@@ -77,7 +96,7 @@ BEGIN
         IF f.proname <> 'llm_classify' AND f.proname NOT LIKE 'llm\_submit%' THEN
             EXECUTE format('ALTER FUNCTION %s SET search_path = pg_catalog, pg_temp', f.signature);
         END IF;
-        IF f.proname = 'llm_purge' THEN
+        IF f.proname IN ('llm_purge', 'purge_before') THEN
             EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO llmbatching_admin', f.signature);
         ELSIF f.proname LIKE 'llm\_%' OR f.proname IN ('write_back', 'check_target', 'primary_key_columns', 'request_problem', 'insert_is_checked', 'is_deterministic') THEN
             EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO llmbatching_user', f.signature);

@@ -659,29 +659,24 @@ pub fn record_files_deleted(batch_id: i64) {
     );
 }
 
-/// Deletes finished requests, then done batches left without requests, older than `retention`.
-/// Returns how many requests and batches went.
+/// Deletes finished requests, then done batches left without requests, older than `retention`
+/// (see `llmbatching.purge_before`). Returns how many requests and batches went.
 pub fn purge_finished(retention: Duration) -> (i64, i64) {
-    let count = |sql: &str| {
-        Spi::get_one_with_args::<i64>(sql, &[seconds(retention).into()])
-            .unwrap_or_else(|e| fail("purging finished rows", e))
-            .unwrap_or(0)
-    };
-    let requests = count(
-        "WITH gone AS (DELETE FROM llmbatching.requests
-                        WHERE state IN ('completed', 'failed', 'cancelled')
-                          AND finished_at < now() - make_interval(secs => $1)
-                       RETURNING 1)
-         SELECT count(*) FROM gone",
-    );
-    let batches = count(
-        "WITH gone AS (DELETE FROM llmbatching.batches b
-                        WHERE b.state = 'done' AND b.finished_at < now() - make_interval(secs => $1)
-                          AND NOT EXISTS (SELECT FROM llmbatching.requests r WHERE r.batch_id = b.id)
-                       RETURNING 1)
-         SELECT count(*) FROM gone",
-    );
-    (requests, batches)
+    Spi::connect(|client| {
+        let row = client
+            .select(
+                "SELECT requests, batches
+                   FROM llmbatching.purge_before(now() - make_interval(secs => $1))",
+                None,
+                &[seconds(retention).into()],
+            )?
+            .first();
+        Ok::<_, pgrx::spi::Error>((
+            row.get::<i64>(1)?.unwrap_or(0),
+            row.get::<i64>(2)?.unwrap_or(0),
+        ))
+    })
+    .unwrap_or_else(|e| fail("purging finished rows", e))
 }
 
 /// How long until a batch's next step or the end of a model's pause, whichever comes first.

@@ -294,16 +294,19 @@ fn retention_removes_finished_rows_once_they_are_old_enough() {
     c.batch_execute("CREATE EXTENSION llmbatching").unwrap();
     submit(&cluster, 5);
     cluster.wait_until_settled(SETTLE);
-    // A write-back goes with its request.
+    // A write-back goes with its request; a request that finished without a batch goes too.
+    cluster.set(&[("llmbatching.batch_wait", "1h")]);
     c.batch_execute(
         "CREATE TABLE t (id int PRIMARY KEY, a text); INSERT INTO t VALUES (1);
          SELECT llm_write_back(r.id, 't', 'a', '{\"id\": 1}') FROM llmbatching.requests r WHERE r.state = 'completed' LIMIT 1;
+         SELECT llm_cancel(llm_submit('m', 'cancelled while queued'));
          SELECT llm_submit('m', 'waits');",
     )
     .unwrap();
-    cluster.set(&[("llmbatching.batch_wait", "1h")]);
     cluster.wait_for("the purge", Duration::from_secs(30), || {
-        cluster.count("SELECT count(*) FROM llmbatching.requests WHERE state = 'completed'") == 0
+        cluster.count(
+            "SELECT count(*) FROM llmbatching.requests WHERE state IN ('completed', 'cancelled')",
+        ) == 0
             && cluster.count("SELECT count(*) FROM llmbatching.batches") == 0
             && cluster.count("SELECT count(*) FROM llmbatching.writebacks") == 0
     });
