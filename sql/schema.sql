@@ -27,6 +27,8 @@ CREATE TABLE llmbatching.batches (
                         CHECK (state IN ('pending', 'uploaded', 'submitted', 'ingesting', 'done')),
     provider_status     text,
     request_count       integer NOT NULL,
+    -- How many of its requests asked for an answer format (a JSON schema or labels) to check.
+    answer_formats      integer NOT NULL DEFAULT 0,
     -- Prompt tokens estimated before sending, counted against the model's enqueued-token cap.
     estimated_tokens    bigint NOT NULL DEFAULT 0,
     input_bytes         bigint,

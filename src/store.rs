@@ -188,17 +188,17 @@ pub fn claim_batch(
     .unwrap_or_else(|e| fail("creating a batch", e))?;
     // Only the worker claims requests, but a role may cancel one of them meanwhile: the claim
     // takes those still queued (no row is locked in advance, which would write every row twice).
-    let claimed = Spi::get_one_with_args::<i64>(
+    let (claimed, formatted) = Spi::get_two_with_args::<i64, i64>(
         "WITH claimed AS (
              UPDATE llmbatching.requests
                 SET state = 'submitted', batch_id = $1, attempts = attempts + 1, submitted_at = now()
               WHERE id = ANY($2) AND state = 'queued' AND reused_from IS NULL
-             RETURNING 1)
-         SELECT count(*) FROM claimed",
+             RETURNING answer_format IS NOT NULL AS formatted)
+         SELECT count(*), count(*) FILTER (WHERE formatted) FROM claimed",
         &[batch_id.into(), split.batch.into()],
     )
-    .unwrap_or_else(|e| fail("claiming queued requests", e))
-    .unwrap_or(0);
+    .unwrap_or_else(|e| fail("claiming queued requests", e));
+    let (claimed, formatted) = (claimed.unwrap_or(0), formatted.unwrap_or(0));
     if claimed == 0 {
         run(
             "DELETE FROM llmbatching.batches WHERE id = $1",
@@ -207,8 +207,13 @@ pub fn claim_batch(
         return None;
     }
     run(
-        "UPDATE llmbatching.batches SET request_count = $2 WHERE id = $1 AND request_count <> $2",
-        &[batch_id.into(), (claimed as i32).into()],
+        "UPDATE llmbatching.batches SET request_count = $2, answer_formats = $3
+          WHERE id = $1 AND (request_count <> $2 OR answer_formats <> $3)",
+        &[
+            batch_id.into(),
+            (claimed as i32).into(),
+            (formatted as i32).into(),
+        ],
     );
     Some(batch_id)
 }
@@ -232,6 +237,8 @@ pub struct BatchRow {
     pub counted_results: i64,
     pub cancel_requested: bool,
     pub cancel_sent: bool,
+    /// Whether any of its requests asked for an answer format to check.
+    pub has_answer_formats: bool,
 }
 
 impl BatchRow {
@@ -242,7 +249,8 @@ impl BatchRow {
 
 const BATCH_COLUMNS: &str = "id, endpoint, state, provider_status, provider_errors, input_file_id, provider_batch_id,
      output_file_id, error_file_id, step_failures, create_attempted_at IS NOT NULL, model,
-     (completed_count + failed_count)::bigint, cancel_requested_at IS NOT NULL, cancel_sent_at IS NOT NULL";
+     (completed_count + failed_count)::bigint, cancel_requested_at IS NOT NULL, cancel_sent_at IS NOT NULL,
+     answer_formats > 0";
 
 fn batch_rows(
     client: &SpiClient<'_>,
@@ -268,6 +276,7 @@ fn batch_rows(
                 counted_results: row.get(13)?.unwrap_or(0),
                 cancel_requested: row.get(14)?.unwrap_or(false),
                 cancel_sent: row.get(15)?.unwrap_or(false),
+                has_answer_formats: row.get(16)?.unwrap_or(true),
             })
         })
         .collect()
@@ -477,10 +486,14 @@ fn answer_formats(ids: Vec<i64>) -> HashMap<i64, AnswerFormat> {
 
 /// Holds each answer to the format its request asked for: a structured answer is parsed (the
 /// JSON comes back beside the result), and one that breaks its format fails the request.
-fn enforce_answer_formats(results: Vec<LineResult>) -> Vec<(LineResult, Option<Value>)> {
+/// `any_formats` false (no request of the batch asked for one) spares looking them up.
+fn enforce_answer_formats(
+    results: Vec<LineResult>,
+    any_formats: bool,
+) -> Vec<(LineResult, Option<Value>)> {
     let completed = results
         .iter()
-        .filter(|r| matches!(r.outcome, Outcome::Completed { .. }))
+        .filter(|r| any_formats && matches!(r.outcome, Outcome::Completed { .. }))
         .map(|r| r.request_id);
     let formats = answer_formats(completed.collect());
     results
@@ -510,7 +523,12 @@ fn enforce_answer_formats(results: Vec<LineResult>) -> Vec<(LineResult, Option<V
 /// Applies one chunk of result lines of a batch.
 ///
 /// Every statement here finds its rows by primary key, one probe per line (see [`CLAIMED_BY`]).
-pub fn apply_results(batch_id: i64, results: Vec<LineResult>, max_attempts: i32) {
+pub fn apply_results(
+    batch_id: i64,
+    results: Vec<LineResult>,
+    max_attempts: i32,
+    any_answer_formats: bool,
+) {
     run("SET LOCAL enable_seqscan = off", &[]);
     let (mut done_ids, mut responses, mut texts, mut answers) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -518,7 +536,7 @@ pub fn apply_results(batch_id: i64, results: Vec<LineResult>, max_attempts: i32)
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut failed_ids, mut messages, mut failed_bodies) = (Vec::new(), Vec::new(), Vec::new());
     let (mut retry_ids, mut reasons) = (Vec::new(), Vec::new());
-    for (result, answer) in enforce_answer_formats(results) {
+    for (result, answer) in enforce_answer_formats(results, any_answer_formats) {
         match result.outcome {
             Outcome::Completed {
                 response,

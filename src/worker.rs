@@ -549,8 +549,8 @@ impl Worker {
             {
                 let results = std::mem::take(&mut chunk);
                 chunk_bytes = 0;
-                let id = batch.id;
-                tx(move || store::apply_results(id, results, max_attempts));
+                let (id, formats) = (batch.id, batch.has_answer_formats);
+                tx(move || store::apply_results(id, results, max_attempts, formats));
             }
             if end {
                 break;
