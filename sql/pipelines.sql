@@ -246,7 +246,10 @@ BEGIN
     -- Identical requests that waited on a finished one take its outcome (this fires the
     -- trigger again for them: their write-backs and notifications follow). Only the worker
     -- completes or fails requests; a role's own cancellations never get here.
-    IF settled > 0 THEN
+    -- (Most of the time nothing waits: one look at the index of waiting requests then spares a
+    -- probe per finished request.)
+    IF settled > 0 AND EXISTS (SELECT FROM llmbatching.requests w
+                                WHERE w.state = 'queued' AND w.reused_from IS NOT NULL) THEN
         UPDATE llmbatching.requests f
            SET state = n.state, response = n.response, result_text = n.result_text, result_json = n.result_json,
                error = n.error, input_tokens = n.input_tokens, cached_tokens = n.cached_tokens,
