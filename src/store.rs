@@ -437,6 +437,17 @@ pub fn record_step_failure(batch_id: i64, error: &str, retry_in: Duration) {
 const CLAIMED_BY: &str =
     "r.id = x.id AND r.batch_id IS NOT DISTINCT FROM x.claimed_batch AND r.state = x.claimed_state";
 
+/// The rows of `source` (a row source with its alias, such as `unnest(...) AS s(id, reason)`),
+/// as the subquery `x` that [`CLAIMED_BY`] matches: each with the batch `$1` and the state
+/// `submitted`, not to be flattened into the outer statement.
+fn claimed_rows(source: &str) -> String {
+    format!(
+        "(SELECT s.*, $1::bigint AS claimed_batch, 'submitted'::text AS claimed_state
+            FROM {source}
+          OFFSET 0) x"
+    )
+}
+
 /// Requests go back to the queue with their reason, or fail with it once they have used all
 /// their attempts. `source` yields `(id, reason)` rows; `$1` is the batch, `$2` the max attempts,
 /// `$3` how many attempts to give back (1 when the provider refused the batch through no fault
@@ -454,10 +465,9 @@ fn requeue_or_fail(source: &str, args: &[pgrx::datum::DatumWithOid]) {
                     batch_id = CASE WHEN r.attempts - $3 >= $2 THEN r.batch_id END,
                     queued_at = now(),
                     finished_at = CASE WHEN r.attempts - $3 >= $2 THEN now() END
-               FROM (SELECT s.id, s.reason, $1::bigint AS claimed_batch, 'submitted'::text AS claimed_state
-                       FROM {source} AS s(id, reason)
-                     OFFSET 0) x
-              WHERE {CLAIMED_BY}"
+               FROM {}
+              WHERE {CLAIMED_BY}",
+            claimed_rows(&format!("{source} AS s(id, reason)"))
         ),
         args,
     );
@@ -491,9 +501,12 @@ fn enforce_answer_formats(
     results: Vec<LineResult>,
     any_formats: bool,
 ) -> Vec<(LineResult, Option<Value>)> {
+    if !any_formats {
+        return results.into_iter().map(|result| (result, None)).collect();
+    }
     let completed = results
         .iter()
-        .filter(|r| any_formats && matches!(r.outcome, Outcome::Completed { .. }))
+        .filter(|r| matches!(r.outcome, Outcome::Completed { .. }))
         .map(|r| r.request_id);
     let formats = answer_formats(completed.collect());
     results
@@ -569,11 +582,10 @@ pub fn apply_results(
                     result_json = x.answer, input_tokens = x.input_tokens, cached_tokens = x.cached_tokens,
                     output_tokens = x.output_tokens, reasoning_tokens = x.reasoning_tokens,
                     error = NULL, finished_at = now()
-               FROM (SELECT u.*, $1::bigint AS claimed_batch, 'submitted'::text AS claimed_state
-                       FROM unnest($2::bigint[], $3::text[], $4::text[], $5::int[], $6::int[], $7::int[], $8::int[], $9::jsonb[])
-                            AS u(id, response, text, input_tokens, cached_tokens, output_tokens, reasoning_tokens, answer)
-                     OFFSET 0) x
-              WHERE {CLAIMED_BY}"),
+               FROM {}
+              WHERE {CLAIMED_BY}",
+              claimed_rows("unnest($2::bigint[], $3::text[], $4::text[], $5::int[], $6::int[], $7::int[], $8::int[], $9::jsonb[])
+                                AS s(id, response, text, input_tokens, cached_tokens, output_tokens, reasoning_tokens, answer)")),
             &[
                 batch_id.into(),
                 done_ids.into(),
@@ -591,10 +603,9 @@ pub fn apply_results(
         run(
             &format!("UPDATE llmbatching.requests r SET state = 'failed', error = x.message, response = x.response::jsonb,
                     finished_at = now()
-               FROM (SELECT u.*, $1::bigint AS claimed_batch, 'submitted'::text AS claimed_state
-                       FROM unnest($2::bigint[], $3::text[], $4::text[]) AS u(id, message, response)
-                     OFFSET 0) x
-              WHERE {CLAIMED_BY}"),
+               FROM {}
+              WHERE {CLAIMED_BY}",
+              claimed_rows("unnest($2::bigint[], $3::text[], $4::text[]) AS s(id, message, response)")),
             &[batch_id.into(), failed_ids.into(), messages.into(), failed_bodies.into()],
         );
     }
@@ -680,21 +691,12 @@ pub fn record_files_deleted(batch_id: i64) {
 /// Deletes finished requests, then done batches left without requests, older than `retention`
 /// (see `llmbatching.purge_before`). Returns how many requests and batches went.
 pub fn purge_finished(retention: Duration) -> (i64, i64) {
-    Spi::connect(|client| {
-        let row = client
-            .select(
-                "SELECT requests, batches
-                   FROM llmbatching.purge_before(now() - make_interval(secs => $1))",
-                None,
-                &[seconds(retention).into()],
-            )?
-            .first();
-        Ok::<_, pgrx::spi::Error>((
-            row.get::<i64>(1)?.unwrap_or(0),
-            row.get::<i64>(2)?.unwrap_or(0),
-        ))
-    })
-    .unwrap_or_else(|e| fail("purging finished rows", e))
+    let (requests, batches) = Spi::get_two_with_args::<i64, i64>(
+        "SELECT requests, batches FROM llmbatching.purge_before(now() - make_interval(secs => $1))",
+        &[seconds(retention).into()],
+    )
+    .unwrap_or_else(|e| fail("purging finished rows", e));
+    (requests.unwrap_or(0), batches.unwrap_or(0))
 }
 
 /// How long until a batch's next step or the end of a model's pause, whichever comes first.
