@@ -68,13 +68,37 @@ fn b1_submit(n: i64) {
         c.batch_execute("TRUNCATE plain; TRUNCATE llmbatching.requests CASCADE")
             .unwrap();
     }
-    report(
-        &format!("B1 submit ({n})"),
-        median(ours),
-        median(plain),
-        "s",
-        1.5,
+    let plain = median(plain);
+    report(&format!("B1 submit ({n})"), median(ours), plain, "s", 1.5);
+    let stored = store_rows_seconds(&mut c, n);
+    println!(
+        "   floor: a plain INSERT of the rows llm_submit stores, into a copy of llmbatching.requests with its indexes (no triggers), takes {stored:.3} s, {:.1} times the plain insert",
+        stored / plain
     );
+}
+
+/// What storing `n` requests costs at least: a plain INSERT of the rows `llm_submit` writes
+/// (the same columns, a SHA-256 per row) into a copy of the requests table with its indexes,
+/// but without its triggers. The median of three.
+fn store_rows_seconds(c: &mut Client, n: i64) -> f64 {
+    c.batch_execute("CREATE TABLE stored (LIKE llmbatching.requests INCLUDING ALL)")
+        .unwrap();
+    let runs = (0..3)
+        .map(|_| {
+            let took = seconds(
+                c,
+                &format!(
+                    "INSERT INTO stored (endpoint, model, body, request_hash)
+                     SELECT '/v1/responses', 'gpt-4o-mini', jsonb_build_object('model', 'gpt-4o-mini', 'input', 'Classify: review ' || g),
+                            sha256(int8send(g))
+                       FROM generate_series(1, {n}) g"
+                ),
+            );
+            c.batch_execute("TRUNCATE stored").unwrap();
+            took
+        })
+        .collect();
+    median(runs)
 }
 
 fn curl(args: &[&str]) -> f64 {
@@ -90,6 +114,22 @@ fn curl(args: &[&str]) -> f64 {
         String::from_utf8_lossy(&out.stderr)
     );
     started.elapsed().as_secs_f64()
+}
+
+/// What building any input file costs at least: the server reading every request's body as
+/// text, nothing written and nothing sent (after a VACUUM, the median of three).
+fn read_bodies_seconds(c: &mut Client) -> f64 {
+    c.batch_execute("VACUUM llmbatching.requests").unwrap();
+    median(
+        (0..3)
+            .map(|_| {
+                seconds(
+                    c,
+                    "SELECT sum(octet_length(body::text)) FROM llmbatching.requests",
+                )
+            })
+            .collect(),
+    )
 }
 
 /// What any claim that writes a row per request costs at least: one statement marking `n` rows
@@ -206,6 +246,11 @@ fn b2_b3_build_upload_ingest(n: i64) {
         "   floor: one UPDATE marking {n} rows of a three-column table takes {floor:.3} s, {:.1} times the B2 upload",
         floor / upload
     );
+    let read = read_bodies_seconds(&mut c);
+    println!(
+        "   floor: reading the {n} bodies as text (no claim, no file) takes {read:.3} s, {:.1} times the B2 upload",
+        read / upload
+    );
     for line in cluster.log().lines().filter(|l| l.contains("read back")) {
         println!(
             "   worker: {}",
@@ -263,6 +308,30 @@ fn b4_memory(requests: i64, prompt_bytes: usize) {
     );
 }
 
+/// Each batch's steps, in seconds from the first batch's claim: claimed, uploaded, created at
+/// the provider, ended there, and every answer applied.
+fn print_batch_timeline(c: &mut postgres::Client) {
+    let rows = c
+        .query(
+            "WITH t0 AS (SELECT min(created_at) AS t0 FROM llmbatching.batches)
+             SELECT id, to_char(extract(epoch FROM created_at - t0), 'FM990.0') || 's claimed, '
+                     || coalesce(to_char(extract(epoch FROM create_attempted_at - t0), 'FM990.0'), '-') || 's uploaded, '
+                     || coalesce(to_char(extract(epoch FROM submitted_at - t0), 'FM990.0'), '-') || 's created, '
+                     || coalesce(to_char(extract(epoch FROM ended_at - t0), 'FM990.0'), '-') || 's ended, '
+                     || coalesce(to_char(extract(epoch FROM finished_at - t0), 'FM990.0'), '-') || 's applied'
+               FROM llmbatching.batches, t0 ORDER BY id",
+            &[],
+        )
+        .unwrap();
+    for row in rows {
+        println!(
+            "   batch {}: {}",
+            row.get::<_, i64>(0),
+            row.get::<_, String>(1)
+        );
+    }
+}
+
 /// B5: the whole job through llmbatching, then by hand with the SDK on a fresh database.
 fn b5_end_to_end(n: i64) {
     let python = std::env::var("BENCH_PYTHON").unwrap_or_else(|_| {
@@ -305,6 +374,7 @@ fn b5_end_to_end(n: i64) {
     );
     let batches = cluster.count("SELECT count(*) FROM llmbatching.batches");
     println!("   llmbatching: submitting (llm_classify) took {submit_seconds:.1}s");
+    print_batch_timeline(&mut c);
     for line in cluster.log().lines().filter(|l| l.contains("read back")) {
         println!(
             "   worker: {}",

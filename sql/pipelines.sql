@@ -258,7 +258,8 @@ BEGIN
          WHERE f.reused_from = n.id AND f.state = 'queued'
            AND n.state IN ('completed', 'failed') AND n.finished_at = now();
     END IF;
-    IF completed IS NOT NULL THEN
+    -- (Looking for write-backs costs a probe per answer: not when none was ever registered.)
+    IF completed IS NOT NULL AND EXISTS (SELECT FROM llmbatching.writebacks) THEN
         PERFORM llmbatching.write_back(completed);
     END IF;
     UPDATE llmbatching.writebacks w

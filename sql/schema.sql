@@ -142,7 +142,10 @@ CREATE TABLE llmbatching.writebacks (
     written_at    timestamptz,
     -- 'written', 'row missing' (deleted, or its key changed), or 'error: ...'
     outcome       text
-);
+)
+-- Every row is updated once, when its answer is written: room left on each page lets that
+-- update stay on the page (a heap-only tuple), with no new primary-key entry.
+WITH (fillfactor = 50);
 COMMENT ON TABLE llmbatching.writebacks IS 'Answers to write into a table column when they arrive, and what happened';
 
 -- Prices in US dollars per million tokens, for the standard (synchronous) API and the batch

@@ -5,6 +5,7 @@ use crate::request::{AnswerFormat, Endpoint};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
+use std::collections::HashMap;
 
 /// What one result line says about its request.
 #[derive(Debug, PartialEq)]
@@ -150,10 +151,7 @@ fn response_outcome(endpoint: Endpoint, response: &RawValue) -> Result<Outcome, 
         .and_then(Value::as_u64)
         .ok_or("no status_code")?;
     let raw_body = response.body.ok_or("no response body")?;
-    let body: Value = serde_json::from_str(raw_body.get()).map_err(|e| e.to_string())?;
-    if !body.is_object() {
-        return Err("no response body".into());
-    }
+    let body = read_body(raw_body)?;
     if (200..300).contains(&status) {
         return Ok(Outcome::Completed {
             text: answer_text(endpoint, &body),
@@ -176,6 +174,25 @@ fn response_outcome(endpoint: Endpoint, response: &RawValue) -> Result<Outcome, 
         message,
         response: Some(raw_body.get().to_owned()),
     })
+}
+
+/// The members of a response body that llmbatching reads: the answer, the token counts and an
+/// error. Only these are read into a tree; the rest, such as an embedding's vector, is skipped
+/// over and stored as it came.
+const BODY_MEMBERS_READ: [&str; 5] = ["output_text", "output", "choices", "usage", "error"];
+
+/// A response body (a JSON object) holding only the members in [`BODY_MEMBERS_READ`].
+fn read_body(raw: &RawValue) -> Result<Value, String> {
+    let members: HashMap<String, &RawValue> =
+        serde_json::from_str(raw.get()).map_err(|_| "no response body")?;
+    let mut body = serde_json::Map::new();
+    for name in BODY_MEMBERS_READ {
+        if let Some(member) = members.get(name) {
+            let value = serde_json::from_str(member.get()).map_err(|e| e.to_string())?;
+            body.insert(name.to_owned(), value);
+        }
+    }
+    Ok(Value::Object(body))
 }
 
 /// Error codes of lines that never reached the model, or failed only for lack of time.
@@ -333,6 +350,37 @@ mod tests {
                 );
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_embedding_is_stored_as_it_came_and_its_usage_read() {
+        let vector: Vec<f64> = (0..1536).map(|i| i as f64 / 7.0).collect();
+        let body = json!({"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": vector}],
+                          "model": "text-embedding-3-small", "usage": {"prompt_tokens": 5, "total_tokens": 5}});
+        let l = line(json!({"custom_id": "3", "response": {"status_code": 200, "body": body}}));
+        match parse_line(Endpoint::Embeddings, &l).unwrap().outcome {
+            Outcome::Completed {
+                text,
+                usage,
+                response,
+            } => {
+                assert_eq!(text, None);
+                assert_eq!(usage.input, Some(5));
+                assert_eq!(response, body.to_string(), "the provider's text, unchanged");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_body_that_is_not_an_object_is_malformed() {
+        for body in [json!([1, 2]), json!("text"), json!(null)] {
+            let l = line(json!({"custom_id": "4", "response": {"status_code": 200, "body": body}}));
+            match parse_line(Endpoint::Responses, &l).unwrap().outcome {
+                Outcome::Retry { reason } => assert!(reason.contains("malformed"), "{reason}"),
+                other => panic!("{body}: {other:?}"),
+            }
         }
     }
 
