@@ -52,6 +52,11 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
+/// The median of three runs of `run`, each returning the seconds it measured.
+fn median_of_three(mut run: impl FnMut() -> f64) -> f64 {
+    median((0..3).map(|_| run()).collect())
+}
+
 /// B1: three alternating runs of each, median.
 fn b1_submit(n: i64) {
     let cluster = Cluster::start(instant_provider(), &[("llmbatching.batch_wait", "1h")]);
@@ -83,22 +88,19 @@ fn b1_submit(n: i64) {
 fn store_rows_seconds(c: &mut Client, n: i64) -> f64 {
     c.batch_execute("CREATE TABLE stored (LIKE llmbatching.requests INCLUDING ALL)")
         .unwrap();
-    let runs = (0..3)
-        .map(|_| {
-            let took = seconds(
-                c,
-                &format!(
-                    "INSERT INTO stored (endpoint, model, body, request_hash)
-                     SELECT '/v1/responses', 'gpt-4o-mini', jsonb_build_object('model', 'gpt-4o-mini', 'input', 'Classify: review ' || g),
-                            sha256(int8send(g))
-                       FROM generate_series(1, {n}) g"
-                ),
-            );
-            c.batch_execute("TRUNCATE stored").unwrap();
-            took
-        })
-        .collect();
-    median(runs)
+    median_of_three(|| {
+        let took = seconds(
+            c,
+            &format!(
+                "INSERT INTO stored (endpoint, model, body, request_hash)
+                 SELECT '/v1/responses', 'gpt-4o-mini', jsonb_build_object('model', 'gpt-4o-mini', 'input', 'Classify: review ' || g),
+                        sha256(int8send(g))
+                   FROM generate_series(1, {n}) g"
+            ),
+        );
+        c.batch_execute("TRUNCATE stored").unwrap();
+        took
+    })
 }
 
 fn curl(args: &[&str]) -> f64 {
@@ -120,16 +122,12 @@ fn curl(args: &[&str]) -> f64 {
 /// text, nothing written and nothing sent (after a VACUUM, the median of three).
 fn read_bodies_seconds(c: &mut Client) -> f64 {
     c.batch_execute("VACUUM llmbatching.requests").unwrap();
-    median(
-        (0..3)
-            .map(|_| {
-                seconds(
-                    c,
-                    "SELECT sum(octet_length(body::text)) FROM llmbatching.requests",
-                )
-            })
-            .collect(),
-    )
+    median_of_three(|| {
+        seconds(
+            c,
+            "SELECT sum(octet_length(body::text)) FROM llmbatching.requests",
+        )
+    })
 }
 
 /// What any claim that writes a row per request costs at least: one statement marking `n` rows
@@ -225,8 +223,9 @@ fn b2_b3_build_upload_ingest(n: i64) {
         let escaped = line.replace('\\', "\\\\").replace('\t', "\\t");
         rows.push_str(&format!("{i}\t{escaped}\n"));
     }
-    let mut copies = Vec::new();
-    for round in 0..3 {
+    let mut round = 0;
+    let copy = median_of_three(|| {
+        round += 1;
         c.batch_execute(&format!(
             "CREATE TABLE copied{round} (id bigint, line jsonb)"
         ))
@@ -237,9 +236,8 @@ fn b2_b3_build_upload_ingest(n: i64) {
             .unwrap();
         std::io::Write::write_all(&mut writer, rows.as_bytes()).unwrap();
         writer.finish().unwrap();
-        copies.push(started.elapsed().as_secs_f64());
-    }
-    let copy = median(copies);
+        started.elapsed().as_secs_f64()
+    });
     report(&format!("B3 ingest ({n})"), ingest, copy, "s", 3.0);
     let floor = mark_rows_seconds(&mut c, n);
     println!(
@@ -310,7 +308,7 @@ fn b4_memory(requests: i64, prompt_bytes: usize) {
 
 /// Each batch's steps, in seconds from the first batch's claim: claimed, uploaded, created at
 /// the provider, ended there, and every answer applied.
-fn print_batch_timeline(c: &mut postgres::Client) {
+fn print_batch_timeline(c: &mut Client) {
     let rows = c
         .query(
             "WITH t0 AS (SELECT min(created_at) AS t0 FROM llmbatching.batches)

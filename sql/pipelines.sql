@@ -258,7 +258,7 @@ BEGIN
          WHERE f.reused_from = n.id AND f.state = 'queued'
            AND n.state IN ('completed', 'failed') AND n.finished_at = now();
     END IF;
-    -- (Looking for write-backs costs a probe per answer: not when none was ever registered.)
+    -- (Looking for write-backs costs a probe per answer: not when there are none at all.)
     IF completed IS NOT NULL AND EXISTS (SELECT FROM llmbatching.writebacks) THEN
         PERFORM llmbatching.write_back(completed);
     END IF;
