@@ -19,3 +19,9 @@ CREATE FUNCTION llm_error(id bigint) RETURNS text
 LANGUAGE sql STABLE STRICT
 AS $$ SELECT r.error FROM llmbatching.requests r WHERE r.id = llm_error.id AND r.state = 'failed' $$;
 COMMENT ON FUNCTION llm_error(bigint) IS 'Why a request failed; NULL unless it failed';
+
+CREATE FUNCTION llm_channel() RETURNS text
+LANGUAGE sql STABLE
+AS $$ SELECT 'llmbatching_' || r.oid FROM pg_roles r WHERE r.rolname = current_user $$;
+COMMENT ON FUNCTION llm_channel() IS
+    'The channel to LISTEN on: notified, with no payload, when requests of the current role finish';

@@ -15,44 +15,57 @@ AS $$
 $$;
 COMMENT ON FUNCTION llm_embedding(bigint) IS 'The embedding of a completed /v1/embeddings request';
 
--- Progress of every job. A submitted request counts as far along as its batch, by the
--- provider's request counts; the finish is extrapolated from the progress so far.
+-- Progress of every job, computed from the reader's own requests only (the view runs with the
+-- reader's privileges): the finish is extrapolated from how many have finished so far.
 CREATE VIEW llmbatching.jobs AS
-WITH per_request AS (
-    SELECT r.job, r.state, r.input_tokens, r.output_tokens, r.created_at, r.finished_at,
-           CASE WHEN r.state IN ('completed', 'failed', 'cancelled') THEN 1.0
-                WHEN r.state = 'submitted' AND b.request_count > 0
-                    THEN least(1.0, (b.completed_count + b.failed_count)::float8 / b.request_count)
-                ELSE 0.0 END AS progress
-      FROM llmbatching.requests r
-      LEFT JOIN llmbatching.batches b ON b.id = r.batch_id AND r.state = 'submitted'
-     WHERE r.job IS NOT NULL)
-SELECT job,
+SELECT r.job,
        count(*) AS total,
-       count(*) FILTER (WHERE state = 'queued') AS queued,
-       count(*) FILTER (WHERE state = 'submitted') AS submitted,
-       count(*) FILTER (WHERE state = 'completed') AS completed,
-       count(*) FILTER (WHERE state = 'failed') AS failed,
-       count(*) FILTER (WHERE state = 'cancelled') AS cancelled,
-       round(100.0 * count(*) FILTER (WHERE state IN ('completed', 'failed', 'cancelled')) / count(*), 1) AS percent_done,
-       coalesce(sum(input_tokens), 0) AS input_tokens,
-       coalesce(sum(output_tokens), 0) AS output_tokens,
-       min(created_at) AS started_at,
-       CASE WHEN bool_and(state IN ('completed', 'failed', 'cancelled')) THEN max(finished_at)
-            WHEN sum(progress) > 0
-                THEN now() + (now() - min(created_at)) * ((count(*) - sum(progress)) / sum(progress))
+       count(*) FILTER (WHERE r.state = 'queued') AS queued,
+       count(*) FILTER (WHERE r.state = 'submitted') AS submitted,
+       count(*) FILTER (WHERE r.state = 'completed') AS completed,
+       count(*) FILTER (WHERE r.state = 'failed') AS failed,
+       count(*) FILTER (WHERE r.state = 'cancelled') AS cancelled,
+       round(100.0 * count(*) FILTER (WHERE r.state IN ('completed', 'failed', 'cancelled')) / count(*), 1) AS percent_done,
+       coalesce(sum(r.input_tokens), 0) AS input_tokens,
+       coalesce(sum(r.output_tokens), 0) AS output_tokens,
+       min(r.created_at) AS started_at,
+       CASE WHEN bool_and(r.state IN ('completed', 'failed', 'cancelled')) THEN max(r.finished_at)
+            WHEN count(*) FILTER (WHERE r.state IN ('completed', 'failed', 'cancelled')) > 0
+                THEN now() + (now() - min(r.created_at))
+                     * ((count(*) FILTER (WHERE r.state IN ('queued', 'submitted')))::float8
+                        / count(*) FILTER (WHERE r.state IN ('completed', 'failed', 'cancelled')))
        END AS estimated_finish
-  FROM per_request
- GROUP BY job;
+  FROM llmbatching.requests r
+ WHERE r.job IS NOT NULL
+ GROUP BY r.job;
 COMMENT ON VIEW llmbatching.jobs IS 'Progress, tokens used and estimated finish of every job';
+
+-- Each batch that carries the reader's requests, as far as those requests go: their counts and
+-- tokens, never another role's. (The view reads the tables as its owner and keeps the rows of
+-- the reading role; administrators read llmbatching.batches itself.)
+CREATE VIEW llmbatching.my_batches WITH (security_barrier) AS
+SELECT b.id, b.endpoint, b.model, b.state, b.provider_status,
+       count(*) AS requests,
+       count(*) FILTER (WHERE r.state = 'submitted') AS in_flight,
+       count(*) FILTER (WHERE r.state = 'completed') AS completed,
+       count(*) FILTER (WHERE r.state = 'failed') AS failed,
+       count(*) FILTER (WHERE r.state = 'cancelled') AS cancelled,
+       coalesce(sum(r.input_tokens), 0) AS input_tokens,
+       coalesce(sum(r.output_tokens), 0) AS output_tokens,
+       b.created_at, b.submitted_at, b.ended_at, b.finished_at
+  FROM llmbatching.requests r
+  JOIN llmbatching.batches b ON b.id = r.batch_id
+ WHERE r.submitted_by = CURRENT_USER
+ GROUP BY b.id;
+COMMENT ON VIEW llmbatching.my_batches IS 'The batches carrying your requests, with your requests'' counts and tokens only';
 
 CREATE FUNCTION llm_job_status(job text) RETURNS llmbatching.jobs
 LANGUAGE sql STABLE STRICT
 AS $$ SELECT * FROM llmbatching.jobs j WHERE j.job = llm_job_status.job $$;
 COMMENT ON FUNCTION llm_job_status(text) IS 'One job''s progress, tokens used and estimated finish';
 
--- Waits until the requests (by id, or of a job) have all finished; true if they did within
--- the timeout. Interruptible with pg_cancel_backend; reports progress as NOTICEs.
+-- Waits until the requests (by id, or of a job) have all finished, and their answers are written
+-- into the rows registered for them; true if they did within the timeout. Interruptible with pg_cancel_backend; reports progress as NOTICEs.
 CREATE FUNCTION llm_wait(ids bigint[] DEFAULT NULL, job text DEFAULT NULL,
                          timeout interval DEFAULT '1 hour', report_every interval DEFAULT '10 seconds')
 RETURNS boolean
@@ -85,7 +98,11 @@ BEGIN
     END IF;
     deadline := clock_timestamp() + timeout;
     LOOP
-        SELECT count(*), count(*) FILTER (WHERE r.state IN ('queued', 'submitted'))
+        -- A request is open until it has finished and its answer is in the row registered for
+        -- it (the worker writes answers back just after they arrive).
+        SELECT count(*), count(*) FILTER (WHERE r.state IN ('queued', 'submitted')
+                                             OR EXISTS (SELECT FROM llmbatching.writebacks w
+                                                         WHERE w.request_id = r.id AND w.written_at IS NULL))
           INTO total, open
           FROM llmbatching.requests r
          WHERE (llm_wait.ids IS NULL OR r.id = ANY (llm_wait.ids))
@@ -119,112 +136,19 @@ AS $$
      WHERE i.indrelid = target AND i.indisprimary
 $$;
 
--- Writes the answers of completed requests into the rows registered for them. The write runs
--- as the role that registered it, so it succeeds only where that role may UPDATE the column
--- itself (row-level security and triggers of the target apply as for that role). Each target
--- column is written in its own exception block, so a dropped column, a failed cast, a refused
--- privilege or a rejecting trigger is recorded against those write-backs and never stops the rest.
--- The value follows the column's type: json/jsonb take the structured answer (or the text as a
--- JSON string); real[], double precision[] and numeric[] take an embedding, and so does
--- pgvector's vector; any other type takes the answer text, cast.
--- Each call writes one chunk of answers into tables that may hold millions of rows: it must
--- find those rows through their primary key, never by scanning the table, whatever the
--- planner guesses about the chunk (sequential scans are therefore disabled while it runs).
--- The chunk's ids drive the join, from a subquery the planner may not flatten (OFFSET 0) that
--- also carries the target and the state wanted: so no condition narrows the requests or the
--- write-backs on its own, and each id is one probe of each primary key. Written as conditions
--- on the tables, stale statistics let the planner start from every completed request (through
--- requests_finished) and probe the write-backs with the whole id array each time.
-CREATE FUNCTION llmbatching.write_back(ids bigint[]) RETURNS void
-LANGUAGE plpgsql
-SET enable_seqscan = off
-AS $$
-DECLARE
-    t         record;
-    key_cols  name[];
-    col_type  text;
-    value_sql text;
-    t_key     text;
-    src_key   text;
-    own_role  text := current_setting('role');
-    written_ids bigint[];
-BEGIN
-    FOR t IN SELECT DISTINCT w.target, w.target_column, w.submitted_by
-               FROM llmbatching.writebacks w
-              WHERE w.request_id = ANY (ids) AND w.written_at IS NULL
-    LOOP
-        BEGIN
-            IF t.submitted_by <> current_user THEN
-                PERFORM set_config('role', t.submitted_by, true);
-            END IF;
-            key_cols := llmbatching.primary_key_columns(t.target);
-            IF key_cols IS NULL THEN
-                RAISE EXCEPTION 'table % has no primary key', t.target;
-            END IF;
-            SELECT format_type(a.atttypid, a.atttypmod) INTO col_type
-              FROM pg_attribute a
-             WHERE a.attrelid = t.target AND a.attname = t.target_column AND a.attnum > 0 AND NOT a.attisdropped;
-            IF col_type IS NULL THEN
-                RAISE EXCEPTION 'column % of % does not exist', t.target_column, t.target;
-            END IF;
-            value_sql := CASE
-                WHEN col_type IN ('jsonb', 'json') THEN format('coalesce(r.result_json, to_jsonb(r.result_text))::%s', col_type)
-                WHEN col_type IN ('real[]', 'double precision[]', 'numeric[]')
-                    THEN format('ARRAY(SELECT e::float8 FROM jsonb_array_elements_text(r.response #> ''{data,0,embedding}'') e)::%s', col_type)
-                WHEN col_type LIKE 'vector%' THEN format('(r.response #>> ''{data,0,embedding}'')::%s', col_type)
-                ELSE format('r.result_text::%s', col_type)
-            END;
-            SELECT string_agg(format('t.%I', c), ', '), string_agg(format('(src.k).%I', c), ', ')
-              INTO t_key, src_key
-              FROM unnest(key_cols) AS c;
-            EXECUTE format($sql$
-                WITH src AS (
-                    SELECT w.request_id, %1$s AS value, jsonb_populate_record(NULL::%2$s, w.row_key) AS k
-                      FROM (SELECT i.id, $2::regclass AS target, $3::name AS target_column,
-                                   $4::name AS submitted_by, 'completed'::text AS state
-                              FROM unnest($1) AS i (id) OFFSET 0) i
-                      JOIN llmbatching.writebacks w
-                        ON w.request_id = i.id AND w.target = i.target AND w.target_column = i.target_column
-                       AND w.submitted_by = i.submitted_by
-                      JOIN llmbatching.requests r ON r.id = i.id AND r.state = i.state
-                     WHERE w.written_at IS NULL),
-                written AS (
-                    UPDATE %2$s AS t SET %3$I = src.value FROM src WHERE (%4$s) = (%5$s)
-                    RETURNING src.request_id)
-                SELECT coalesce(array_agg(request_id), '{}') FROM written
-                $sql$, value_sql, t.target, t.target_column, t_key, src_key)
-            INTO written_ids
-            USING ids, t.target, t.target_column, t.submitted_by;
-            -- A second statement, so that the written ids are a constant the test below hashes.
-            EXECUTE $sql$
-                UPDATE llmbatching.writebacks w
-                   SET written_at = now(),
-                       outcome = CASE WHEN w.request_id = ANY ($5) THEN 'written' ELSE 'row missing' END
-                 WHERE w.request_id = ANY ($1) AND w.target = $2 AND w.target_column = $3
-                   AND w.submitted_by = $4 AND w.written_at IS NULL
-                $sql$
-            USING ids, t.target, t.target_column, t.submitted_by, written_ids;
-            PERFORM set_config('role', own_role, true);
-        EXCEPTION WHEN OTHERS THEN
-            -- Leaving the block undid the role change.
-            UPDATE llmbatching.writebacks w
-               SET written_at = now(), outcome = 'error: ' || SQLERRM
-             WHERE w.request_id = ANY (ids) AND w.target = t.target AND w.target_column = t.target_column
-               AND w.submitted_by = t.submitted_by AND w.written_at IS NULL;
-        END;
-    END LOOP;
-END
-$$;
-
--- After every change of request states: write answers back, settle the write-backs of
--- requests that will never have one, and notify listeners.
---   channel llmbatching_request, payload '<id> <state>': a request finished
---   channel llmbatching_job,     payload '<job>':        a job has nothing left queued or submitted
+-- After every change of request states: identical requests waiting on a finished one take its
+-- outcome, answers registered for a row are queued for the worker's write-back step, the
+-- write-backs of requests that will never have an answer are settled, and each role whose
+-- requests finished is notified on its own channel (llm_channel()), with no payload: a
+-- notification only says "look again", and anyone may send one.
 -- A request finished in this statement when it is in a final state with finished_at = now():
 -- every move to a final state sets it, and a final state is never left. Reading only the new
 -- rows (no join with the old ones) keeps the cost linear whatever plan is cached.
+-- It runs as the extension's owner (a role cancelling its own request may not write the queue)
+-- and touches only the extension's own tables: no code any role owns runs here.
 CREATE FUNCTION llmbatching.requests_changed() RETURNS trigger
 LANGUAGE plpgsql
+SECURITY DEFINER
 -- Its statements join one statement's rows to the state tables: probes through their indexes,
 -- never scans, whatever the planner's (often stale, mid-batch) statistics suggest.
 SET enable_seqscan = off
@@ -259,21 +183,26 @@ BEGIN
            AND n.state IN ('completed', 'failed') AND n.finished_at = now();
     END IF;
     -- (Looking for write-backs costs a probe per answer: not when there are none at all.)
-    IF completed IS NOT NULL AND EXISTS (SELECT FROM llmbatching.writebacks) THEN
-        PERFORM llmbatching.write_back(completed);
+    IF EXISTS (SELECT FROM llmbatching.writebacks) THEN
+        IF completed IS NOT NULL THEN
+            INSERT INTO llmbatching.writeback_queue (request_id)
+            SELECT w.request_id
+              FROM (SELECT c.id FROM unnest(completed) AS c (id) OFFSET 0) c
+              JOIN llmbatching.writebacks w ON w.request_id = c.id
+             WHERE w.written_at IS NULL
+            ON CONFLICT (request_id) DO NOTHING;
+        END IF;
+        UPDATE llmbatching.writebacks w
+           SET written_at = now(), outcome = 'request ' || n.state
+          FROM new_rows n
+         WHERE w.request_id = n.id AND w.written_at IS NULL
+           AND n.state IN ('failed', 'cancelled') AND n.finished_at = now();
     END IF;
-    UPDATE llmbatching.writebacks w
-       SET written_at = now(), outcome = 'request ' || n.state
-      FROM new_rows n
-     WHERE w.request_id = n.id AND w.written_at IS NULL
-       AND n.state IN ('failed', 'cancelled') AND n.finished_at = now();
-    PERFORM pg_notify('llmbatching_request', n.id || ' ' || n.state)
-       FROM new_rows n
-      WHERE n.state IN ('completed', 'failed', 'cancelled') AND n.finished_at = now();
-    PERFORM pg_notify('llmbatching_job', j.job)
-       FROM (SELECT DISTINCT n.job FROM new_rows n
-              WHERE n.job IS NOT NULL AND n.state IN ('completed', 'failed', 'cancelled') AND n.finished_at = now()) AS j
-      WHERE NOT EXISTS (SELECT FROM llmbatching.requests r WHERE r.job = j.job AND r.state IN ('queued', 'submitted'));
+    -- (A role dropped since it submitted has no channel left to notify.)
+    PERFORM pg_notify('llmbatching_' || s.role::oid, '')
+       FROM (SELECT DISTINCT to_regrole(quote_ident(n.submitted_by)) AS role FROM new_rows n
+              WHERE n.state IN ('completed', 'failed', 'cancelled') AND n.finished_at = now()) AS s
+      WHERE s.role IS NOT NULL;
     RETURN NULL;
 END
 $$;
@@ -298,6 +227,59 @@ CREATE TRIGGER requests_deleted
     AFTER DELETE ON llmbatching.requests
     REFERENCING OLD TABLE AS old_rows
     FOR EACH STATEMENT EXECUTE FUNCTION llmbatching.requests_deleted();
+
+-- A write-back registered (or registered again) for a request that already has its answer is
+-- queued for the worker's write-back step at once. Only the rows being registered are queued,
+-- and row-level security lets a role register only its own.
+CREATE FUNCTION llmbatching.writebacks_registered() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET enable_seqscan = off
+AS $$
+DECLARE
+    queued bigint;
+BEGIN
+    WITH q AS (
+        INSERT INTO llmbatching.writeback_queue (request_id)
+        SELECT n.request_id
+          FROM new_rows n
+          JOIN llmbatching.requests r ON r.id = n.request_id
+         WHERE n.written_at IS NULL AND r.state = 'completed'
+        ON CONFLICT (request_id) DO UPDATE SET due_at = now(), tries = 0, slow_tries = 0
+        RETURNING 1)
+    SELECT count(*) INTO queued FROM q;
+    IF queued > 0 THEN
+        PERFORM llmbatching.wake_worker();
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER writebacks_registered
+    AFTER INSERT ON llmbatching.writebacks
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION llmbatching.writebacks_registered();
+
+-- Registered again (llm_write_back on a request that had one): the worker only ever changes
+-- written_at and outcome, so this fires for a role's own registrations alone.
+CREATE FUNCTION llmbatching.writeback_reregistered() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+AS $$
+BEGIN
+    IF NEW.written_at IS NULL AND EXISTS (SELECT FROM llmbatching.requests r
+                                           WHERE r.id = NEW.request_id AND r.state = 'completed') THEN
+        INSERT INTO llmbatching.writeback_queue (request_id) VALUES (NEW.request_id)
+        ON CONFLICT (request_id) DO UPDATE SET due_at = now(), tries = 0, slow_tries = 0;
+        PERFORM llmbatching.wake_worker();
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER writeback_reregistered
+    AFTER UPDATE OF target, target_column, row_key ON llmbatching.writebacks
+    FOR EACH ROW EXECUTE FUNCTION llmbatching.writeback_reregistered();
 
 -- Checks a write-back target and returns its primary key columns.
 CREATE FUNCTION llmbatching.check_target(target regclass, target_column name) RETURNS name[]
@@ -355,9 +337,6 @@ BEGIN
     ON CONFLICT (request_id) DO UPDATE
         SET target = excluded.target, target_column = excluded.target_column, row_key = excluded.row_key,
             written_at = NULL, outcome = NULL;
-    IF state = 'completed' THEN
-        PERFORM llmbatching.write_back(ARRAY[llm_write_back.id]);
-    END IF;
 END
 $$;
 COMMENT ON FUNCTION llm_write_back(bigint, regclass, name, jsonb) IS
@@ -368,6 +347,9 @@ COMMENT ON FUNCTION llm_write_back(bigint, regclass, name, jsonb) IS
 -- is not empty, and writes each answer into `target_column` of its row. With `labels` the
 -- answer is one of them; with `schema` it is JSON following it. Returns the job name (by
 -- default '<table>.<column>') and how many requests were submitted.
+-- It keeps the caller's search_path and privileges, to evaluate the caller's own prompt and
+-- filter; every function and operator it calls itself is therefore qualified, so that nothing
+-- planted on that path can stand in for one.
 CREATE FUNCTION llm_classify(target regclass, target_column name, prompt text, model text,
                              instructions text DEFAULT NULL, options jsonb DEFAULT '{}',
                              endpoint text DEFAULT '/v1/responses', job text DEFAULT NULL,
@@ -383,15 +365,17 @@ DECLARE
     ids        bigint[];
     keys       jsonb[];
 BEGIN
-    IF prompt IS NULL OR btrim(prompt) = '' THEN
+    IF prompt IS NULL OR pg_catalog.btrim(prompt) OPERATOR(pg_catalog.=) '' THEN
         RAISE EXCEPTION 'invalid argument "prompt": give a SQL expression over the row, such as ''Classify: '' || body'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF labels IS NOT NULL AND schema IS NOT NULL THEN
         RAISE EXCEPTION 'invalid argument "schema": give labels or a schema, not both' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    job_name := coalesce(llm_classify.job, format('%s.%s', target, target_column));
-    SELECT string_agg(format('%L, t.%I', c, c), ', ') INTO key_sql FROM unnest(key_cols) AS c;
+    job_name := coalesce(llm_classify.job,
+                         pg_catalog.format('%s.%s', target::pg_catalog.text, target_column::pg_catalog.text));
+    SELECT pg_catalog.string_agg(pg_catalog.format('%L, t.%I', c::pg_catalog.text, c::pg_catalog.text), ', ')
+      INTO key_sql FROM pg_catalog.unnest(key_cols) AS c;
     submit_sql := CASE
         WHEN labels IS NOT NULL THEN '@extschema@.llm_submit_label($1, p.prompt, $5, $2, $3, $4, $6)'
         WHEN schema IS NOT NULL THEN '@extschema@.llm_submit_json($1, p.prompt, $7, $2, $3, $4, $6)'
@@ -399,20 +383,22 @@ BEGIN
     END;
     -- Submit first, register the write-backs in a second statement: the write-back policy
     -- checks that each request belongs to the caller, which needs the new requests visible.
-    EXECUTE format($sql$
-        WITH p AS (SELECT jsonb_build_object(%1$s) AS row_key, (%2$s)::text AS prompt
+    EXECUTE pg_catalog.format($sql$
+        WITH p AS (SELECT pg_catalog.jsonb_build_object(%1$s) AS row_key, (%2$s)::pg_catalog.text AS prompt
                      FROM %3$s AS t WHERE %4$s),
-             submitted AS (SELECT row_key, %5$s AS id FROM p WHERE p.prompt IS NOT NULL AND btrim(p.prompt) <> '')
-        SELECT array_agg(s.id), array_agg(s.row_key), (SELECT count(*) FROM p) - count(s.id)
+             submitted AS (SELECT row_key, %5$s AS id FROM p
+                            WHERE p.prompt IS NOT NULL AND pg_catalog.btrim(p.prompt) OPERATOR(pg_catalog.<>) '')
+        SELECT pg_catalog.array_agg(s.id), pg_catalog.array_agg(s.row_key),
+               (SELECT pg_catalog.count(*) FROM p) OPERATOR(pg_catalog.-) pg_catalog.count(s.id)
           FROM submitted s
-        $sql$, key_sql, prompt, target, coalesce(filter, 'true'), submit_sql)
+        $sql$, key_sql, prompt, target::pg_catalog.text, coalesce(filter, 'true'), submit_sql)
     INTO ids, keys, skipped
     USING model, instructions, options, endpoint, labels, job_name, schema;
     INSERT INTO llmbatching.writebacks (request_id, target, target_column, row_key)
     SELECT s.id, llm_classify.target, llm_classify.target_column, s.row_key
-      FROM unnest(ids, keys) AS s (id, row_key);
-    submitted := coalesce(cardinality(ids), 0);
-    IF skipped > 0 THEN
+      FROM ROWS FROM (pg_catalog.unnest(ids), pg_catalog.unnest(keys)) AS s (id, row_key);
+    submitted := coalesce(pg_catalog.array_length(ids, 1), 0);
+    IF skipped OPERATOR(pg_catalog.>) 0 THEN
         RAISE NOTICE 'llm_classify: skipped % rows whose prompt is NULL or empty', skipped;
     END IF;
     RETURN NEXT;

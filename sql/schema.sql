@@ -1,15 +1,32 @@
 -- llmbatching state: every request and every batch, in schema llmbatching.
 -- The background worker moves rows through these tables; users read them directly.
 
-CREATE SCHEMA llmbatching;
+-- The schema is named in the control file: CREATE EXTENSION creates it, and everything of the
+-- extension lives in it, never in a schema others may create objects in (whatever they plant
+-- there would run as whoever calls an extension function). A schema of that name made by
+-- anyone but a superuser beforehand is refused: its owner could plant objects in it.
+DO $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_catalog.pg_namespace n
+                 JOIN pg_catalog.pg_roles o ON o.oid OPERATOR(pg_catalog.=) n.nspowner
+                WHERE n.nspname OPERATOR(pg_catalog.=) 'llmbatching' AND NOT o.rolsuper) THEN
+        RAISE EXCEPTION 'schema llmbatching already exists and belongs to a role that is not a superuser'
+            USING HINT = 'Drop it, or make a superuser its owner after checking what it holds, then create the extension.';
+    END IF;
+    IF EXISTS (SELECT FROM pg_catalog.pg_class c WHERE c.relnamespace OPERATOR(pg_catalog.=) 'llmbatching'::pg_catalog.regnamespace)
+       OR EXISTS (SELECT FROM pg_catalog.pg_proc p WHERE p.pronamespace OPERATOR(pg_catalog.=) 'llmbatching'::pg_catalog.regnamespace) THEN
+        RAISE EXCEPTION 'schema llmbatching already holds objects; llmbatching needs a schema of its own';
+    END IF;
+END
+$$;
 COMMENT ON SCHEMA llmbatching IS 'State of llmbatching: queued and answered LLM requests and the provider batches that carry them';
 
 -- One row: this installation's identity, written into every batch's metadata so that batches
 -- created just before a crash can be recognised at the provider afterwards.
 CREATE TABLE llmbatching.instance (
     singleton   boolean PRIMARY KEY DEFAULT true CHECK (singleton),
-    id          text NOT NULL DEFAULT gen_random_uuid()::text,
-    created_at  timestamptz NOT NULL DEFAULT now()
+    id          text NOT NULL DEFAULT pg_catalog.gen_random_uuid()::text,
+    created_at  timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
 INSERT INTO llmbatching.instance DEFAULT VALUES;
 
@@ -45,8 +62,8 @@ CREATE TABLE llmbatching.batches (
     provider_errors     text,
     last_error          text,
     step_failures       integer NOT NULL DEFAULT 0,
-    next_check_at       timestamptz NOT NULL DEFAULT now(),
-    created_at          timestamptz NOT NULL DEFAULT now(),
+    next_check_at       timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    created_at          timestamptz NOT NULL DEFAULT pg_catalog.now(),
     create_attempted_at timestamptz,
     submitted_at        timestamptz,
     ended_at            timestamptz,
@@ -54,7 +71,9 @@ CREATE TABLE llmbatching.batches (
     -- Every request of the batch was cancelled: cancel it at the provider.
     cancel_requested_at timestamptz,
     cancel_sent_at      timestamptz,
-    files_deleted_at    timestamptz
+    files_deleted_at    timestamptz,
+    -- The roles whose requests it carries, for the cap on each role's batches in flight.
+    roles               name[] NOT NULL DEFAULT '{}'
 );
 COMMENT ON TABLE llmbatching.batches IS 'Provider batches: state is llmbatching''s own step, provider_status the provider''s';
 CREATE INDEX batches_open ON llmbatching.batches (next_check_at) WHERE state <> 'done';
@@ -68,7 +87,7 @@ CREATE TABLE llmbatching.requests (
     model           text NOT NULL,
     body            jsonb NOT NULL,
     -- Size of the body as it is written into the batch file.
-    body_bytes      integer NOT NULL GENERATED ALWAYS AS (octet_length(body::text)) STORED,
+    body_bytes      integer NOT NULL GENERATED ALWAYS AS (pg_catalog.octet_length(body::pg_catalog.text)) STORED,
     -- The batch carrying the request; set only by the worker. Not a foreign key: checking one
     -- would cost a query per request each time a batch is claimed.
     batch_id        bigint,
@@ -93,13 +112,16 @@ CREATE TABLE llmbatching.requests (
     -- or reused from it when it had already completed); NULL if this request is sent itself.
     reused_from     bigint,
     submitted_by    name NOT NULL DEFAULT current_user,
-    created_at      timestamptz NOT NULL DEFAULT now(),
-    queued_at       timestamptz NOT NULL DEFAULT now(),
+    created_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    queued_at       timestamptz NOT NULL DEFAULT pg_catalog.now(),
     submitted_at    timestamptz,
     finished_at     timestamptz
 );
 COMMENT ON TABLE llmbatching.requests IS 'Every LLM request: its body, its state and, once answered, the response';
 CREATE INDEX requests_queue ON llmbatching.requests (endpoint, model, id)
+    WHERE state = 'queued' AND reused_from IS NULL;
+-- The same queue by role, so that a batch takes requests of every waiting role in turn.
+CREATE INDEX requests_queue_by_role ON llmbatching.requests (endpoint, model, submitted_by, id)
     WHERE state = 'queued' AND reused_from IS NULL;
 -- Only ever searched for one hash: a hash index is smaller and cheaper to add to than a btree.
 CREATE INDEX requests_hash ON llmbatching.requests USING hash (request_hash);
@@ -147,6 +169,18 @@ CREATE TABLE llmbatching.writebacks (
 -- update stay on the page (a heap-only tuple), with no new primary-key entry.
 WITH (fillfactor = 50);
 COMMENT ON TABLE llmbatching.writebacks IS 'Answers to write into a table column when they arrive, and what happened';
+
+-- Answers that arrived and wait to be written into their rows by the worker, with when to try
+-- next (a locked or slow target is tried again later).
+CREATE TABLE llmbatching.writeback_queue (
+    request_id  bigint PRIMARY KEY,
+    due_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    -- Tries that waited, and of those, how many ran out of time.
+    tries       integer NOT NULL DEFAULT 0,
+    slow_tries  integer NOT NULL DEFAULT 0
+);
+CREATE INDEX writeback_queue_due ON llmbatching.writeback_queue (due_at);
+COMMENT ON TABLE llmbatching.writeback_queue IS 'Answers waiting to be written back into their rows';
 
 -- Prices in US dollars per million tokens, for the standard (synchronous) API and the batch
 -- API. Cached input tokens are billed at the cached price; reasoning tokens are output tokens.

@@ -26,7 +26,7 @@ BEGIN
     IF llmbatching.insert_is_checked() THEN
         RETURN NEW;
     END IF;
-    problem := llmbatching.request_problem(NEW.endpoint, NEW.model, NEW.body, NEW.answer_format);
+    problem := llmbatching.request_problem(NEW.endpoint, NEW.model, NEW.body, NEW.answer_format, NEW.job);
     IF problem IS NOT NULL THEN
         RAISE EXCEPTION '%', problem USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -78,28 +78,34 @@ COMMENT ON FUNCTION llm_purge(interval) IS 'Deletes finished requests older than
 -- Functions: nothing for PUBLIC; the user functions for llmbatching_user. Every function
 -- resolves names from pg_catalog alone, so no same-named object elsewhere can stand in for what
 -- it calls, except llm_classify, which evaluates the caller's own prompt and filter expressions
--- with the caller's search_path and privileges, and the llm_submit functions: they are written in
--- Rust, name every object they use with its schema, and are called once per row, where a pinned
--- search_path would cost a setting's save and restore per call.
+-- with the caller's search_path and privileges (and qualifies everything it calls itself), and
+-- the llm_submit functions: they are written in Rust, name every object they use with its
+-- schema, and are called once per row, where a pinned search_path would cost a setting's save
+-- and restore per call. (This block runs while the extension is created, with the path set to
+-- the extension's own new schema; it qualifies what it calls all the same.)
 DO $$
 DECLARE
     f record;
 BEGIN
-    FOR f IN SELECT d.objid::regprocedure AS signature, p.proname
+    FOR f IN SELECT d.objid::pg_catalog.regprocedure AS signature, p.proname
                FROM pg_catalog.pg_depend d
                JOIN pg_catalog.pg_extension e ON e.oid = d.refobjid
                JOIN pg_catalog.pg_proc p ON p.oid = d.objid
-              WHERE e.extname = 'llmbatching' AND d.classid = 'pg_catalog.pg_proc'::regclass AND d.deptype = 'e'
-                AND p.pronamespace IN ('@extschema@'::regnamespace, 'llmbatching'::regnamespace)
+              WHERE e.extname OPERATOR(pg_catalog.=) 'llmbatching'
+                AND d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass
+                AND d.deptype OPERATOR(pg_catalog.=) 'e'
+                AND p.pronamespace OPERATOR(pg_catalog.=) 'llmbatching'::pg_catalog.regnamespace
     LOOP
-        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f.signature);
-        IF f.proname <> 'llm_classify' AND f.proname NOT LIKE 'llm\_submit%' THEN
-            EXECUTE format('ALTER FUNCTION %s SET search_path = pg_catalog, pg_temp', f.signature);
+        EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f.signature::pg_catalog.text);
+        IF f.proname OPERATOR(pg_catalog.<>) 'llm_classify' AND f.proname::pg_catalog.text NOT LIKE 'llm\_submit%' THEN
+            EXECUTE pg_catalog.format('ALTER FUNCTION %s SET search_path = pg_catalog, pg_temp', f.signature::pg_catalog.text);
         END IF;
-        IF f.proname IN ('llm_purge', 'purge_before') THEN
-            EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO llmbatching_admin', f.signature);
-        ELSIF f.proname LIKE 'llm\_%' OR f.proname IN ('write_back', 'check_target', 'primary_key_columns', 'request_problem', 'insert_is_checked', 'is_deterministic') THEN
-            EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO llmbatching_user', f.signature);
+        IF f.proname OPERATOR(pg_catalog.=) ANY (ARRAY['llm_purge', 'purge_before']::pg_catalog.name[]) THEN
+            EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO llmbatching_admin', f.signature::pg_catalog.text);
+        ELSIF f.proname::pg_catalog.text LIKE 'llm\_%'
+              OR f.proname OPERATOR(pg_catalog.=) ANY (ARRAY['check_target', 'primary_key_columns', 'request_problem',
+                                                            'insert_is_checked', 'is_deterministic']::pg_catalog.name[]) THEN
+            EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO llmbatching_user', f.signature::pg_catalog.text);
         END IF;
     END LOOP;
 END
@@ -145,15 +151,11 @@ CREATE POLICY update_own ON llmbatching.writebacks FOR UPDATE
     USING (submitted_by = current_user)
     WITH CHECK (submitted_by = current_user AND has_column_privilege(target, target_column::text, 'UPDATE'));
 
--- Batches: users see the batches that carry their requests.
-GRANT SELECT ON llmbatching.batches TO llmbatching_user;
-GRANT DELETE ON llmbatching.batches TO llmbatching_admin;
-ALTER TABLE llmbatching.batches ENABLE ROW LEVEL SECURITY;
-CREATE POLICY read_own ON llmbatching.batches FOR SELECT
-    USING (pg_has_role(current_user, 'llmbatching_admin', 'MEMBER')
-           OR EXISTS (SELECT FROM llmbatching.requests r WHERE r.batch_id = batches.id AND r.submitted_by = current_user));
-CREATE POLICY purge ON llmbatching.batches FOR DELETE
-    USING (pg_has_role(current_user, 'llmbatching_admin', 'MEMBER'));
+-- Batches mix the requests of several roles: only administrators read them whole. A role sees
+-- each batch as far as its own requests go, through my_batches.
+GRANT SELECT, DELETE ON llmbatching.batches TO llmbatching_admin;
+GRANT SELECT ON llmbatching.my_batches TO llmbatching_user;
+REVOKE ALL ON llmbatching.writeback_queue FROM PUBLIC;
 
 -- Jobs are computed with the reader's privileges, so each role sees its own requests in them.
 ALTER VIEW llmbatching.jobs SET (security_invoker = true);

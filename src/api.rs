@@ -32,13 +32,10 @@ fn endpoint_of(endpoint: Option<&str>) -> Endpoint {
 }
 
 fn job_of(job: Option<&str>) -> Option<&str> {
-    match job {
-        Some(j) if j.trim().is_empty() => raise(RequestError::new(
-            "job",
-            "must not be empty (leave it NULL for none)",
-        )),
-        other => other,
+    if let Some(job) = job {
+        request::check_job(job).unwrap_or_else(|e| raise(e));
     }
+    job
 }
 
 const INSERT_REQUEST_SQL: &str =
@@ -319,13 +316,19 @@ fn llm_cancel(id: i64) -> bool {
     }
 }
 
-/// Internal functions, in the extension's own schema.
-#[pg_schema]
-mod llmbatching {
+/// Internal functions, for the extension's own SQL (in its schema, like everything else).
+mod internal {
     use crate::config;
     use crate::request::{self, AnswerFormat, Endpoint};
     use pgrx::prelude::*;
     use pgrx::JsonB;
+
+    /// Wakes the worker when the current transaction commits (the extension's triggers call it
+    /// when they queue work for it).
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn wake_worker() {
+        crate::wakeup::wake_worker_at_commit();
+    }
 
     /// Whether the row being inserted is one `llm_submit` has just checked itself, so the insert
     /// trigger need not convert and check its body again.
@@ -343,9 +346,13 @@ mod llmbatching {
         model: Option<&str>,
         body: Option<JsonB>,
         answer_format: Option<JsonB>,
+        job: Option<&str>,
     ) -> Option<String> {
         let problem = (|| {
             Endpoint::parse(endpoint.unwrap_or_default())?;
+            if let Some(job) = job {
+                request::check_job(job)?;
+            }
             let body = body.map(|b| b.0).unwrap_or_default();
             let body_model = request::validate_body(&body, "body")?;
             if Some(body_model) != model {
@@ -363,7 +370,7 @@ mod llmbatching {
                 AnswerFormat::from_json(&format.0).ok_or_else(|| {
                     request::RequestError::new(
                         "answer_format",
-                        "must be {\"type\": \"json\"} or a label list",
+                        "must be {\"type\": \"json\"} or {\"type\": \"label\", \"labels\": [...]} with at least one label",
                     )
                 })?;
             }

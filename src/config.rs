@@ -19,6 +19,9 @@ static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(3);
 static MAX_BATCHES_IN_FLIGHT: GucSetting<i32> = GucSetting::<i32>::new(100);
 static MAX_ENQUEUED_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(0);
 static TOKEN_LIMIT_PAUSE_MS: GucSetting<i32> = GucSetting::<i32>::new(10 * 60 * 1000);
+static MAX_BATCHES_PER_ROLE: GucSetting<i32> = GucSetting::<i32>::new(50);
+static WRITE_BACK_LOCK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+static WRITE_BACK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 static DELETE_PROVIDER_FILES: GucSetting<bool> = GucSetting::<bool>::new(true);
 static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(0);
 static REUSE_ANSWERS: GucSetting<ReuseAnswers> =
@@ -136,6 +139,36 @@ pub fn register(preloading: bool) {
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(
+        c"llmbatching.max_batches_per_role",
+        c"Most open batches carrying any one role's requests; 0 means no cap below llmbatching.max_batches_in_flight.",
+        c"A role with a large backlog then leaves batch slots for the others. Each batch also takes the queued requests of every waiting role in turn.",
+        &MAX_BATCHES_PER_ROLE,
+        0,
+        100_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"llmbatching.write_back_lock_timeout",
+        c"Longest a write-back waits for a lock on its target table or row.",
+        c"A target another transaction holds locked is tried again later (outcome 'waiting: ...'); the other roles' write-backs go on meanwhile.",
+        &WRITE_BACK_LOCK_TIMEOUT_MS,
+        1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"llmbatching.write_back_timeout",
+        c"Longest one write-back (one role's answers into one column, with the table's triggers) may take.",
+        c"A write-back that takes longer is rolled back and tried again later, and given up after 5 tries.",
+        &WRITE_BACK_TIMEOUT_MS,
+        1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
         c"llmbatching.max_enqueued_tokens",
         c"Per-model cap on prompt tokens enqueued at the provider at once; 0 means no cap.",
         c"Estimated before sending (about 4 bytes of request per token), so batches stay under the provider's enqueued-token limit. llmbatching.model_limits overrides it per model.",
@@ -219,6 +252,9 @@ pub struct Settings {
     pub limits: BatchLimits,
     pub max_attempts: i32,
     pub max_batches_in_flight: i64,
+    /// The cap on open batches carrying one role's requests (0: none).
+    pub max_batches_per_role: i64,
+    pub write_back: crate::restricted::Bounds,
     /// The default per-model cap on enqueued prompt tokens, if any.
     pub max_enqueued_tokens: Option<i64>,
     pub token_limit_pause: Duration,
@@ -235,6 +271,11 @@ impl Settings {
             limits: batch_limits(),
             max_attempts: MAX_ATTEMPTS.get(),
             max_batches_in_flight: MAX_BATCHES_IN_FLIGHT.get() as i64,
+            max_batches_per_role: MAX_BATCHES_PER_ROLE.get() as i64,
+            write_back: crate::restricted::Bounds {
+                lock_timeout: millis(&WRITE_BACK_LOCK_TIMEOUT_MS),
+                time_limit: millis(&WRITE_BACK_TIMEOUT_MS),
+            },
             max_enqueued_tokens: Some(MAX_ENQUEUED_TOKENS.get() as i64).filter(|t| *t > 0),
             token_limit_pause: millis(&TOKEN_LIMIT_PAUSE_MS),
             delete_provider_files: DELETE_PROVIDER_FILES.get(),

@@ -9,10 +9,13 @@ mod planner;
 mod provider;
 mod request;
 mod request_insert;
+mod restricted;
 mod results;
+mod session;
 mod store;
 mod wakeup;
 mod worker;
+mod write_back;
 
 pgrx::pg_module_magic!();
 
@@ -43,6 +46,7 @@ pub mod pg_test {
     pub fn setup(_options: Vec<&str>) {}
 
     pub fn postgresql_conf_options() -> Vec<&'static str> {
-        vec![]
+        // The extension's functions live in its own schema; the tests call them unqualified.
+        vec![r#"search_path = '"$user", public, llmbatching'"#]
     }
 }

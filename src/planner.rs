@@ -83,7 +83,25 @@ pub struct Split {
     pub too_many_tokens: Vec<i64>,
 }
 
-/// Takes the longest run of candidates, oldest first, that fits in one batch and in the
+/// The queued requests of several roles, each role's oldest first, as one list that takes
+/// each role's next request in turn: a batch formed from it carries every waiting role's
+/// requests, so no role waits for another's whole backlog.
+pub fn interleave_roles(per_role: Vec<Vec<Candidate>>) -> Vec<Candidate> {
+    let total = per_role.iter().map(Vec::len).sum();
+    let mut queues: Vec<std::vec::IntoIter<Candidate>> =
+        per_role.into_iter().map(Vec::into_iter).collect();
+    let mut out = Vec::with_capacity(total);
+    while out.len() < total {
+        for queue in &mut queues {
+            if let Some(c) = queue.next() {
+                out.push(c);
+            }
+        }
+    }
+    out
+}
+
+/// Takes the longest run of candidates, in the order given (oldest first), that fits in one batch and in the
 /// model's free token budget. A request that could never fit, even alone, is set aside so it
 /// does not block the queue.
 pub fn take_batch(
@@ -238,6 +256,30 @@ mod tests {
         assert_eq!(due_in(&group(3, 5), limits, wait), Duration::from_secs(25));
         assert_eq!(due_in(&group(10, 5), limits, wait), Duration::ZERO);
         assert_eq!(due_in(&group(3, 40), limits, wait), Duration::ZERO);
+    }
+
+    #[test]
+    fn roles_take_turns() {
+        let role = |ids: &[i64]| -> Vec<Candidate> {
+            ids.iter()
+                .map(|&id| Candidate { id, body_bytes: 10 })
+                .collect()
+        };
+        let order: Vec<i64> = interleave_roles(vec![role(&[1, 2, 3, 4]), role(&[10]), role(&[])])
+            .iter()
+            .map(|c| c.id)
+            .collect();
+        assert_eq!(order, vec![1, 10, 2, 3, 4]);
+        // A batch of two carries both roles, whatever the first one's backlog.
+        let batch = take_batch(
+            &interleave_roles(vec![role(&[1, 2, 3]), role(&[9])]),
+            BatchLimits {
+                max_requests: 2,
+                max_bytes: 1 << 20,
+            },
+            None,
+        );
+        assert_eq!(batch.batch, vec![1, 9]);
     }
 
     #[test]

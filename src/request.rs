@@ -212,13 +212,15 @@ impl AnswerFormat {
     pub fn from_json(v: &Value) -> Option<AnswerFormat> {
         match v.get("type")?.as_str()? {
             "json" => Some(AnswerFormat::Json),
-            "label" => Some(AnswerFormat::Label(
-                v.get("labels")?
-                    .as_array()?
+            "label" => {
+                let labels = v.get("labels")?.as_array()?;
+                let labels: Option<Vec<String>> = labels
                     .iter()
-                    .filter_map(|l| l.as_str().map(str::to_owned))
-                    .collect(),
-            )),
+                    .map(|l| l.as_str().map(str::to_owned))
+                    .collect();
+                // An empty list would fail every answer; a non-string label none could match.
+                Some(AnswerFormat::Label(labels.filter(|l| !l.is_empty())?))
+            }
             _ => None,
         }
     }
@@ -336,6 +338,29 @@ fn is_zero(n: &serde_json::Number) -> bool {
     let text = n.to_string();
     let mantissa = text.split(['e', 'E']).next().unwrap_or_default();
     mantissa.chars().all(|c| matches!(c, '0' | '.' | '-'))
+}
+
+/// Longest job name, in bytes: a job name travels in views and logs, and must stay a name.
+pub const MAX_JOB_BYTES: usize = 200;
+
+/// A job name is not empty and at most [`MAX_JOB_BYTES`] long.
+pub fn check_job(job: &str) -> Result<(), RequestError> {
+    if job.trim().is_empty() {
+        return Err(RequestError::new(
+            "job",
+            "must not be empty (leave it NULL for none)",
+        ));
+    }
+    if job.len() > MAX_JOB_BYTES {
+        return Err(RequestError::new(
+            "job",
+            format!(
+                "is {} bytes; a job name may be at most {MAX_JOB_BYTES} bytes",
+                job.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 pub fn check_size(

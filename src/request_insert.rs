@@ -92,6 +92,20 @@ const REUSED_COLUMNS: [Col; 7] = [
 /// Insert triggers this module stands in for; any other one makes it step aside.
 const OWN_TRIGGERS: [&str; 2] = ["check_request", "dedupe_request"];
 
+/// The row-level security policy this module keeps (it writes only the caller's own queued
+/// rows); any other policy for inserts makes it step aside, so the policy applies.
+const OWN_INSERT_POLICY: &str = "submit_own";
+
+/// Columns an INSERT by `llm_submit` names: the caller needs INSERT on each of them.
+const INSERTED_COLUMNS: [Col; 6] = [
+    Col::endpoint,
+    Col::model,
+    Col::body,
+    Col::job,
+    Col::answer_format,
+    Col::reuse,
+];
+
 /// Per call site: valid for one command of one (sub)transaction, which holds the locks taken
 /// when it was built, so later rows open the table and its indexes without locking again.
 struct CallSite {
@@ -199,6 +213,43 @@ unsafe fn only_own_insert_triggers(rel: pg_sys::Relation) -> bool {
     })
 }
 
+/// Whether the table's row-level security, if on, has no policy for inserts but the one that
+/// ships with it (an administrator may add a restrictive one, or change it).
+unsafe fn only_own_insert_policies(rel: pg_sys::Relation) -> bool {
+    if !(*(*rel).rd_rel).relrowsecurity {
+        return true;
+    }
+    let rsdesc = (*rel).rd_rsdesc;
+    if rsdesc.is_null() {
+        return true;
+    }
+    let policies = pgrx::PgList::<pg_sys::RowSecurityPolicy>::from_pg((*rsdesc).policies);
+    let own = policies.iter_ptr().all(|p| {
+        let applies_to_insert = matches!((*p).polcmd as u8, b'a' | b'*');
+        !applies_to_insert || name_of((*p).policy_name) == OWN_INSERT_POLICY
+    });
+    own
+}
+
+/// Whether the current user holds INSERT on the table, or on every column `llm_submit` fills;
+/// when not, the plain INSERT reports the refusal.
+unsafe fn may_insert(table: pg_sys::Oid, attnums: &[i16; COLUMNS.len()]) -> bool {
+    let user = pg_sys::GetUserId();
+    if pg_sys::pg_class_aclcheck(table, user, pg_sys::ACL_INSERT as pg_sys::AclMode)
+        == pg_sys::AclResult::ACLCHECK_OK
+    {
+        return true;
+    }
+    INSERTED_COLUMNS.iter().all(|col| {
+        pg_sys::pg_attribute_aclcheck(
+            table,
+            attnums[*col as usize],
+            user,
+            pg_sys::ACL_INSERT as pg_sys::AclMode,
+        ) == pg_sys::AclResult::ACLCHECK_OK
+    })
+}
+
 impl Prepared {
     /// Opens the table once to learn its shape, indexes and constraints; `None` if rows must go
     /// through a plain INSERT. Runs in the call site's memory context.
@@ -216,6 +267,7 @@ impl Prepared {
         if (*form).relkind != pg_sys::RELKIND_RELATION as i8
             || (*form).relam != pg_sys::HEAP_TABLE_AM_OID
             || !only_own_insert_triggers(rel)
+            || !only_own_insert_policies(rel)
         {
             return None;
         }
@@ -236,7 +288,7 @@ impl Prepared {
                 None => return None,
             }
         }
-        if attnums.contains(&0) {
+        if attnums.contains(&0) || !may_insert((*rel).rd_id, &attnums) {
             return None;
         }
         let sequence = pg_sys::getIdentitySequence((*rel).rd_id, attnums[Col::id as usize], false);

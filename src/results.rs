@@ -8,7 +8,7 @@ use serde_json::Value;
 use std::collections::HashMap;
 
 /// What one result line says about its request.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, PartialEq, Clone)]
 pub enum Outcome {
     /// The model answered.
     Completed {
@@ -25,10 +25,17 @@ pub enum Outcome {
     },
     /// The request did not run, or failed in a way that may pass on another try.
     Retry { reason: String },
+    /// The request ran, but its result line cannot be read. The file is read again; if the line
+    /// still cannot be read, the request fails with the line kept (it is not sent again).
+    Unreadable {
+        reason: String,
+        /// The whole line as the provider wrote it.
+        line: String,
+    },
 }
 
 /// One result line, attributed to the request it belongs to.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, PartialEq, Clone)]
 pub struct LineResult {
     pub request_id: i64,
     pub outcome: Outcome,
@@ -95,19 +102,49 @@ pub fn custom_id(request_id: i64) -> String {
     request_id.to_string()
 }
 
+/// The line with every JSON escape of U+0000 (`\u0000`), which neither `text` nor `jsonb` can
+/// hold, replaced by U+FFFD (the replacement character), so that an answer holding it can be
+/// stored and its request complete.
+/// An escaped backslash followed by `u0000` is text, not the escape, and is left alone.
+pub fn without_nul_escapes(line: &str) -> std::borrow::Cow<'_, str> {
+    if !line.contains("\\u0000") {
+        return std::borrow::Cow::Borrowed(line);
+    }
+    let mut out = String::with_capacity(line.len());
+    let mut rest = line;
+    while let Some(at) = rest.find('\\') {
+        out.push_str(&rest[..at]);
+        let escape = &rest[at..];
+        if escape.starts_with("\\u0000") {
+            out.push_str("\\ufffd");
+            rest = &escape[6..];
+        } else {
+            // Any other escape (including an escaped backslash) is copied whole.
+            let len = escape[1..].chars().next().map_or(1, |c| 1 + c.len_utf8());
+            out.push_str(&escape[..len]);
+            rest = &escape[len..];
+        }
+    }
+    out.push_str(rest);
+    std::borrow::Cow::Owned(out)
+}
+
 /// Reads one line of an output or error file. `Err` means the line could not be attributed to
 /// any request; its text is returned for the log. A line that names its request but is
-/// otherwise malformed becomes a [`Outcome::Retry`], so the request is asked again.
+/// otherwise malformed becomes [`Outcome::Unreadable`].
 pub fn parse_line(endpoint: Endpoint, line: &str) -> Result<LineResult, String> {
-    let line: RawLine = serde_json::from_str(line).map_err(|e| format!("not JSON ({e})"))?;
+    let line = without_nul_escapes(line);
+    let raw = line.as_ref();
+    let line: RawLine = serde_json::from_str(raw).map_err(|e| format!("not JSON ({e})"))?;
     let request_id = line
         .custom_id
         .as_ref()
         .and_then(Value::as_str)
         .and_then(|id| id.parse::<i64>().ok())
         .ok_or_else(|| "no custom_id that llmbatching issued".to_string())?;
-    let outcome = outcome_of(endpoint, &line).unwrap_or_else(|reason| Outcome::Retry {
+    let outcome = outcome_of(endpoint, &line).unwrap_or_else(|reason| Outcome::Unreadable {
         reason: format!("the provider returned a malformed result line: {reason}"),
+        line: raw.to_owned(),
     });
     Ok(LineResult {
         request_id,
@@ -378,7 +415,9 @@ mod tests {
         for body in [json!([1, 2]), json!("text"), json!(null)] {
             let l = line(json!({"custom_id": "4", "response": {"status_code": 200, "body": body}}));
             match parse_line(Endpoint::Responses, &l).unwrap().outcome {
-                Outcome::Retry { reason } => assert!(reason.contains("malformed"), "{reason}"),
+                Outcome::Unreadable { reason, .. } => {
+                    assert!(reason.contains("malformed"), "{reason}")
+                }
                 other => panic!("{body}: {other:?}"),
             }
         }
@@ -575,6 +614,33 @@ mod tests {
             "{\"custom_id\":\"9\",\"response\":{\"status_code\":200}}",
         )
         .unwrap();
-        assert!(matches!(r.outcome, Outcome::Retry { .. }));
+        assert!(matches!(r.outcome, Outcome::Unreadable { .. }));
+    }
+
+    #[test]
+    fn a_nul_in_an_answer_is_stored_as_the_replacement_character() {
+        let body =
+            json!({"output_text": "a\u{0}b", "usage": {"input_tokens": 1, "output_tokens": 1}});
+        let l = line(json!({"custom_id": "4", "response": {"status_code": 200, "body": body}}));
+        assert!(l.contains("\\u0000"), "{l}");
+        let r = parse_line(Endpoint::Responses, &l).unwrap();
+        match r.outcome {
+            Outcome::Completed { text, response, .. } => {
+                assert_eq!(text.as_deref(), Some("a\u{FFFD}b"));
+                assert!(
+                    !response.contains("\\u0000") && response.contains("\\ufffd"),
+                    "{response}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn only_the_nul_escape_itself_is_replaced() {
+        assert_eq!(without_nul_escapes(r#""\\u0000""#), r#""\\u0000""#);
+        assert_eq!(without_nul_escapes(r#""\\\u0000""#), r#""\\\ufffd""#);
+        assert_eq!(without_nul_escapes(r#""\u00001é\n""#), r#""\ufffd1é\n""#);
+        assert_eq!(without_nul_escapes("plain"), "plain");
     }
 }

@@ -123,36 +123,84 @@ pub fn token_budget(model: &str, default_cap: Option<i64>) -> Option<TokenBudget
     })
 }
 
-/// Claims the oldest queued requests of a group into a new batch (state `pending`); returns
-/// its id, or None when nothing could be claimed. Requests that could never fit are failed.
+/// The oldest queued requests of a group, up to `limit` of each role, each role's in turn (see
+/// [`planner::interleave_roles`]). Roles whose requests already ride in `per_role_cap` open
+/// batches (0: no cap) wait.
+fn claim_candidates(
+    endpoint: &str,
+    model: &str,
+    limit: usize,
+    per_role_cap: i64,
+) -> Vec<Candidate> {
+    let rows: Vec<(String, Candidate)> = Spi::connect(|client| {
+        client
+            .select(
+                "WITH RECURSIVE roles AS (
+                     (SELECT r.submitted_by FROM llmbatching.requests r
+                       WHERE r.state = 'queued' AND r.reused_from IS NULL AND r.endpoint = $1 AND r.model = $2
+                       ORDER BY r.submitted_by LIMIT 1)
+                     UNION ALL
+                     SELECT next.submitted_by
+                       FROM roles g
+                      CROSS JOIN LATERAL (
+                          SELECT r.submitted_by FROM llmbatching.requests r
+                           WHERE r.state = 'queued' AND r.reused_from IS NULL AND r.endpoint = $1 AND r.model = $2
+                             AND r.submitted_by > g.submitted_by
+                           ORDER BY r.submitted_by LIMIT 1) next)
+                 SELECT g.submitted_by::text, c.id, c.body_bytes
+                   FROM roles g
+                  CROSS JOIN LATERAL (
+                      SELECT r.id, r.body_bytes FROM llmbatching.requests r
+                       WHERE r.state = 'queued' AND r.reused_from IS NULL AND r.endpoint = $1 AND r.model = $2
+                         AND r.submitted_by = g.submitted_by
+                       ORDER BY r.id LIMIT $3) c
+                  WHERE $4 = 0
+                     OR (SELECT count(*) FROM llmbatching.batches b
+                          WHERE b.state <> 'done' AND g.submitted_by = ANY (b.roles)) < $4
+                  ORDER BY g.submitted_by, c.id",
+                None,
+                &[
+                    endpoint.into(),
+                    model.into(),
+                    (limit as i64).into(),
+                    per_role_cap.into(),
+                ],
+            )?
+            .map(|row| {
+                Ok((
+                    row.get::<String>(1)?.unwrap_or_default(),
+                    Candidate {
+                        id: row.get(2)?.unwrap_or(0),
+                        body_bytes: row.get::<i32>(3)?.unwrap_or(0) as usize,
+                    },
+                ))
+            })
+            .collect::<SpiResult<Vec<_>>>()
+    })
+    .unwrap_or_else(|e| fail("reading queued requests", e));
+    let mut per_role: Vec<Vec<Candidate>> = Vec::new();
+    let mut last_role: Option<String> = None;
+    for (role, candidate) in rows {
+        if last_role.as_ref() != Some(&role) {
+            per_role.push(Vec::new());
+            last_role = Some(role);
+        }
+        per_role.last_mut().expect("pushed above").push(candidate);
+    }
+    planner::interleave_roles(per_role)
+}
+
+/// Claims queued requests of a group, every waiting role's in turn, into a new batch (state
+/// `pending`); returns its id, or None when nothing could be claimed. Requests that could
+/// never fit are failed.
 pub fn claim_batch(
     endpoint: &str,
     model: &str,
     limits: BatchLimits,
     budget: Option<TokenBudget>,
+    per_role_cap: i64,
 ) -> Option<i64> {
-    let candidates: Vec<Candidate> = Spi::connect_mut(|client| {
-        client
-            .update(
-                "SELECT id, body_bytes FROM llmbatching.requests
-                  WHERE state = 'queued' AND reused_from IS NULL AND endpoint = $1 AND model = $2
-                  ORDER BY id LIMIT $3",
-                None,
-                &[
-                    endpoint.into(),
-                    model.into(),
-                    (limits.max_requests as i64).into(),
-                ],
-            )?
-            .map(|row| {
-                Ok(Candidate {
-                    id: row.get(1)?.unwrap_or(0),
-                    body_bytes: row.get::<i32>(2)?.unwrap_or(0) as usize,
-                })
-            })
-            .collect::<SpiResult<Vec<_>>>()
-    })
-    .unwrap_or_else(|e| fail("claiming queued requests", e));
+    let candidates = claim_candidates(endpoint, model, limits.max_requests, per_role_cap);
     let split = planner::take_batch(&candidates, limits, budget);
     if !split.too_many_bytes.is_empty() {
         run(
@@ -188,17 +236,28 @@ pub fn claim_batch(
     .unwrap_or_else(|e| fail("creating a batch", e))?;
     // Only the worker claims requests, but a role may cancel one of them meanwhile: the claim
     // takes those still queued (no row is locked in advance, which would write every row twice).
-    let (claimed, formatted) = Spi::get_two_with_args::<i64, i64>(
-        "WITH claimed AS (
-             UPDATE llmbatching.requests
-                SET state = 'submitted', batch_id = $1, attempts = attempts + 1, submitted_at = now()
-              WHERE id = ANY($2) AND state = 'queued' AND reused_from IS NULL
-             RETURNING answer_format IS NOT NULL AS formatted)
-         SELECT count(*), count(*) FILTER (WHERE formatted) FROM claimed",
-        &[batch_id.into(), split.batch.into()],
-    )
+    let (claimed, formatted, roles) = Spi::connect_mut(|client| {
+        let row = client
+            .update(
+                "WITH claimed AS (
+                     UPDATE llmbatching.requests
+                        SET state = 'submitted', batch_id = $1, attempts = attempts + 1, submitted_at = now()
+                      WHERE id = ANY($2) AND state = 'queued' AND reused_from IS NULL
+                     RETURNING answer_format IS NOT NULL AS formatted, submitted_by)
+                 SELECT count(*), count(*) FILTER (WHERE formatted),
+                        coalesce(array_agg(DISTINCT submitted_by::text), '{}')
+                   FROM claimed",
+                None,
+                &[batch_id.into(), split.batch.into()],
+            )?
+            .first();
+        Ok::<_, pgrx::spi::SpiError>((
+            row.get::<i64>(1)?.unwrap_or(0),
+            row.get::<i64>(2)?.unwrap_or(0),
+            row.get::<Vec<String>>(3)?.unwrap_or_default(),
+        ))
+    })
     .unwrap_or_else(|e| fail("claiming queued requests", e));
-    let (claimed, formatted) = (claimed.unwrap_or(0), formatted.unwrap_or(0));
     if claimed == 0 {
         run(
             "DELETE FROM llmbatching.batches WHERE id = $1",
@@ -207,12 +266,13 @@ pub fn claim_batch(
         return None;
     }
     run(
-        "UPDATE llmbatching.batches SET request_count = $2, answer_formats = $3
-          WHERE id = $1 AND (request_count <> $2 OR answer_formats <> $3)",
+        "UPDATE llmbatching.batches SET request_count = $2, answer_formats = $3, roles = $4::name[]
+          WHERE id = $1",
         &[
             batch_id.into(),
             (claimed as i32).into(),
             (formatted as i32).into(),
+            roles.into(),
         ],
     );
     Some(batch_id)
@@ -415,6 +475,23 @@ pub fn record_poll(batch_id: i64, info: &BatchInfo, poll_interval: Duration) {
     );
 }
 
+/// Records the error that ended a batch, for administrators.
+pub fn record_last_error(batch_id: i64, error: &str) {
+    run(
+        "UPDATE llmbatching.batches SET last_error = $2 WHERE id = $1",
+        &[batch_id.into(), error.into()],
+    );
+}
+
+/// Fails one request of a batch whose answer could not be stored.
+pub fn fail_request(batch_id: i64, request_id: i64, reason: &str) {
+    run(
+        "UPDATE llmbatching.requests SET state = 'failed', error = $3, finished_at = now()
+          WHERE id = $2 AND batch_id = $1 AND state = 'submitted'",
+        &[batch_id.into(), request_id.into(), reason.into()],
+    );
+}
+
 /// Records a failed step and when to try it again.
 pub fn record_step_failure(batch_id: i64, error: &str, retry_in: Duration) {
     run(
@@ -569,6 +646,15 @@ pub fn apply_results(
                 failed_ids.push(result.request_id);
                 messages.push(message);
                 failed_bodies.push(response);
+            }
+            // Read again and still unreadable: it ran, so it fails rather than being sent again;
+            // the line is kept for the operator.
+            Outcome::Unreadable { reason, line } => {
+                failed_ids.push(result.request_id);
+                messages.push(format!(
+                    "{reason}; the request ran, so it is not sent again (the line is kept in response)"
+                ));
+                failed_bodies.push(Some(line));
             }
             Outcome::Retry { reason } => {
                 retry_ids.push(result.request_id);

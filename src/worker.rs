@@ -16,10 +16,14 @@
 use crate::config::{self, Settings};
 use crate::planner;
 use crate::provider::openai::OpenAi;
+use crate::provider::redact::redact;
 use crate::provider::{BatchInfo, BatchProvider, BatchStatus, NewBatch, ProviderError};
-use crate::results::{self, LineRead};
+use crate::restricted::Failure;
+use crate::results::{self, LineRead, LineResult, Outcome};
+use crate::session;
 use crate::store::{self, BatchRow};
 use crate::wakeup;
+use crate::write_back::{self, Written};
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
 use std::ffi::CString;
@@ -45,14 +49,76 @@ const TOKEN_LIMIT_CODE: &str = "token_limit_exceeded";
 const META_BATCH_ID: &str = "llmbatching_batch_id";
 const META_INSTANCE: &str = "llmbatching_instance";
 
+/// Registers the launcher, which starts the worker once its database exists (and again after
+/// the worker exits).
 pub fn register() {
-    pgrx::bgworkers::BackgroundWorkerBuilder::new("llmbatching worker")
+    pgrx::bgworkers::BackgroundWorkerBuilder::new("llmbatching launcher")
+        .set_type("llmbatching launcher")
+        .set_library("llmbatching")
+        .set_function("llmbatching_launcher_main")
+        .enable_spi_access()
+        .set_restart_time(Some(Duration::from_secs(5)))
+        .load();
+}
+
+/// How long the launcher waits before starting the worker again after it exited, and between
+/// looks for a database that does not exist yet.
+const RELAUNCH_PAUSE: Duration = Duration::from_secs(5);
+
+/// The launcher: connected to no database (it reads only the shared catalog of databases), it
+/// waits for `llmbatching.database` to exist, then runs the worker as a dynamic background
+/// worker and waits for it to exit. A worker connecting to a database that is missing would
+/// end with FATAL, be restarted and end again every few seconds.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn llmbatching_launcher_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    BackgroundWorker::connect_worker_to_spi(None, None);
+    let database = config::database();
+    let mut said_missing = false;
+    while !shutdown_requested() {
+        if database_exists(&database) {
+            said_missing = false;
+            run_worker();
+        } else if !said_missing {
+            log!("llmbatching: database \"{database}\" does not exist; the worker starts once it is created");
+            said_missing = true;
+        }
+        if shutdown_requested() || !BackgroundWorker::wait_latch(Some(RELAUNCH_PAUSE)) {
+            break;
+        }
+    }
+}
+
+fn database_exists(name: &str) -> bool {
+    let Ok(name) = CString::new(name) else {
+        return false;
+    };
+    // SAFETY: a lookup in the shared catalog pg_database, inside a transaction.
+    BackgroundWorker::transaction(|| unsafe {
+        pg_sys::get_database_oid(name.as_ptr(), true) != pg_sys::InvalidOid
+    })
+}
+
+/// Starts the worker and waits until it exits.
+fn run_worker() {
+    let started = pgrx::bgworkers::BackgroundWorkerBuilder::new("llmbatching worker")
         .set_type("llmbatching worker")
         .set_library("llmbatching")
         .set_function("llmbatching_worker_main")
         .enable_spi_access()
-        .set_restart_time(Some(Duration::from_secs(5)))
-        .load();
+        .set_notify_pid(unsafe { pg_sys::MyProcPid })
+        .set_restart_time(None)
+        .load_dynamic();
+    match started {
+        Ok(worker) => {
+            let _ = worker.wait_for_shutdown();
+        }
+        Err(_) => warning!(
+            "llmbatching: could not start the worker (max_worker_processes reached?); trying again in {}s",
+            RELAUNCH_PAUSE.as_secs()
+        ),
+    }
 }
 
 fn shutdown_requested() -> bool {
@@ -77,16 +143,9 @@ pub extern "C-unwind" fn llmbatching_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = config::database();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
-    // The worker runs as a superuser: resolve every name in its queries (and in the trigger
-    // functions they fire) from pg_catalog alone, so no role can slip in a same-named object.
-    unsafe {
-        pg_sys::SetConfigOption(
-            c"search_path".as_ptr(),
-            c"pg_catalog, pg_temp".as_ptr(),
-            pg_sys::GucContext::PGC_SUSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-        )
-    };
+    // The worker runs as a superuser: its settings are its own, whatever the database's or a
+    // role's settings say (see `session`).
+    session::pin();
     wakeup::publish_worker_pid(unsafe { pg_sys::MyProcPid });
     log!("llmbatching worker started for database \"{database}\"");
 
@@ -95,7 +154,8 @@ pub extern "C-unwind" fn llmbatching_worker_main(_arg: pg_sys::Datum) {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
-        let sleep = worker.run_round();
+        session::pin();
+        let sleep = worker.run_round_catching();
         report_activity("");
         if shutdown_requested() || !BackgroundWorker::wait_latch(Some(sleep)) {
             break;
@@ -114,10 +174,26 @@ struct Worker {
     /// The last key problem warned about, so it is logged once rather than every round.
     key_problem: Option<String>,
     last_purge: Option<std::time::Instant>,
+    /// Rounds in a row that ended in an error, for the pause before the next.
+    failed_rounds: u32,
 }
 
 fn tx<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe + std::panic::RefUnwindSafe) -> R {
     BackgroundWorker::transaction(f)
+}
+
+/// Runs `f`; an ERROR (or a panic) inside it rolls back the transaction it left open and comes
+/// back as `Err` with its message, so that one batch's, one answer's or one write-back's failure
+/// stays with it and the worker goes on with the rest.
+fn catching<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+    PgTryBuilder::new(std::panic::AssertUnwindSafe(move || Ok(f())))
+        .catch_others(|caught| {
+            // SAFETY: PostgreSQL's own recovery after an error outside any transaction block;
+            // it does nothing when no transaction is open.
+            unsafe { pg_sys::AbortCurrentTransaction() };
+            Err(Failure::from_caught(caught).message)
+        })
+        .execute()
 }
 
 impl Worker {
@@ -135,7 +211,41 @@ impl Worker {
             instance: None,
             key_problem: None,
             last_purge: None,
+            failed_rounds: 0,
         }
+    }
+
+    /// A round, whatever happens in it: an error ends the round (its transaction rolled back,
+    /// the error logged) and the worker pauses longer after each round that failed in a row.
+    /// Errors of one batch or one write-back are caught closer to them and never get here.
+    fn run_round_catching(&mut self) -> Duration {
+        match catching(|| self.run_round()) {
+            Ok(sleep) => {
+                self.failed_rounds = 0;
+                sleep
+            }
+            Err(message) => {
+                let pause = planner::retry_delay(
+                    self.failed_rounds,
+                    Duration::from_secs(1),
+                    Duration::from_secs(300),
+                    None,
+                    rand::random(),
+                );
+                self.failed_rounds = self.failed_rounds.saturating_add(1);
+                warning!(
+                    "llmbatching: a worker round failed: {}; next round in {:.1}s",
+                    self.redact(&message),
+                    pause.as_secs_f64()
+                );
+                pause
+            }
+        }
+    }
+
+    /// A provider's text without the key or any echoed credential, bounded.
+    fn redact(&self, text: &str) -> String {
+        redact(text, self.provider_for.as_ref().map_or("", |(_, key)| key))
     }
 
     /// Does everything that is due; returns how long to sleep before the next round.
@@ -159,10 +269,12 @@ impl Worker {
             if shutdown_requested() {
                 break;
             }
-            self.advance(batch, &settings);
+            self.advance_catching(batch, &settings);
         }
+        self.write_back_due(&settings);
         let next_step_due = tx(store::next_step_due);
-        [next_group_due, next_step_due]
+        let next_write_back_due = tx(write_back::next_due);
+        [next_group_due, next_step_due, next_write_back_due]
             .into_iter()
             .flatten()
             .min()
@@ -234,8 +346,11 @@ impl Worker {
     /// first group left waiting becomes due.
     fn form_batches(&mut self, settings: &Settings) -> Option<Duration> {
         let (limits, wait) = (settings.limits, settings.batch_wait);
-        let (max_open, default_token_cap) =
-            (settings.max_batches_in_flight, settings.max_enqueued_tokens);
+        let (max_open, default_token_cap, per_role_cap) = (
+            settings.max_batches_in_flight,
+            settings.max_enqueued_tokens,
+            settings.max_batches_per_role,
+        );
         loop {
             let (claimed, next_due) = tx(move || {
                 let (mut claimed, mut next_due) = (0, None::<Duration>);
@@ -250,7 +365,15 @@ impl Worker {
                         continue;
                     }
                     let budget = store::token_budget(&group.model, default_token_cap);
-                    if store::claim_batch(&group.endpoint, &group.model, limits, budget).is_some() {
+                    if store::claim_batch(
+                        &group.endpoint,
+                        &group.model,
+                        limits,
+                        budget,
+                        per_role_cap,
+                    )
+                    .is_some()
+                    {
                         claimed += 1;
                     }
                 }
@@ -258,6 +381,51 @@ impl Worker {
             });
             if claimed == 0 || shutdown_requested() {
                 return next_due;
+            }
+        }
+    }
+
+    /// Takes a batch as far as it goes now; an error in the database on the way is the batch's
+    /// own failed step (retried with backoff, visible in `last_error`), never the worker's.
+    fn advance_catching(&mut self, batch: BatchRow, settings: &Settings) {
+        let retry = batch.clone();
+        if let Err(message) = catching(|| self.advance(batch, settings)) {
+            self.step_failed(
+                &retry,
+                "a database step",
+                ProviderError::Database(message),
+                settings,
+            );
+        }
+    }
+
+    /// Writes the answers that wait in the write-back queue into their rows, one group (a
+    /// role's answers into one column) at a time, as that role (see `write_back`).
+    fn write_back_due(&mut self, settings: &Settings) {
+        let groups = match catching(|| tx(write_back::due_groups)) {
+            Ok(groups) => groups,
+            Err(message) => {
+                warning!("llmbatching: reading the write-back queue failed: {message}");
+                return;
+            }
+        };
+        let bounds = settings.write_back;
+        for group in groups {
+            if shutdown_requested() {
+                break;
+            }
+            report_activity("llmbatching: writing answers back");
+            let attempt = group.clone();
+            let done = catching(move || {
+                tx(move || {
+                    let written = write_back::write_group(&attempt, bounds);
+                    write_back::record(&attempt, &written);
+                })
+            });
+            if let Err(message) = done {
+                let _ = catching(move || {
+                    tx(move || write_back::record(&group, &Written::Failed(message)))
+                });
             }
         }
     }
@@ -403,7 +571,10 @@ impl Worker {
 
     fn poll(&mut self, batch: &BatchRow, settings: &Settings) -> Result<(), ProviderError> {
         let provider_id = batch.provider_batch_id.as_deref().unwrap_or_default();
-        let info = self.provider().get_batch(provider_id)?;
+        let mut info = self.provider().get_batch(provider_id)?;
+        for error in &mut info.errors {
+            error.message = self.redact(&error.message);
+        }
         if info.status.is_terminal() {
             log!(
                 "llmbatching: batch {} ({provider_id}) ended {}",
@@ -422,7 +593,9 @@ impl Worker {
             ("output", &batch.output_file_id),
             ("error", &batch.error_file_id),
         ];
-        let mut lines = 0;
+        let (mut lines, mut unread) = (0, 0);
+        // On the last reading, lines that still cannot be read fail their requests.
+        let last_read = batch.step_failures + 1 >= REFUSALS_BEFORE_GIVING_UP;
         let (mut downloading, mut applying) = (Duration::ZERO, Duration::ZERO);
         for (kind, file_id) in files {
             let Some(file_id) = file_id else { continue };
@@ -433,11 +606,18 @@ impl Worker {
             let downloaded = self.provider().download_file(file_id, &path);
             downloading += started.elapsed();
             let started = Instant::now();
-            let applied =
-                downloaded.and_then(|_| self.apply_file(batch, &path, settings.max_attempts));
+            let applied = downloaded
+                .and_then(|_| self.apply_file(batch, &path, settings.max_attempts, last_read));
             applying += started.elapsed();
             let _ = std::fs::remove_file(&path);
-            lines += applied?;
+            let (read, left) = applied?;
+            lines += read;
+            unread += left;
+        }
+        if unread > 0 {
+            return Err(ProviderError::Malformed(format!(
+                "{unread} result lines could not be read; the files are read again"
+            )));
         }
         // Fewer lines than the provider counted means a download was cut short: read the files
         // again rather than send the missing requests a second time. Applying them twice is
@@ -449,11 +629,7 @@ impl Worker {
             )));
         }
         let reason = leftover_reason(batch);
-        let token_limited = batch.provider_status.as_deref() == Some("failed")
-            && batch
-                .provider_errors
-                .as_deref()
-                .is_some_and(|e| e.contains(TOKEN_LIMIT_CODE));
+        let token_limited = token_limited(batch);
         if token_limited {
             // Nothing ran: the model's queue at the provider was full. Wait, then send again.
             let pause = settings.token_limit_pause;
@@ -498,20 +674,24 @@ impl Worker {
     }
 
     /// Reads a result file line by line and applies it in chunks, one transaction each.
-    /// Returns how many lines named a request.
+    /// Returns how many lines named a request, and how many of those could not be read and were
+    /// left for the next reading of the file (`last_read` false: it is read again; true: they
+    /// fail, with the line kept, rather than be sent again).
     fn apply_file(
         &self,
         batch: &BatchRow,
         path: &std::path::Path,
         max_attempts: i32,
-    ) -> Result<i64, ProviderError> {
+        last_read: bool,
+    ) -> Result<(i64, i64), ProviderError> {
         let local = |e: std::io::Error| ProviderError::Local(format!("{}: {e}", path.display()));
         let mut reader = std::io::BufReader::new(std::fs::File::open(path).map_err(local)?);
         let endpoint = batch.endpoint();
         let mut chunk = Vec::with_capacity(INGEST_CHUNK);
         let mut chunk_bytes = 0usize;
         let mut line = Vec::new();
-        let (mut attributed, mut unattributed, mut first_problem) = (0i64, 0usize, None);
+        let (mut attributed, mut unread, mut unattributed, mut first_problem) =
+            (0i64, 0i64, 0usize, None);
         loop {
             let read =
                 results::read_line_bounded(&mut reader, &mut line, results::MAX_RESULT_LINE_BYTES)
@@ -523,8 +703,18 @@ impl Worker {
                         match results::parse_line(endpoint, text.trim_end()) {
                             Ok(result) => {
                                 attributed += 1;
-                                chunk_bytes += line.len();
-                                chunk.push(result);
+                                if matches!(result.outcome, Outcome::Unreadable { .. })
+                                    && !last_read
+                                {
+                                    unread += 1;
+                                    first_problem.get_or_insert(format!(
+                                        "request {}: unreadable",
+                                        result.request_id
+                                    ));
+                                } else {
+                                    chunk_bytes += line.len();
+                                    chunk.push(self.redacted(result));
+                                }
                             }
                             Err(why) => {
                                 unattributed += 1;
@@ -547,23 +737,61 @@ impl Worker {
                 || chunk_bytes >= INGEST_CHUNK_BYTES
                 || (end && !chunk.is_empty())
             {
-                let results = std::mem::take(&mut chunk);
                 chunk_bytes = 0;
-                let (id, formats) = (batch.id, batch.has_answer_formats);
-                tx(move || store::apply_results(id, results, max_attempts, formats));
+                self.apply_chunk(batch, std::mem::take(&mut chunk), max_attempts);
             }
             if end {
                 break;
             }
         }
-        if unattributed > 0 {
+        if unattributed > 0 || unread > 0 {
             warning!(
-                "llmbatching: batch {}: {unattributed} result lines could not be matched to a request (first: {})",
+                "llmbatching: batch {}: {} result lines could not be read (first: {})",
                 batch.id,
-                first_problem.unwrap_or_default()
+                unattributed as i64 + unread,
+                self.redact(&first_problem.unwrap_or_default())
             );
         }
-        Ok(attributed)
+        Ok((attributed, unread))
+    }
+
+    /// A provider's error texts in a result, redacted (see [`redact`]).
+    fn redacted(&self, mut result: LineResult) -> LineResult {
+        match &mut result.outcome {
+            Outcome::Failed { message, .. } => *message = self.redact(message),
+            Outcome::Retry { reason } | Outcome::Unreadable { reason, .. } => {
+                *reason = self.redact(reason)
+            }
+            Outcome::Completed { .. } => {}
+        }
+        result
+    }
+
+    /// Applies a chunk of results in a transaction. A chunk that fails is applied again one
+    /// result at a time, and a result that fails alone fails its request only: an answer no
+    /// statement can store never stops the others, nor the worker.
+    fn apply_chunk(&self, batch: &BatchRow, chunk: Vec<LineResult>, max_attempts: i32) {
+        let (id, formats) = (batch.id, batch.has_answer_formats);
+        let whole = chunk.clone();
+        let Err(message) =
+            catching(move || tx(move || store::apply_results(id, whole, max_attempts, formats)))
+        else {
+            return;
+        };
+        warning!(
+            "llmbatching: batch {id}: {} answers could not be stored together ({message}); storing them one at a time",
+            chunk.len()
+        );
+        for result in chunk {
+            let request = result.request_id;
+            let alone = catching(move || {
+                tx(move || store::apply_results(id, vec![result], max_attempts, formats))
+            });
+            if let Err(message) = alone {
+                let reason = format!("the answer could not be stored: {message}");
+                let _ = catching(move || tx(move || store::fail_request(id, request, &reason)));
+            }
+        }
     }
 
     /// Records a failed step. Passing faults are retried with backoff; a refusal that persists
@@ -575,7 +803,7 @@ impl Worker {
         error: ProviderError,
         settings: &Settings,
     ) {
-        let message = format!("{step} failed: {error}");
+        let message = self.redact(&format!("{step} failed: {error}"));
         let final_refusal =
             !error.is_retryable() && batch.step_failures + 1 >= REFUSALS_BEFORE_GIVING_UP;
         if final_refusal {
@@ -584,7 +812,12 @@ impl Worker {
                 batch.id
             );
             let (id, max_attempts) = (batch.id, settings.max_attempts);
-            tx(move || store::close_batch(id, &message, max_attempts, false));
+            // The provider's words go to the batch, which only administrators read; the
+            // requests of every role in it get a neutral reason.
+            tx(move || {
+                store::record_last_error(id, &message);
+                store::close_batch(id, REFUSED_BATCH, max_attempts, false)
+            });
             self.delete_files(batch, settings);
             return;
         }
@@ -607,19 +840,31 @@ impl Worker {
     }
 }
 
+/// The reason requests get when the provider refused their batch for good.
+const REFUSED_BATCH: &str =
+    "the provider refused this request's batch (administrators see why in llmbatching.batches.last_error)";
+
+/// Whether the provider failed the batch for the model's enqueued-token limit.
+fn token_limited(batch: &BatchRow) -> bool {
+    batch.provider_status.as_deref() == Some("failed")
+        && batch
+            .provider_errors
+            .as_deref()
+            .is_some_and(|e| e.contains(TOKEN_LIMIT_CODE))
+}
+
 /// Why requests that no result line settled go back to the queue.
 fn leftover_reason(batch: &BatchRow) -> String {
     let status = BatchStatus::parse(batch.provider_status.as_deref().unwrap_or(""));
     match status {
         BatchStatus::Expired => "the batch expired before this request ran".into(),
         BatchStatus::Cancelled => "the batch was cancelled before this request ran".into(),
-        BatchStatus::Failed => format!(
-            "the batch failed at the provider: {}",
-            batch
-                .provider_errors
-                .as_deref()
-                .unwrap_or("no reason given")
-        ),
+        // The provider's reason stays with the batch (administrators read it there): it may
+        // name other roles' requests.
+        BatchStatus::Failed if token_limited(batch) => {
+            "the provider's enqueued-token limit for the model was reached; queued again".into()
+        }
+        BatchStatus::Failed => "the batch failed at the provider (administrators see why in llmbatching.batches.provider_errors)".into(),
         _ => "the provider returned no result for this request".into(),
     }
 }

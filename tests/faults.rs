@@ -184,10 +184,24 @@ fn server_errors_are_retried_honouring_retry_after_and_refusals_are_recorded() {
         .unwrap()
         .get(0);
     cluster.wait_until_settled(SETTLE);
+    // The request, which may share its batch with other roles' requests, gets a neutral reason;
+    // the provider's words stay with the batch, for administrators.
     let error: String = c.query_one("SELECT llm_error($1)", &[&id]).unwrap().get(0);
     assert!(
-        error.contains("batch creation failed: HTTP 400: Emulated fault on create"),
+        error.contains("the provider refused this request's batch")
+            && error.contains("gave up after 1 attempts"),
         "{error}"
+    );
+    let last_error: String = c
+        .query_one(
+            "SELECT b.last_error FROM llmbatching.batches b JOIN llmbatching.requests r ON r.batch_id = b.id WHERE r.id = $1",
+            &[&id],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        last_error.contains("batch creation failed: HTTP 400: Emulated fault on create"),
+        "{last_error}"
     );
 }
 

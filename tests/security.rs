@@ -41,17 +41,19 @@ fn roles_without_grants_get_nothing() {
     let cluster = shared_database(quick(), &[]);
     let mut stranger = cluster.client_as("stranger");
     for sql in [
-        "SELECT llm_submit('m', 'x')",
-        "SELECT llm_status(1)",
-        "SELECT llm_result(1)",
-        "SELECT * FROM llm_job_status('x')",
-        "SELECT llm_wait(job => 'x')",
+        "SELECT llmbatching.llm_submit('m', 'x')",
+        "SELECT llmbatching.llm_status(1)",
+        "SELECT llmbatching.llm_result(1)",
+        "SELECT * FROM llmbatching.llm_job_status('x')",
+        "SELECT llmbatching.llm_wait(job => 'x')",
     ] {
         assert!(
-            refused(&mut stranger, sql).contains("permission denied for function"),
+            refused(&mut stranger, sql).contains("permission denied for schema llmbatching"),
             "{sql}"
         );
     }
+    // Unqualified, the schema is not on a stranger's path at all.
+    assert!(refused(&mut stranger, "SELECT llm_submit('m', 'x')").contains("does not exist"));
     for sql in [
         "SELECT * FROM llmbatching.requests",
         "SELECT * FROM llmbatching.batches",
@@ -71,6 +73,11 @@ fn roles_without_grants_get_nothing() {
     )
     .contains("permission denied"));
     assert!(refused(&mut alice, "SELECT * FROM llmbatching.instance").contains("permission denied"));
+    assert!(refused(&mut alice, "SELECT * FROM llmbatching.batches").contains("permission denied"));
+    assert!(
+        refused(&mut alice, "SELECT * FROM llmbatching.writeback_queue")
+            .contains("permission denied")
+    );
 }
 
 #[test]

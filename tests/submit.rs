@@ -172,3 +172,61 @@ fn requests_whose_hashes_share_an_index_bucket_are_not_taken_for_each_other() {
         1
     );
 }
+
+#[test]
+fn the_fast_path_keeps_the_callers_insert_privilege_and_every_insert_policy() {
+    let cluster = Cluster::with_extension(&[("llmbatching.batch_wait", "1h")]);
+    let mut admin = cluster.client();
+    admin
+        .batch_execute("CREATE ROLE alice LOGIN IN ROLE llmbatching_user")
+        .unwrap();
+    let mut alice = cluster.client_as("alice");
+    let submit = |c: &mut postgres::Client, model: &str| {
+        c.query_one("SELECT llm_submit($1, 'x')", &[&model])
+            .map(|r| r.get::<_, i64>(0))
+            .map_err(|e| {
+                e.as_db_error()
+                    .map(|d| d.message().to_owned())
+                    .unwrap_or_default()
+            })
+    };
+    submit(&mut alice, "m").expect("a plain submit works");
+
+    // An administrator's restrictive policy applies to llm_submit as it does to an INSERT.
+    admin
+        .batch_execute(
+            "CREATE POLICY no_forbidden ON llmbatching.requests AS RESTRICTIVE FOR INSERT
+                 WITH CHECK (model <> 'forbidden')",
+        )
+        .unwrap();
+    let refused = submit(&mut alice, "forbidden").expect_err("the policy was bypassed");
+    assert!(refused.contains("row-level security"), "{refused}");
+    submit(&mut alice, "allowed").expect("other models still go");
+    admin
+        .batch_execute("DROP POLICY no_forbidden ON llmbatching.requests")
+        .unwrap();
+
+    // A revoked privilege is honoured.
+    admin
+        .batch_execute("REVOKE INSERT ON llmbatching.requests FROM llmbatching_user")
+        .unwrap();
+    let refused = submit(&mut alice, "m").expect_err("the revoked privilege was bypassed");
+    assert!(refused.contains("permission denied"), "{refused}");
+    assert_eq!(
+        cluster.count("SELECT count(*) FROM llmbatching.requests WHERE model IN ('forbidden')"),
+        0
+    );
+
+    // A direct INSERT may not carry a label list no answer could match.
+    let err = admin
+        .batch_execute(
+            "INSERT INTO llmbatching.requests (endpoint, model, body, answer_format)
+             VALUES ('/v1/responses', 'm', '{\"model\": \"m\", \"input\": \"x\"}', '{\"type\": \"label\", \"labels\": []}')",
+        )
+        .expect_err("an empty label list was accepted");
+    let message = err
+        .as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_default();
+    assert!(message.contains("answer_format"), "{message}");
+}

@@ -272,6 +272,7 @@ fn the_worker_wakes_on_submit_and_reloads_settings_on_sighup() {
     );
     let mut c = cluster.client();
     c.batch_execute("CREATE EXTENSION llmbatching").unwrap();
+    cluster.worker_pid();
     let workers: i64 = c
         .query_one(
             "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'llmbatching worker'",
@@ -428,11 +429,30 @@ fn malformed_provider_responses_never_crash_the_worker_and_the_requests_record_t
             .unwrap();
         (row.get(0), row.get(1))
     };
+    // A line that names its request but cannot be read, read again and still unreadable: the
+    // request ran, so it fails with the line kept, and is not paid for again.
     let (status, error) = status_and_error(&mut c, garbled);
     assert_eq!(status, "failed");
     assert!(
-        error.contains("malformed result line") && error.contains("gave up after 2 attempts"),
+        error.contains("malformed result line") && error.contains("not sent again"),
         "{error}"
+    );
+    let kept: bool = c
+        .query_one(
+            "SELECT response->>'custom_id' = id::text FROM llmbatching.requests WHERE id = $1",
+            &[&garbled],
+        )
+        .unwrap()
+        .get(0);
+    assert!(kept, "the unreadable line is not kept");
+    assert_eq!(
+        cluster
+            .emulator
+            .stats()
+            .runs_per_custom_id
+            .get(&garbled.to_string()),
+        Some(&1),
+        "the request whose line was unreadable was sent again"
     );
     let (status, error) = status_and_error(&mut c, truncated);
     assert_eq!(status, "failed");

@@ -15,6 +15,10 @@
 //! A request whose body contains [`FAIL_MARKER`] is rejected by the "model" with status 400,
 //! the way a real endpoint rejects a bad parameter; its error message is [`failure_message`].
 //! Requests containing [`GARBLE_MARKER`] or [`TRUNCATE_MARKER`] get malformed result lines.
+//! A request containing [`NUL_MARKER`] is answered normally except that its answer holds the
+//! character U+0000, which the result line carries as the JSON escape `\u0000`: a text answer is
+//! [`nul_answer`], and a structured answer is built from [`with_nul`] of the prompt (so its
+//! string properties hold U+0000 too).
 
 use serde_json::{json, Value};
 
@@ -29,6 +33,9 @@ pub const GARBLE_MARKER: &str = "EMULATOR_GARBLE";
 /// A request containing this gets a result line cut off halfway.
 pub const TRUNCATE_MARKER: &str = "EMULATOR_TRUNCATE";
 
+/// A request containing this gets an answer holding the character U+0000 (see [`nul_answer`]).
+pub const NUL_MARKER: &str = "EMULATOR_NUL";
+
 /// The error message a request containing [`FAIL_MARKER`] fails with.
 pub fn failure_message(custom_id: &str) -> String {
     format!("Emulated model failure for request {custom_id}")
@@ -37,6 +44,18 @@ pub fn failure_message(custom_id: &str) -> String {
 /// The answer text the emulator gives for a prompt, as tests expect it.
 pub fn echo_answer(model: &str, prompt: &str) -> String {
     format!("[{model}] {prompt}")
+}
+
+/// `text` followed by a part holding U+0000: what a request containing [`NUL_MARKER`] gets in
+/// place of `text`.
+pub fn with_nul(text: &str) -> String {
+    format!("{text} before\u{0}after")
+}
+
+/// The answer text the emulator gives for a prompt of a request containing [`NUL_MARKER`]
+/// (without an answer schema): the echo answer followed by text holding U+0000.
+pub fn nul_answer(model: &str, prompt: &str) -> String {
+    with_nul(&echo_answer(model, prompt))
 }
 
 /// The embedding the emulator gives for one input text.
@@ -148,11 +167,26 @@ fn requested_schema(body: &Value) -> Option<&Value> {
         .or_else(|| format.pointer("/json_schema/schema"))
 }
 
+/// Whether the request asked for an answer holding U+0000.
+fn wants_nul(body: &Value) -> bool {
+    body.to_string().contains(NUL_MARKER)
+}
+
+/// The plain text answer: the echo, or [`nul_answer`] when the request asks for it.
+fn text_answer(model: &str, body: &Value, prompt: &str) -> String {
+    if wants_nul(body) {
+        nul_answer(model, prompt)
+    } else {
+        echo_answer(model, prompt)
+    }
+}
+
 /// The answer text: JSON following the requested schema, or the echo.
 fn answer_for(model: &str, body: &Value, prompt: &str) -> String {
     match requested_schema(body) {
+        Some(schema) if wants_nul(body) => structured_answer(schema, &with_nul(prompt)).to_string(),
         Some(schema) => structured_answer(schema, prompt).to_string(),
-        None => echo_answer(model, prompt),
+        None => text_answer(model, body, prompt),
     }
 }
 
@@ -188,7 +222,7 @@ fn chat_completion(model: &str, body: &Value, seq: u64) -> Value {
 
 fn completion(model: &str, body: &Value, seq: u64) -> Value {
     let prompt = text_of(body.get("prompt").unwrap_or(&Value::Null));
-    let answer = echo_answer(model, &prompt);
+    let answer = text_answer(model, body, &prompt);
     let (prompt_tokens, completion_tokens) = (tokens(&prompt), tokens(&answer));
     json!({
         "id": format!("cmpl-{seq:012}"), "object": "text_completion", "model": model,
@@ -269,6 +303,45 @@ mod tests {
             answer,
             json!({"label": "negative", "why": "Quite NEGATIVE review"})
         );
+    }
+
+    #[test]
+    fn the_nul_marker_puts_u0000_into_the_answer_and_the_result_line() {
+        let prompt = format!("say {NUL_MARKER}");
+        let body = json!({"model": "m", "input": prompt});
+        let LineResult::Ok(v) = run_request("/v1/responses", "1", &body, 1) else {
+            panic!("a NUL request must not be rejected")
+        };
+        let text = v["output"][0]["content"][0]["text"].as_str().unwrap();
+        assert_eq!(text, nul_answer("m", &prompt));
+        assert!(text.contains('\u{0}'), "{text:?}");
+        assert!(text.starts_with(&echo_answer("m", &prompt)));
+        assert!(v.to_string().contains("\\u0000"), "{v}");
+
+        let chat = json!({"model": "m", "messages": [{"role": "user", "content": prompt}]});
+        let LineResult::Ok(v) = run_request("/v1/chat/completions", "1", &chat, 1) else {
+            panic!()
+        };
+        assert_eq!(
+            v["choices"][0]["message"]["content"],
+            nul_answer("m", &prompt)
+        );
+
+        let schema = json!({"type": "object", "properties": {"why": {"type": "string"}}});
+        let structured = json!({"model": "m", "input": prompt,
+                                "text": {"format": {"type": "json_schema", "name": "a", "schema": schema}}});
+        let LineResult::Ok(v) = run_request("/v1/responses", "1", &structured, 1) else {
+            panic!()
+        };
+        let answer: Value =
+            serde_json::from_str(v["output"][0]["content"][0]["text"].as_str().unwrap()).unwrap();
+        assert_eq!(answer["why"], with_nul(&prompt));
+
+        let plain = json!({"model": "m", "input": "no marker"});
+        let LineResult::Ok(v) = run_request("/v1/responses", "1", &plain, 1) else {
+            panic!()
+        };
+        assert!(!v.to_string().contains("\\u0000"));
     }
 
     #[test]

@@ -44,6 +44,11 @@ pub struct Config {
     pub api_key: Option<String>,
     /// The next this-many batch lookups (`GET /v1/batches/{id}`) answer truncated JSON.
     pub malformed_polls: u32,
+    /// The next this-many uploads (`POST /v1/files`) and batch creations (`POST /v1/batches`)
+    /// are refused with status 400 and an error whose message echoes the request's credentials
+    /// (see [`crate::echoed_credentials_message`]), as some OpenAI-compatible services do.
+    /// Each refusal counts in [`Stats::faults_injected`].
+    pub echo_authorization: u32,
     /// Share of lines that fail at random with `line_failure_status` (a server error by default).
     pub line_failure_rate: f64,
     pub line_failure_status: u16,
@@ -83,6 +88,7 @@ impl Default for Config {
             enqueued_token_limit: None,
             api_key: None,
             malformed_polls: 0,
+            echo_authorization: 0,
             line_failure_rate: 0.0,
             line_failure_status: 500,
             faults: BTreeMap::new(),

@@ -5,7 +5,10 @@
 //!
 //! Besides the `/v1` API it serves:
 //! - `GET /emulator/config` and `POST /emulator/config` (a JSON object of [`Config`] fields to
-//!   change) to steer timing, expiry and validation faults while it runs;
+//!   change) to steer timing, expiry and validation faults while it runs: among them
+//!   [`Config::faults`] (errors, drops, truncation and delay per operation),
+//!   [`Config::malformed_polls`] (truncated batch objects) and [`Config::echo_authorization`]
+//!   (upload and create refused with an error message that echoes the caller's credentials);
 //! - `GET /emulator/stats`: [`Stats`], what it saw.
 //!
 //! Use it in-process with [`Emulator::start`] or as the `llmbatching-emulator` binary.
@@ -236,6 +239,50 @@ async fn inject_faults(State(shared): State<Shared>, request: Request, next: Nex
     response
 }
 
+/// The message of an error that echoes the request's credentials back, as some
+/// OpenAI-compatible services do when they refuse a request: the `Authorization` header's value
+/// exactly as received (including `Bearer `), and the `api-key` header's value if one was sent.
+pub fn echoed_credentials_message(authorization: Option<&str>, api_key: Option<&str>) -> String {
+    let mut message = format!(
+        "Invalid request. Headers received: Authorization: {}",
+        authorization.unwrap_or("")
+    );
+    if let Some(key) = api_key {
+        message.push_str(&format!(", api-key: {key}"));
+    }
+    message
+}
+
+/// While [`Config::echo_authorization`] is above zero, refuses each upload and batch creation
+/// with status 400 and an error echoing the request's credentials, counting the refusal down.
+async fn echo_credentials(
+    State(shared): State<Shared>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    let op = operation(request.method(), request.uri().path());
+    if matches!(op, "upload" | "create") {
+        let mut provider = lock(&shared);
+        if provider.config.echo_authorization > 0 {
+            provider.config.echo_authorization -= 1;
+            provider.stats.faults_injected += 1;
+            drop(provider);
+            let value = |name| {
+                headers
+                    .get(name)
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            };
+            let message = echoed_credentials_message(
+                value(header::AUTHORIZATION.as_str()).as_deref(),
+                value("api-key").as_deref(),
+            );
+            return ApiError::new(400, message).into_response();
+        }
+    }
+    next.run(request).await
+}
+
 /// Refuses `/v1` calls without a bearer token (or with the wrong one, when a key is set).
 async fn require_key(
     State(shared): State<Shared>,
@@ -267,6 +314,10 @@ pub fn router(shared: Arc<Mutex<Provider>>) -> Router {
         .route("/batches", post(create_batch).get(list_batches))
         .route("/batches/{id}", get(get_batch))
         .route("/batches/{id}/cancel", post(cancel_batch))
+        .layer(middleware::from_fn_with_state(
+            shared.clone(),
+            echo_credentials,
+        ))
         .layer(middleware::from_fn_with_state(shared.clone(), require_key))
         .layer(middleware::from_fn_with_state(
             shared.clone(),
@@ -345,8 +396,20 @@ impl Drop for Emulator {
 
 #[cfg(test)]
 mod tests {
-    use super::operation;
+    use super::{echoed_credentials_message, operation};
     use axum::http::Method;
+
+    #[test]
+    fn the_echo_repeats_the_credentials_exactly() {
+        assert_eq!(
+            echoed_credentials_message(Some("Bearer sk-secret"), Some("sk-other")),
+            "Invalid request. Headers received: Authorization: Bearer sk-secret, api-key: sk-other"
+        );
+        assert_eq!(
+            echoed_credentials_message(Some("Bearer sk-secret"), None),
+            "Invalid request. Headers received: Authorization: Bearer sk-secret"
+        );
+    }
 
     #[test]
     fn calls_map_to_their_operation() {

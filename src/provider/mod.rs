@@ -2,6 +2,7 @@
 //! [`BatchProvider`]; a second provider is a new module implementing it.
 
 pub mod openai;
+pub mod redact;
 
 use serde_json::Value;
 use std::path::Path;
@@ -25,6 +26,9 @@ pub enum ProviderError {
     /// A local file could not be read or written.
     #[error("local file error: {0}")]
     Local(String),
+    /// A statement of the worker's own failed (the batch's step is tried again later).
+    #[error("{0}")]
+    Database(String),
 }
 
 impl ProviderError {
@@ -35,7 +39,8 @@ impl ProviderError {
         match self {
             ProviderError::Transient { .. }
             | ProviderError::Malformed(_)
-            | ProviderError::Local(_) => true,
+            | ProviderError::Local(_)
+            | ProviderError::Database(_) => true,
             ProviderError::Rejected { status, .. } => matches!(status, 401 | 403),
         }
     }

@@ -97,9 +97,13 @@ impl Cluster {
             pkglibdir().display()
         );
         let emulator = Emulator::start(emulator).expect("emulator starts");
+        // A counter, not only a free port (two tests may be handed the same one): each cluster
+        // of this process gets a directory of its own.
+        static CLUSTERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
-            "llmbatching-test-{}-{}",
+            "llmbatching-test-{}-{}-{}",
             std::process::id(),
+            CLUSTERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             free_port()
         ));
         std::fs::create_dir_all(&dir).unwrap();
@@ -128,6 +132,7 @@ impl Cluster {
         let mut conf = format!(
             "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{dir}'\n\
              fsync = off\nshared_preload_libraries = 'llmbatching'\n\
+             search_path = '\"$user\", public, llmbatching'\n\
              llmbatching.api_base = '{base}'\nllmbatching.api_key = '{API_KEY}'\n\
              llmbatching.batch_wait = '200ms'\nllmbatching.poll_interval = '100ms'\n",
             dir = dir.display(),

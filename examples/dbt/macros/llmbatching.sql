@@ -15,14 +15,14 @@
 select
     src.{{ key }} as {{ key }},
     {% if labels %}
-    llm_submit_label(
+    llmbatching.llm_submit_label(
         {{ llm_literal(model) }}, {{ prompt }},
         array[{% for label in labels %}{{ llm_literal(label) }}{% if not loop.last %}, {% endif %}{% endfor %}]::text[],
         instructions => {{ llm_literal(instructions) }},
         options => {{ llm_literal(tojson(options or {})) }}::jsonb,
         job => {{ llm_literal(job) }})
     {% else %}
-    llm_submit(
+    llmbatching.llm_submit(
         {{ llm_literal(model) }}, {{ prompt }},
         instructions => {{ llm_literal(instructions) }},
         options => {{ llm_literal(tojson(options or {})) }}::jsonb,
@@ -39,9 +39,9 @@ where src.{{ key }} not in (select {{ key }} from {{ this }})
 {% macro llm_answers(requests_relation, key) %}
 select
     req.{{ key }} as {{ key }},
-    llm_status(req.request_id) as status,
-    llm_result(req.request_id) as answer,
-    llm_error(req.request_id) as error,
+    llmbatching.llm_status(req.request_id) as status,
+    llmbatching.llm_result(req.request_id) as answer,
+    llmbatching.llm_error(req.request_id) as error,
     req.request_id
 from {{ requests_relation }} as req
 {% endmacro %}
@@ -49,7 +49,7 @@ from {{ requests_relation }} as req
 {#- llm_wait_for_job: waits until a job has finished, for use between two runs:
       dbt run-operation llm_wait_for_job --args '{job: reviews, timeout: "30 minutes"}' -#}
 {% macro llm_wait_for_job(job, timeout='1 hour') %}
-  {% set result = run_query("select llm_wait(job => " ~ llm_literal(job) ~ ", timeout => " ~ llm_literal(timeout) ~ "::interval)") %}
+  {% set result = run_query("select llmbatching.llm_wait(job => " ~ llm_literal(job) ~ ", timeout => " ~ llm_literal(timeout) ~ "::interval)") %}
   {% if execute %}
     {% set finished = result.columns[0].values()[0] %}
     {{ log("llmbatching job " ~ job ~ (" finished" if finished else " is still running"), info=True) }}
@@ -61,7 +61,7 @@ from {{ requests_relation }} as req
 
 {#- llm_job_status: one row of progress for a job, as a query to select from. -#}
 {% macro llm_job_status(job) %}
-select * from llm_job_status({{ llm_literal(job) }})
+select * from llmbatching.llm_job_status({{ llm_literal(job) }})
 {% endmacro %}
 
 {#- A SQL literal for a value (NULL for none), quoting as Postgres does. -#}
