@@ -185,8 +185,8 @@ BEGIN
     -- (Looking for write-backs costs a probe per answer: not when there are none at all.)
     IF EXISTS (SELECT FROM llmbatching.writebacks) THEN
         IF completed IS NOT NULL THEN
-            INSERT INTO llmbatching.writeback_queue (request_id)
-            SELECT w.request_id
+            INSERT INTO llmbatching.writeback_queue (request_id, submitted_by)
+            SELECT w.request_id, w.submitted_by
               FROM (SELECT c.id FROM unnest(completed) AS c (id) OFFSET 0) c
               JOIN llmbatching.writebacks w ON w.request_id = c.id
              WHERE w.written_at IS NULL
@@ -240,12 +240,14 @@ DECLARE
     queued bigint;
 BEGIN
     WITH q AS (
-        INSERT INTO llmbatching.writeback_queue (request_id)
-        SELECT n.request_id
+        INSERT INTO llmbatching.writeback_queue (request_id, submitted_by)
+        SELECT n.request_id, n.submitted_by
           FROM new_rows n
           JOIN llmbatching.requests r ON r.id = n.request_id
          WHERE n.written_at IS NULL AND r.state = 'completed'
-        ON CONFLICT (request_id) DO UPDATE SET due_at = now(), tries = 0, slow_tries = 0
+        -- An entry already queued keeps its count and its time: registering again never
+        -- makes the worker try sooner or more often.
+        ON CONFLICT (request_id) DO NOTHING
         RETURNING 1)
     SELECT count(*) INTO queued FROM q;
     IF queued > 0 THEN
@@ -269,8 +271,8 @@ AS $$
 BEGIN
     IF NEW.written_at IS NULL AND EXISTS (SELECT FROM llmbatching.requests r
                                            WHERE r.id = NEW.request_id AND r.state = 'completed') THEN
-        INSERT INTO llmbatching.writeback_queue (request_id) VALUES (NEW.request_id)
-        ON CONFLICT (request_id) DO UPDATE SET due_at = now(), tries = 0, slow_tries = 0;
+        INSERT INTO llmbatching.writeback_queue (request_id, submitted_by) VALUES (NEW.request_id, NEW.submitted_by)
+        ON CONFLICT (request_id) DO NOTHING;
         PERFORM llmbatching.wake_worker();
     END IF;
     RETURN NULL;

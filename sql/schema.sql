@@ -173,13 +173,15 @@ COMMENT ON TABLE llmbatching.writebacks IS 'Answers to write into a table column
 -- Answers that arrived and wait to be written into their rows by the worker, with when to try
 -- next (a locked or slow target is tried again later).
 CREATE TABLE llmbatching.writeback_queue (
-    request_id  bigint PRIMARY KEY,
-    due_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
-    -- Tries that waited, and of those, how many ran out of time.
-    tries       integer NOT NULL DEFAULT 0,
-    slow_tries  integer NOT NULL DEFAULT 0
+    request_id   bigint PRIMARY KEY,
+    -- The role the write-back runs as: each role's entries are taken in turn.
+    submitted_by name NOT NULL,
+    due_at       timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    -- Attempts so far (counted as each starts), and how many of them ran out of time.
+    tries        integer NOT NULL DEFAULT 0,
+    slow_tries   integer NOT NULL DEFAULT 0
 );
-CREATE INDEX writeback_queue_due ON llmbatching.writeback_queue (due_at);
+CREATE INDEX writeback_queue_due ON llmbatching.writeback_queue (submitted_by, due_at);
 COMMENT ON TABLE llmbatching.writeback_queue IS 'Answers waiting to be written back into their rows';
 
 -- Prices in US dollars per million tokens, for the standard (synchronous) API and the batch

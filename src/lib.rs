@@ -12,10 +12,9 @@ mod request_insert;
 mod restricted;
 mod results;
 mod session;
-mod store;
+mod state;
 mod wakeup;
 mod worker;
-mod write_back;
 
 pgrx::pg_module_magic!();
 

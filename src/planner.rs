@@ -83,22 +83,35 @@ pub struct Split {
     pub too_many_tokens: Vec<i64>,
 }
 
-/// The queued requests of several roles, each role's oldest first, as one list that takes
-/// each role's next request in turn: a batch formed from it carries every waiting role's
-/// requests, so no role waits for another's whole backlog.
-pub fn interleave_roles(per_role: Vec<Vec<Candidate>>) -> Vec<Candidate> {
+/// Several roles' items, each role's in its own order, as one list that takes each role's next
+/// item in turn. Batches formed from queued requests in this order carry every waiting role's
+/// requests, and write-backs taken in it leave no role waiting behind another's.
+pub fn interleave_roles<T>(per_role: Vec<Vec<T>>) -> Vec<T> {
     let total = per_role.iter().map(Vec::len).sum();
-    let mut queues: Vec<std::vec::IntoIter<Candidate>> =
-        per_role.into_iter().map(Vec::into_iter).collect();
+    let mut queues: Vec<std::vec::IntoIter<T>> = per_role.into_iter().map(Vec::into_iter).collect();
     let mut out = Vec::with_capacity(total);
     while out.len() < total {
         for queue in &mut queues {
-            if let Some(c) = queue.next() {
-                out.push(c);
+            if let Some(item) = queue.next() {
+                out.push(item);
             }
         }
     }
     out
+}
+
+/// Items that come ordered by role, split into one list per role (for [`interleave_roles`]).
+pub fn split_by_role<T>(items: Vec<(String, T)>) -> Vec<Vec<T>> {
+    let mut per_role: Vec<Vec<T>> = Vec::new();
+    let mut last_role: Option<String> = None;
+    for (role, item) in items {
+        if last_role.as_ref() != Some(&role) {
+            per_role.push(Vec::new());
+            last_role = Some(role);
+        }
+        per_role.last_mut().expect("pushed above").push(item);
+    }
+    per_role
 }
 
 /// Takes the longest run of candidates, in the order given (oldest first), that fits in one batch and in the

@@ -7,7 +7,8 @@
 //! - at a GUC nest level rolled back when the block ends, so no `SET` or `set_config(…, false)`
 //!   it makes outlives it (not even a `SET` inside a function with a `SET` clause);
 //! - in a subtransaction, so an error it raises stays with it;
-//! - under a lock timeout and a time limit, so a held lock or a slow trigger delays only it.
+//! - under a lock timeout and a time limit, so a held lock or a slow trigger delays only it;
+//! - without keeping any session-level advisory lock it took.
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -17,12 +18,39 @@ use std::time::Duration;
 
 /// timeout.h's `TimeoutId`, whose first members have kept their numbers since PostgreSQL 9.3.
 const STATEMENT_TIMEOUT: u32 = 3;
+/// timeout.h's first user-definable `TimeoutId` in PostgreSQL 15.
+const USER_TIMEOUT: u32 = 12;
 
 unsafe extern "C-unwind" {
     // Not in pgrx's bindings (utils/timeout.h).
     fn enable_timeout_after(id: u32, delay_ms: std::ffi::c_int);
     fn disable_timeout(id: u32, keep_indicator: bool);
     fn get_timeout_indicator(id: u32, reset_indicator: bool) -> bool;
+    fn RegisterTimeout(id: u32, handler: Option<unsafe extern "C-unwind" fn()>) -> u32;
+}
+
+/// The time limit reaches the role's code as an ordinary error (`query_canceled`), which
+/// PL/pgSQL can catch by name and go on. So a second, later timer ends the worker process
+/// itself (FATAL, which nothing catches; the launcher starts it again): the attempt was counted
+/// before the code ran, so the worker does not come back to it forever.
+static WATCHDOG: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+unsafe extern "C-unwind" fn watchdog_expired() {
+    // A signal handler: set the flags PostgreSQL's own SIGTERM handler sets, and nothing more.
+    std::ptr::write_volatile(&raw mut pg_sys::ProcDiePending, 1);
+    std::ptr::write_volatile(&raw mut pg_sys::InterruptPending, 1);
+    pg_sys::SetLatch(pg_sys::MyLatch);
+}
+
+fn watchdog() -> u32 {
+    // SAFETY: registers a handler for a free timeout slot, once per process.
+    *WATCHDOG.get_or_init(|| unsafe { RegisterTimeout(USER_TIMEOUT, Some(watchdog_expired)) })
+}
+
+/// How long past its time limit a block may go on (ignoring the cancel) before the watchdog
+/// ends the process.
+fn watchdog_delay(time_limit: Duration) -> Duration {
+    time_limit + time_limit.max(Duration::from_secs(5))
 }
 
 /// The bounds a block runs under.
@@ -96,6 +124,7 @@ pub fn run_as<R>(
             let nest_level = pg_sys::NewGUCNestLevel();
             set_at_level(c"lock_timeout", &millis(bounds.lock_timeout));
             enable_timeout_after(STATEMENT_TIMEOUT, millis_int(bounds.time_limit));
+            enable_timeout_after(watchdog(), millis_int(watchdog_delay(bounds.time_limit)));
             let result = block();
             stop_time_limit();
             pg_sys::AtEOXact_GUC(false, nest_level);
@@ -115,6 +144,9 @@ pub fn run_as<R>(
         }
         pg_sys::MemoryContextSwitchTo(memory);
         pg_sys::CurrentResourceOwner = owner;
+        // Session-level advisory locks the block took outlive any subtransaction: they would
+        // stay held by the worker for good, blocking whoever else uses those keys.
+        pg_sys::LockReleaseSession(pg_sys::USER_LOCKMETHOD as pg_sys::LOCKMETHODID);
         outcome
     }
 }
@@ -122,6 +154,7 @@ pub fn run_as<R>(
 /// Disarms the time limit; a limit that expired after the block's last check for interrupts
 /// must not cancel the worker's next statement.
 unsafe fn stop_time_limit() {
+    disable_timeout(watchdog(), false);
     disable_timeout(STATEMENT_TIMEOUT, false);
     if get_timeout_indicator(STATEMENT_TIMEOUT, true) {
         std::ptr::write_volatile(&raw mut pg_sys::QueryCancelPending, 0);

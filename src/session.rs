@@ -30,6 +30,20 @@ const PINNED: &[(&CStr, &CStr)] = &[
     (c"row_security", c"on"),
     (c"session_replication_role", c"origin"),
     (c"check_function_bodies", c"on"),
+    // The planner's choices and memory: a database owner's settings must not slow it down.
+    (c"enable_seqscan", c"on"),
+    (c"enable_indexscan", c"on"),
+    (c"enable_indexonlyscan", c"on"),
+    (c"enable_bitmapscan", c"on"),
+    (c"enable_nestloop", c"on"),
+    (c"enable_hashjoin", c"on"),
+    (c"enable_mergejoin", c"on"),
+    (c"enable_hashagg", c"on"),
+    (c"enable_sort", c"on"),
+    (c"enable_material", c"on"),
+    (c"plan_cache_mode", c"auto"),
+    (c"work_mem", c"4MB"),
+    (c"jit", c"off"),
 ];
 
 /// Sets every pinned setting. Call outside any transaction: a value set inside one is undone

@@ -16,20 +16,23 @@
 use crate::config::{self, Settings};
 use crate::planner;
 use crate::provider::openai::OpenAi;
-use crate::provider::redact::redact;
+use crate::provider::redact::{redact, redact_json};
 use crate::provider::{BatchInfo, BatchProvider, BatchStatus, NewBatch, ProviderError};
 use crate::restricted::Failure;
 use crate::results::{self, LineRead, LineResult, Outcome};
 use crate::session;
-use crate::store::{self, BatchRow};
+use crate::state::write_back::{self, Written};
+use crate::state::{self, claim, housekeeping, ingest, send, BatchRow};
 use crate::wakeup;
-use crate::write_back::{self, Written};
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
+use std::collections::HashMap;
 use std::ffi::CString;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+/// How many roles' worth of write-back time (`write_back_timeout` each) one round may spend.
+const WRITE_BACK_ROLES_PER_ROUND: u32 = 3;
 /// Where input and output files are staged, relative to the data directory.
 const STAGING_DIR: &str = "pg_llmbatching";
 /// Result lines applied per transaction while ingesting, and the most bytes of them held at
@@ -252,27 +255,27 @@ impl Worker {
     fn run_round(&mut self) -> Duration {
         let settings = Settings::current();
         let idle = settings.poll_interval;
-        if !tx(store::extension_ready) {
+        if !tx(housekeeping::extension_ready) {
             return idle.min(Duration::from_secs(10));
         }
         if self.instance.is_none() {
-            self.instance = Some(tx(store::instance_id));
+            self.instance = Some(tx(housekeeping::instance_id));
         }
         self.purge_if_due(&settings);
         if !self.ensure_provider(&settings) {
             return idle;
         }
-        tx(store::promote_orphaned_duplicates);
+        tx(housekeeping::promote_orphaned_duplicates);
         let next_group_due = self.form_batches(&settings);
-        tx(store::flag_cancelled_batches);
-        for batch in tx(store::batches_due) {
+        tx(housekeeping::flag_cancelled_batches);
+        for batch in tx(state::batches_due) {
             if shutdown_requested() {
                 break;
             }
             self.advance_catching(batch, &settings);
         }
         self.write_back_due(&settings);
-        let next_step_due = tx(store::next_step_due);
+        let next_step_due = tx(housekeeping::next_step_due);
         let next_write_back_due = tx(write_back::next_due);
         [next_group_due, next_step_due, next_write_back_due]
             .into_iter()
@@ -335,7 +338,7 @@ impl Worker {
             return;
         }
         self.last_purge = Some(std::time::Instant::now());
-        let (requests, batches) = tx(move || store::purge_finished(retention));
+        let (requests, batches) = tx(move || housekeeping::purge_finished(retention));
         if requests + batches > 0 {
             log!("llmbatching: purged {requests} finished requests and {batches} batches past llmbatching.retention");
         }
@@ -354,18 +357,18 @@ impl Worker {
         loop {
             let (claimed, next_due) = tx(move || {
                 let (mut claimed, mut next_due) = (0, None::<Duration>);
-                for group in store::queued_groups(limits.max_requests) {
+                for group in claim::queued_groups(limits.max_requests) {
                     if !planner::group_is_due(&group.queued, limits, wait) {
                         let due_in = planner::due_in(&group.queued, limits, wait);
                         next_due = Some(next_due.map_or(due_in, |d| d.min(due_in)));
                         continue;
                     }
                     // A due group that cannot go now waits for a batch to end: a batch step.
-                    if store::open_batch_count() >= max_open {
+                    if claim::open_batch_count() >= max_open {
                         continue;
                     }
-                    let budget = store::token_budget(&group.model, default_token_cap);
-                    if store::claim_batch(
+                    let budget = claim::token_budget(&group.model, default_token_cap);
+                    if claim::claim_batch(
                         &group.endpoint,
                         &group.model,
                         limits,
@@ -400,7 +403,9 @@ impl Worker {
     }
 
     /// Writes the answers that wait in the write-back queue into their rows, one group (a
-    /// role's answers into one column) at a time, as that role (see `write_back`).
+    /// role's answers into one column) at a time, as that role (see `write_back`). Roles take
+    /// turns, each may use at most one `write_back_timeout` of the round, and the step ends after
+    /// a few of them, so that batches keep moving and no role's write-backs starve another's.
     fn write_back_due(&mut self, settings: &Settings) {
         let groups = match catching(|| tx(write_back::due_groups)) {
             Ok(groups) => groups,
@@ -410,11 +415,28 @@ impl Worker {
             }
         };
         let bounds = settings.write_back;
-        for group in groups {
-            if shutdown_requested() {
+        let step_budget =
+            bounds.time_limit.max(Duration::from_secs(1)) * WRITE_BACK_ROLES_PER_ROUND;
+        let started = Instant::now();
+        let mut used: HashMap<String, Duration> = HashMap::new();
+        let by_role =
+            planner::split_by_role(groups.into_iter().map(|g| (g.role.clone(), g)).collect());
+        for group in planner::interleave_roles(by_role) {
+            if shutdown_requested() || started.elapsed() >= step_budget {
                 break;
             }
+            let spent = used.entry(group.role.clone()).or_default();
+            if *spent >= bounds.time_limit {
+                continue;
+            }
             report_activity("llmbatching: writing answers back");
+            let attempt_started = Instant::now();
+            let counted = group.clone();
+            if let Err(message) = catching(move || tx(move || write_back::begin_attempt(&counted)))
+            {
+                warning!("llmbatching: counting a write-back attempt failed: {message}");
+                continue;
+            }
             let attempt = group.clone();
             let done = catching(move || {
                 tx(move || {
@@ -427,6 +449,7 @@ impl Worker {
                     tx(move || write_back::record(&group, &Written::Failed(message)))
                 });
             }
+            *spent += attempt_started.elapsed();
         }
     }
 
@@ -452,7 +475,7 @@ impl Worker {
                 return;
             }
             let id = batch.id;
-            match tx(move || store::batch(id)) {
+            match tx(move || state::batch(id)) {
                 // Keep going while the batch moved to a step that is due now.
                 Some(next)
                     if next.state != "done"
@@ -469,19 +492,19 @@ impl Worker {
         let path = self.staging.join(format!("batch-{}-input.jsonl", batch.id));
         let written = {
             let (batch, path) = (batch.clone(), path.clone());
-            tx(move || store::write_input_file(&batch, &path))
+            tx(move || send::write_input_file(&batch, &path))
         };
         let (lines, bytes) = written.map_err(|e| ProviderError::Local(e.to_string()))?;
         if lines == 0 {
             let _ = std::fs::remove_file(&path);
-            tx(|| store::close_batch(batch.id, "the batch held no requests", i32::MAX, false));
+            tx(|| ingest::close_batch(batch.id, "the batch held no requests", i32::MAX, false));
             return Ok(());
         }
         let name = format!("llmbatching-{}-{}.jsonl", self.instance_tag(), batch.id);
         let uploaded = self.provider().upload_batch_file(&path, &name);
         let _ = std::fs::remove_file(&path);
         let file_id = uploaded?;
-        tx(|| store::record_uploaded(batch.id, &file_id, bytes));
+        tx(|| send::record_uploaded(batch.id, &file_id, bytes));
         Ok(())
     }
 
@@ -495,7 +518,7 @@ impl Worker {
         if batch.cancel_requested {
             let (id, max_attempts) = (batch.id, settings.max_attempts);
             tx(move || {
-                store::close_batch(
+                ingest::close_batch(
                     id,
                     "the batch was cancelled before it was sent",
                     max_attempts,
@@ -512,11 +535,11 @@ impl Worker {
                     batch.id,
                     found.id
                 );
-                tx(|| store::record_submitted(batch.id, &found, poll));
+                tx(|| send::record_submitted(batch.id, &found, poll));
                 return Ok(());
             }
         }
-        tx(|| store::record_create_attempt(batch.id));
+        tx(|| send::record_create_attempt(batch.id));
         let input_file_id = batch.input_file_id.as_deref().unwrap_or_default();
         let request = NewBatch {
             input_file_id,
@@ -527,7 +550,7 @@ impl Worker {
             ],
         };
         let created = self.provider().create_batch(&request)?;
-        tx(|| store::record_submitted(batch.id, &created, poll));
+        tx(|| send::record_submitted(batch.id, &created, poll));
         Ok(())
     }
 
@@ -562,7 +585,7 @@ impl Worker {
         match self.provider().cancel_batch(provider_id) {
             Ok(_) | Err(ProviderError::Rejected { .. }) => {
                 log!("llmbatching: batch {} ({provider_id}): every request was cancelled; cancelled at the provider", batch.id);
-                tx(|| store::record_cancel_sent(batch.id));
+                tx(|| send::record_cancel_sent(batch.id));
                 Ok(())
             }
             Err(e) => Err(e),
@@ -583,7 +606,7 @@ impl Worker {
             );
         }
         let poll = settings.poll_interval;
-        tx(|| store::record_poll(batch.id, &info, poll));
+        tx(|| send::record_poll(batch.id, &info, poll));
         Ok(())
     }
 
@@ -637,10 +660,10 @@ impl Worker {
                 "llmbatching: batch {} refused for the enqueued-token limit of model \"{}\"; its requests are queued again and the model waits {:.0}s",
                 batch.id, batch.model, pause.as_secs_f64()
             );
-            tx(|| store::pause_model(&batch.model, pause, &reason));
+            tx(|| ingest::pause_model(&batch.model, pause, &reason));
         }
         let max_attempts = settings.max_attempts;
-        tx(|| store::close_batch(batch.id, &reason, max_attempts, token_limited));
+        tx(|| ingest::close_batch(batch.id, &reason, max_attempts, token_limited));
         log!(
             "llmbatching: batch {} read back: {lines} result lines (download {:.2}s, applying {:.2}s)",
             batch.id,
@@ -665,12 +688,13 @@ impl Worker {
         for file_id in files.into_iter().flatten() {
             if let Err(e) = self.provider().delete_file(file_id) {
                 warning!(
-                    "llmbatching: batch {}: could not delete file {file_id} at the provider: {e}",
-                    batch.id
+                    "llmbatching: batch {}: could not delete file {file_id} at the provider: {}",
+                    batch.id,
+                    self.redact(&e.to_string())
                 );
             }
         }
-        tx(|| store::record_files_deleted(batch.id));
+        tx(|| send::record_files_deleted(batch.id));
     }
 
     /// Reads a result file line by line and applies it in chunks, one transaction each.
@@ -757,10 +781,22 @@ impl Worker {
 
     /// A provider's error texts in a result, redacted (see [`redact`]).
     fn redacted(&self, mut result: LineResult) -> LineResult {
+        let key = self
+            .provider_for
+            .as_ref()
+            .map_or("", |(_, key)| key.as_str());
         match &mut result.outcome {
-            Outcome::Failed { message, .. } => *message = self.redact(message),
-            Outcome::Retry { reason } | Outcome::Unreadable { reason, .. } => {
-                *reason = self.redact(reason)
+            Outcome::Failed { message, response } => {
+                *message = redact(message, key);
+                // The provider's error body is kept for its request's role to read.
+                if let Some(body) = response {
+                    *body = redact_json(body, key);
+                }
+            }
+            Outcome::Retry { reason } => *reason = redact(reason, key),
+            Outcome::Unreadable { reason, line } => {
+                *reason = redact(reason, key);
+                *line = redact_json(line, key);
             }
             Outcome::Completed { .. } => {}
         }
@@ -774,7 +810,7 @@ impl Worker {
         let (id, formats) = (batch.id, batch.has_answer_formats);
         let whole = chunk.clone();
         let Err(message) =
-            catching(move || tx(move || store::apply_results(id, whole, max_attempts, formats)))
+            catching(move || tx(move || ingest::apply_results(id, whole, max_attempts, formats)))
         else {
             return;
         };
@@ -785,11 +821,11 @@ impl Worker {
         for result in chunk {
             let request = result.request_id;
             let alone = catching(move || {
-                tx(move || store::apply_results(id, vec![result], max_attempts, formats))
+                tx(move || ingest::apply_results(id, vec![result], max_attempts, formats))
             });
             if let Err(message) = alone {
                 let reason = format!("the answer could not be stored: {message}");
-                let _ = catching(move || tx(move || store::fail_request(id, request, &reason)));
+                let _ = catching(move || tx(move || ingest::fail_request(id, request, &reason)));
             }
         }
     }
@@ -815,8 +851,8 @@ impl Worker {
             // The provider's words go to the batch, which only administrators read; the
             // requests of every role in it get a neutral reason.
             tx(move || {
-                store::record_last_error(id, &message);
-                store::close_batch(id, REFUSED_BATCH, max_attempts, false)
+                send::record_last_error(id, &message);
+                ingest::close_batch(id, REFUSED_BATCH, max_attempts, false)
             });
             self.delete_files(batch, settings);
             return;
@@ -836,7 +872,7 @@ impl Worker {
             delay.as_secs_f64()
         );
         let id = batch.id;
-        tx(move || store::record_step_failure(id, &message, delay));
+        tx(move || send::record_step_failure(id, &message, delay));
     }
 }
 

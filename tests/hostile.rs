@@ -1374,3 +1374,78 @@ fn batch_details_of_other_roles_stay_private() {
         );
     }
 }
+
+#[test]
+fn code_that_swallows_its_time_limit_cannot_hold_the_worker() {
+    let cluster = shared_database(
+        quick(),
+        &[
+            ("llmbatching.write_back_timeout", "1s"),
+            ("llmbatching.write_back_lock_timeout", "200ms"),
+        ],
+    );
+    let mut admin = cluster.client();
+    let mut mallory = cluster.client_as("mallory");
+    make_table(&mut mallory, "mallory.tarpit", 1);
+    // The time limit reaches the trigger as query_canceled, which PL/pgSQL can catch by name.
+    mallory
+        .batch_execute(
+            "CREATE FUNCTION mallory.tarpit() RETURNS trigger LANGUAGE plpgsql AS $f$
+             BEGIN
+                 LOOP
+                     BEGIN
+                         PERFORM pg_sleep(1000);
+                     EXCEPTION WHEN query_canceled THEN
+                         NULL;
+                     END;
+                 END LOOP;
+             END
+             $f$;
+             CREATE TRIGGER tarpit BEFORE UPDATE ON mallory.tarpit
+                 FOR EACH ROW EXECUTE FUNCTION mallory.tarpit();",
+        )
+        .unwrap();
+    assert_eq!(classify(&mut mallory, "mallory.tarpit", "body"), 1);
+    eventually("mallory's write-back to be tried", BOUND, || {
+        let tries: Option<i32> = admin
+            .query_one(
+                "SELECT max(tries) FROM llmbatching.writeback_queue WHERE submitted_by = 'mallory'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        match tries {
+            Some(t) if t >= 1 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+
+    let mut bob = cluster.client_as("bob");
+    make_table(&mut bob, "bob.tickets", 5);
+    assert_eq!(classify(&mut bob, "bob.tickets", "'Classify: ' || body"), 5);
+    wait_written(&mut admin, &into("bob.tickets"), 5, BOUND);
+    assert_answers(&mut admin, "bob.tickets", 5);
+
+    let outcome = outcomes(&mut admin, &into("mallory.tarpit"));
+    assert_ne!(
+        outcome[0].0.as_deref(),
+        Some("written"),
+        "the tarpit's write went through"
+    );
+    assert!(
+        cluster.log().contains("terminating background worker"),
+        "the watchdog never had to act; the test proves nothing"
+    );
+    // The attempt that ended the worker was counted before it ran: the entry is tried again
+    // later with a growing pause (or given up), never at once forever.
+    let queued: Option<(i32, bool)> = admin
+        .query_opt(
+            "SELECT tries, due_at > now() FROM llmbatching.writeback_queue WHERE submitted_by = 'mallory'",
+            &[],
+        )
+        .unwrap()
+        .map(|r| (r.get(0), r.get(1)));
+    if let Some((tries, _)) = queued {
+        assert!(tries >= 1, "the attempt that ended the worker was not counted");
+    }
+}

@@ -17,14 +17,44 @@ const CREDENTIAL_LABELS: [&str; 6] = [
     "bearer",
 ];
 
-/// `text` without `key` and without the value after any credential label, with U+0000 as
-/// U+FFFD, cut to [`MAX_CHARS`].
+/// `text` without `key`, without anything shaped like an OpenAI key (`sk-…`) and without the
+/// value after any credential label, with U+0000 as U+FFFD, cut to [`MAX_CHARS`].
 pub fn redact(text: &str, key: &str) -> String {
-    let mut text = text.replace('\0', "\u{FFFD}");
-    if key.len() >= 4 {
-        text = text.replace(key, REDACTED);
+    bounded(&redact_json(&text.replace('\0', "\u{FFFD}"), key))
+}
+
+/// [`redact`] for a JSON text kept whole (a provider's error body): nothing is cut, and every
+/// replacement stays inside the string it was found in, so the JSON stays valid.
+pub fn redact_json(text: &str, key: &str) -> String {
+    let text = if key.len() >= 4 {
+        text.replace(key, REDACTED)
+    } else {
+        text.to_owned()
+    };
+    without_credentials(&without_key_shapes(&text))
+}
+
+/// Anything that looks like an OpenAI secret key: `sk-` and 16 or more key characters.
+fn without_key_shapes(text: &str) -> String {
+    let is_key_char = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("sk-") {
+        let starts_word = !rest[..at]
+            .chars()
+            .next_back()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+        let len = rest[at..].chars().take_while(|c| is_key_char(*c)).count();
+        out.push_str(&rest[..at]);
+        if starts_word && len >= 3 + 16 {
+            out.push_str(REDACTED);
+        } else {
+            out.push_str(&rest[at..at + len.max(3)]);
+        }
+        rest = &rest[at + len.max(3)..];
     }
-    bounded(&without_credentials(&text))
+    out.push_str(rest);
+    out
 }
 
 /// `text` cut to [`MAX_CHARS`] characters.
@@ -72,10 +102,17 @@ fn without_credentials(text: &str) -> String {
         out.push_str(&text[next..next + separators]);
         next += separators;
         // "Authorization: Bearer <token>": the scheme stays, the token goes.
-        for scheme in ["bearer ", "basic "] {
-            if lower[next..].starts_with(scheme) {
-                out.push_str(&text[next..next + scheme.len()]);
-                next += scheme.len();
+        for scheme in ["bearer", "basic"] {
+            if !lower[next..].starts_with(scheme) {
+                continue;
+            }
+            let spaces: usize = text[next + scheme.len()..]
+                .chars()
+                .take_while(|c| *c == ' ' || *c == '\t')
+                .count();
+            if spaces > 0 {
+                out.push_str(&text[next..next + scheme.len() + spaces]);
+                next += scheme.len() + spaces;
             }
         }
         let token: usize = text[next..]
@@ -95,7 +132,7 @@ fn preceded_by_word(lower: &str, at: usize) -> bool {
     lower[..at]
         .chars()
         .next_back()
-        .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 #[cfg(test)]
@@ -111,13 +148,24 @@ mod tests {
             "{\"error\": {\"message\": \"bad header 'authorization': 'Bearer sk-other-999'\"}}",
             "x-api-key=abc.def.ghi; retry",
             "got api_key \"zzz-secret\"",
+            "OpenAI-Api-Key: abc.def.ghi and Authorization: Bearer  zzz-secret",
+            "a key in sk-proj-abcdefghijklmnopqrstuvwxyz0123 text, authorization: é",
         ] {
             let out = redact(text, KEY);
-            for secret in [KEY, "sk-other-999", "abc.def.ghi", "zzz-secret"] {
+            for secret in [KEY, "sk-other-999", "abc.def.ghi", "zzz-secret", "abcdefghijklmnop"] {
                 assert!(!out.contains(secret), "{secret} left in {out}");
             }
             assert!(out.contains(REDACTED), "{out}");
         }
+    }
+
+    #[test]
+    fn a_json_body_stays_json() {
+        let body = r#"{"error": {"message": "Invalid header Authorization: Bearer sk-abcdefghijklmnopqrstu", "code": "x"}}"#;
+        let out = redact_json(body, KEY);
+        let parsed: serde_json::Value = serde_json::from_str(&out).expect("still JSON");
+        let message = parsed["error"]["message"].as_str().unwrap();
+        assert!(!message.contains("abcdefghijklmnop"), "{message}");
     }
 
     #[test]

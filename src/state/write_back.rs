@@ -17,11 +17,14 @@ use pgrx::spi::SpiResult;
 use pgrx::JsonB;
 use std::time::Duration;
 
-/// Queue entries read per round; the rest wait for the next one.
-const DUE_PER_ROUND: i64 = 5000;
+/// Queue entries of each role read per round; the rest wait for the next one.
+const DUE_PER_ROLE: i64 = 1000;
 /// A group that keeps running out of time (not merely waiting for a lock) is given up after
 /// this many tries, so a trigger that always sleeps does not cost the worker time forever.
 const MAX_SLOW_TRIES: i32 = 5;
+/// Any group is given up after this many tries (with waits growing to five minutes, about two
+/// hours of a table held locked).
+const MAX_TRIES: i32 = 30;
 
 fn fail<T>(what: &str, e: impl std::fmt::Display) -> T {
     error!("llmbatching: {what}: {e}")
@@ -40,7 +43,9 @@ pub struct Group {
     pub slow_tries: i32,
 }
 
-/// Drops queue entries whose write-back is gone or settled, then reads the due ones by group.
+/// Drops queue entries whose write-back is gone or settled, then reads the due ones by group:
+/// for each role with entries due, its oldest [`DUE_PER_ROLE`], so that no role's flood of
+/// write-backs pushes another's back. Groups come ordered by role.
 pub fn due_groups() -> Vec<Group> {
     Spi::run(
         "DELETE FROM llmbatching.writeback_queue q
@@ -52,15 +57,32 @@ pub fn due_groups() -> Vec<Group> {
     Spi::connect(|client| {
         client
             .select(
-                "SELECT w.target::pg_catalog.oid, w.target_column::pg_catalog.text, w.submitted_by::pg_catalog.text,
+                "WITH RECURSIVE roles AS (
+                     (SELECT q.submitted_by FROM llmbatching.writeback_queue q
+                       WHERE q.due_at OPERATOR(pg_catalog.<=) pg_catalog.now()
+                       ORDER BY q.submitted_by LIMIT 1)
+                     UNION ALL
+                     SELECT next.submitted_by
+                       FROM roles r
+                      CROSS JOIN LATERAL (
+                          SELECT q.submitted_by FROM llmbatching.writeback_queue q
+                           WHERE q.submitted_by OPERATOR(pg_catalog.>) r.submitted_by
+                             AND q.due_at OPERATOR(pg_catalog.<=) pg_catalog.now()
+                           ORDER BY q.submitted_by LIMIT 1) next)
+                 SELECT w.target::pg_catalog.oid, w.target_column::pg_catalog.text, r.submitted_by::pg_catalog.text,
                         pg_catalog.array_agg(q.request_id ORDER BY q.request_id), pg_catalog.max(q.tries), pg_catalog.max(q.slow_tries)
-                   FROM (SELECT q.request_id, q.tries, q.slow_tries FROM llmbatching.writeback_queue q
-                          WHERE q.due_at OPERATOR(pg_catalog.<=) pg_catalog.now()
-                          ORDER BY q.due_at LIMIT $1) q
-                   JOIN llmbatching.writebacks w ON w.request_id OPERATOR(pg_catalog.=) q.request_id
-                  GROUP BY 1, 2, 3",
+                   FROM roles r
+                  CROSS JOIN LATERAL (
+                      SELECT q.request_id, q.tries, q.slow_tries FROM llmbatching.writeback_queue q
+                       WHERE q.submitted_by OPERATOR(pg_catalog.=) r.submitted_by
+                         AND q.due_at OPERATOR(pg_catalog.<=) pg_catalog.now()
+                       ORDER BY q.due_at LIMIT $1) q
+                   JOIN llmbatching.writebacks w
+                     ON w.request_id OPERATOR(pg_catalog.=) q.request_id AND w.submitted_by OPERATOR(pg_catalog.=) r.submitted_by
+                  GROUP BY 3, 1, 2
+                  ORDER BY 3, 1, 2",
                 None,
-                &[DUE_PER_ROUND.into()],
+                &[DUE_PER_ROLE.into()],
             )?
             .map(|row| {
                 Ok(Group {
@@ -77,6 +99,22 @@ pub fn due_groups() -> Vec<Group> {
     .unwrap_or_else(|e| fail("reading due write-backs", e))
 }
 
+/// Counts an attempt at a group and sets when the next one is due, before the attempt runs:
+/// committed first, so that an attempt that never comes back (a process that ends during it)
+/// is counted all the same, and a role's code cannot make the worker return to it forever.
+pub fn begin_attempt(group: &Group) {
+    run(
+        "UPDATE llmbatching.writeback_queue q
+            SET tries = q.tries OPERATOR(pg_catalog.+) 1,
+                due_at = pg_catalog.now() OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs => $2)
+          WHERE q.request_id OPERATOR(pg_catalog.=) ANY ($1)",
+        &[
+            group.request_ids.clone().into(),
+            retry_delay(group.tries).as_secs_f64().into(),
+        ],
+    );
+}
+
 /// How long until the next queued write-back is due, for the worker's wake-up.
 pub fn next_due() -> Option<Duration> {
     Spi::get_one::<f64>(
@@ -91,12 +129,8 @@ pub fn next_due() -> Option<Duration> {
 pub enum Written {
     /// The ids of the requests whose row was updated; the others' rows are missing.
     Done(Vec<i64>),
-    /// Not written now; try again after the delay.
-    Waiting {
-        reason: String,
-        retry_in: Duration,
-        timed_out: bool,
-    },
+    /// Not written now; tried again when the queue says (see [`begin_attempt`]).
+    Waiting { reason: String, timed_out: bool },
     /// Not written, for good.
     Failed(String),
 }
@@ -104,6 +138,9 @@ pub enum Written {
 /// Writes one group's answers as its role, within `bounds`. Runs inside the worker's
 /// transaction; the role's code runs in a subtransaction of it.
 pub fn write_group(group: &Group, bounds: Bounds) -> Written {
+    if group.tries >= MAX_TRIES {
+        return Written::Failed(format!("gave up after {MAX_TRIES} tries"));
+    }
     let role = match role_that_may_write(&group.role) {
         Ok(role) => role,
         Err(why) => return Written::Failed(why),
@@ -142,7 +179,6 @@ pub fn write_group(group: &Group, bounds: Bounds) -> Written {
             if transient && !(timed_out && group.slow_tries + 1 >= MAX_SLOW_TRIES) {
                 Written::Waiting {
                     reason: message,
-                    retry_in: retry_delay(group.tries),
                     timed_out,
                 }
             } else {
@@ -183,11 +219,7 @@ pub fn record(group: &Group, written: &Written) {
             );
             unqueue(ids);
         }
-        Written::Waiting {
-            reason,
-            retry_in,
-            timed_out,
-        } => {
+        Written::Waiting { reason, timed_out } => {
             run(
                 "UPDATE llmbatching.writebacks w SET outcome = $2
                   WHERE w.request_id OPERATOR(pg_catalog.=) ANY ($1) AND w.written_at IS NULL",
@@ -196,14 +228,13 @@ pub fn record(group: &Group, written: &Written) {
                     format!("waiting: {}", bounded(reason)).into(),
                 ],
             );
-            run(
-                "UPDATE llmbatching.writeback_queue q
-                    SET due_at = pg_catalog.now() OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs => $2),
-                        tries = q.tries OPERATOR(pg_catalog.+) 1,
-                        slow_tries = q.slow_tries OPERATOR(pg_catalog.+) $3
-                  WHERE q.request_id OPERATOR(pg_catalog.=) ANY ($1)",
-                &[ids.into(), retry_in.as_secs_f64().into(), (*timed_out as i32).into()],
-            );
+            if *timed_out {
+                run(
+                    "UPDATE llmbatching.writeback_queue q SET slow_tries = q.slow_tries OPERATOR(pg_catalog.+) 1
+                      WHERE q.request_id OPERATOR(pg_catalog.=) ANY ($1)",
+                    &[ids.into()],
+                );
+            }
         }
     }
 }

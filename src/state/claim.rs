@@ -1,0 +1,236 @@
+//! Claiming queued requests into batches: which groups are due, what the limits leave room
+//! for, and every waiting role's requests in turn.
+
+use super::{fail, run};
+use crate::planner::{self, BatchLimits, Candidate, QueuedGroup, TokenBudget};
+use pgrx::prelude::*;
+use pgrx::spi::SpiResult;
+use std::time::Duration;
+
+/// A group of queued requests that share one endpoint and model.
+pub struct Group {
+    pub endpoint: String,
+    pub model: String,
+    pub queued: QueuedGroup,
+}
+
+/// The queued groups and, for each, its first `max_requests` requests: that many make a group
+/// due whatever else is queued, so the count stops there and a wake-up never reads the whole
+/// queue (a million queued rows would be read on every wake).
+pub fn queued_groups(max_requests: usize) -> Vec<Group> {
+    Spi::connect(|client| {
+        let rows = client.select(
+            "WITH RECURSIVE groups AS (
+                 (SELECT endpoint, model FROM llmbatching.requests
+                   WHERE state = 'queued' AND reused_from IS NULL
+                   ORDER BY endpoint, model LIMIT 1)
+                 UNION ALL
+                 SELECT next.endpoint, next.model
+                   FROM groups g
+                  CROSS JOIN LATERAL (
+                      SELECT r.endpoint, r.model FROM llmbatching.requests r
+                       WHERE r.state = 'queued' AND r.reused_from IS NULL
+                         AND (r.endpoint, r.model) > (g.endpoint, g.model)
+                       ORDER BY r.endpoint, r.model LIMIT 1) next)
+             SELECT g.endpoint, g.model, c.requests, c.body_bytes,
+                    extract(epoch FROM pg_catalog.clock_timestamp() - c.oldest)::float8
+               FROM groups g
+              CROSS JOIN LATERAL (
+                  SELECT pg_catalog.count(*) AS requests, pg_catalog.sum(first.body_bytes)::bigint AS body_bytes,
+                         pg_catalog.min(first.queued_at) AS oldest
+                    FROM (SELECT r.body_bytes, r.queued_at FROM llmbatching.requests r
+                           WHERE r.state = 'queued' AND r.reused_from IS NULL
+                             AND r.endpoint = g.endpoint AND r.model = g.model
+                           ORDER BY r.id LIMIT $1) first) c
+              WHERE NOT EXISTS (SELECT FROM llmbatching.model_pauses p
+                                 WHERE p.model = g.model AND p.paused_until > pg_catalog.now())",
+            None,
+            &[(max_requests as i64).into()],
+        )?;
+        rows.map(|row| {
+            Ok(Group {
+                endpoint: row.get(1)?.unwrap_or_default(),
+                model: row.get(2)?.unwrap_or_default(),
+                queued: QueuedGroup {
+                    requests: row.get::<i64>(3)?.unwrap_or(0) as usize,
+                    body_bytes: row.get::<i64>(4)?.unwrap_or(0) as usize,
+                    oldest_wait: Duration::from_secs_f64(
+                        row.get::<f64>(5)?.unwrap_or(0.0).max(0.0),
+                    ),
+                },
+            })
+        })
+        .collect::<SpiResult<Vec<_>>>()
+    })
+    .unwrap_or_else(|e| fail("reading the queue", e))
+}
+
+/// How many batches are open: being sent, at the provider, or being read back.
+pub fn open_batch_count() -> i64 {
+    Spi::get_one::<i64>("SELECT pg_catalog.count(*) FROM llmbatching.batches WHERE state <> 'done'")
+        .unwrap_or_else(|e| fail("counting open batches", e))
+        .unwrap_or(0)
+}
+
+/// The model's enqueued-token cap (its row in `model_limits`, else `default_cap`) and how
+/// much of it the model's open batches leave free. None: no cap.
+pub fn token_budget(model: &str, default_cap: Option<i64>) -> Option<TokenBudget> {
+    let (cap, used) = Spi::get_two_with_args::<i64, i64>(
+        "SELECT coalesce((SELECT max_enqueued_tokens FROM llmbatching.model_limits WHERE model = $1), $2),
+                (SELECT coalesce(pg_catalog.sum(estimated_tokens), 0)::bigint FROM llmbatching.batches
+                  WHERE model = $1 AND state IN ('pending', 'uploaded', 'submitted'))",
+        &[model.into(), default_cap.into()],
+    )
+    .unwrap_or_else(|e| fail("reading the token budget", e));
+    let cap = cap? as usize;
+    Some(TokenBudget {
+        cap,
+        available: cap.saturating_sub(used.unwrap_or(0).max(0) as usize),
+    })
+}
+
+/// The oldest queued requests of a group, up to `limit` of each role, each role's in turn (see
+/// [`planner::interleave_roles`]). Roles whose requests already ride in `per_role_cap` open
+/// batches (0: no cap) wait.
+fn claim_candidates(
+    endpoint: &str,
+    model: &str,
+    limit: usize,
+    per_role_cap: i64,
+) -> Vec<Candidate> {
+    let rows: Vec<(String, Candidate)> = Spi::connect(|client| {
+        client
+            .select(
+                "WITH RECURSIVE roles AS (
+                     (SELECT r.submitted_by FROM llmbatching.requests r
+                       WHERE r.state = 'queued' AND r.reused_from IS NULL AND r.endpoint = $1 AND r.model = $2
+                       ORDER BY r.submitted_by LIMIT 1)
+                     UNION ALL
+                     SELECT next.submitted_by
+                       FROM roles g
+                      CROSS JOIN LATERAL (
+                          SELECT r.submitted_by FROM llmbatching.requests r
+                           WHERE r.state = 'queued' AND r.reused_from IS NULL AND r.endpoint = $1 AND r.model = $2
+                             AND r.submitted_by > g.submitted_by
+                           ORDER BY r.submitted_by LIMIT 1) next)
+                 SELECT g.submitted_by::text, c.id, c.body_bytes
+                   FROM roles g
+                  CROSS JOIN LATERAL (
+                      SELECT r.id, r.body_bytes FROM llmbatching.requests r
+                       WHERE r.state = 'queued' AND r.reused_from IS NULL AND r.endpoint = $1 AND r.model = $2
+                         AND r.submitted_by = g.submitted_by
+                       ORDER BY r.id LIMIT $3) c
+                  WHERE $4 = 0
+                     OR (SELECT pg_catalog.count(*) FROM llmbatching.batches b
+                          WHERE b.state <> 'done' AND g.submitted_by = ANY (b.roles)) < $4
+                  ORDER BY g.submitted_by, c.id",
+                None,
+                &[
+                    endpoint.into(),
+                    model.into(),
+                    (limit as i64).into(),
+                    per_role_cap.into(),
+                ],
+            )?
+            .map(|row| {
+                Ok((
+                    row.get::<String>(1)?.unwrap_or_default(),
+                    Candidate {
+                        id: row.get(2)?.unwrap_or(0),
+                        body_bytes: row.get::<i32>(3)?.unwrap_or(0) as usize,
+                    },
+                ))
+            })
+            .collect::<SpiResult<Vec<_>>>()
+    })
+    .unwrap_or_else(|e| fail("reading queued requests", e));
+    planner::interleave_roles(planner::split_by_role(rows))
+}
+
+/// Claims queued requests of a group, every waiting role's in turn, into a new batch (state
+/// `pending`); returns its id, or None when nothing could be claimed. Requests that could
+/// never fit are failed.
+pub fn claim_batch(
+    endpoint: &str,
+    model: &str,
+    limits: BatchLimits,
+    budget: Option<TokenBudget>,
+    per_role_cap: i64,
+) -> Option<i64> {
+    let candidates = claim_candidates(endpoint, model, limits.max_requests, per_role_cap);
+    let split = planner::take_batch(&candidates, limits, budget);
+    if !split.too_many_bytes.is_empty() {
+        run(
+            "UPDATE llmbatching.requests SET state = 'failed', finished_at = pg_catalog.now(),
+                    error = pg_catalog.format('the request is %s bytes, more than one batch file may hold (llmbatching.batch_max_bytes = %s)', body_bytes, $2)
+              WHERE id = ANY($1)",
+            &[split.too_many_bytes.into(), (limits.max_bytes as i64).into()],
+        );
+    }
+    if !split.too_many_tokens.is_empty() {
+        let cap = budget.map(|b| b.cap as i64).unwrap_or(0);
+        run(
+            "UPDATE llmbatching.requests SET state = 'failed', finished_at = pg_catalog.now(),
+                    error = pg_catalog.format('the request is estimated at %s prompt tokens, more than the model''s enqueued-token cap of %s',
+                                   (body_bytes + 3) / 4, $2)
+              WHERE id = ANY($1)",
+            &[split.too_many_tokens.into(), cap.into()],
+        );
+    }
+    if split.batch.is_empty() {
+        return None;
+    }
+    let batch_id = Spi::get_one_with_args::<i64>(
+        "INSERT INTO llmbatching.batches (endpoint, model, request_count, estimated_tokens)
+         VALUES ($1, $2, $3, $4) RETURNING id",
+        &[
+            endpoint.into(),
+            model.into(),
+            (split.batch.len() as i32).into(),
+            (split.estimated_tokens as i64).into(),
+        ],
+    )
+    .unwrap_or_else(|e| fail("creating a batch", e))?;
+    // Only the worker claims requests, but a role may cancel one of them meanwhile: the claim
+    // takes those still queued (no row is locked in advance, which would write every row twice).
+    let (claimed, formatted, roles) = Spi::connect_mut(|client| {
+        let row = client
+            .update(
+                "WITH claimed AS (
+                     UPDATE llmbatching.requests
+                        SET state = 'submitted', batch_id = $1, attempts = attempts + 1, submitted_at = pg_catalog.now()
+                      WHERE id = ANY($2) AND state = 'queued' AND reused_from IS NULL
+                     RETURNING answer_format IS NOT NULL AS formatted, submitted_by)
+                 SELECT pg_catalog.count(*), pg_catalog.count(*) FILTER (WHERE formatted),
+                        coalesce(pg_catalog.array_agg(DISTINCT submitted_by::text), '{}')
+                   FROM claimed",
+                None,
+                &[batch_id.into(), split.batch.into()],
+            )?
+            .first();
+        Ok::<_, pgrx::spi::SpiError>((
+            row.get::<i64>(1)?.unwrap_or(0),
+            row.get::<i64>(2)?.unwrap_or(0),
+            row.get::<Vec<String>>(3)?.unwrap_or_default(),
+        ))
+    })
+    .unwrap_or_else(|e| fail("claiming queued requests", e));
+    if claimed == 0 {
+        run(
+            "DELETE FROM llmbatching.batches WHERE id = $1",
+            &[batch_id.into()],
+        );
+        return None;
+    }
+    run(
+        "UPDATE llmbatching.batches SET request_count = $2, answer_formats = $3, roles = $4::name[]
+          WHERE id = $1",
+        &[
+            batch_id.into(),
+            (claimed as i32).into(),
+            (formatted as i32).into(),
+            roles.into(),
+        ],
+    );
+    Some(batch_id)
+}

@@ -1,0 +1,72 @@
+//! Keeping the state tables in order between the steps: the extension's presence, identical
+//! requests left waiting on a cancelled one, batches whose every request was cancelled,
+//! retention, and when the next step is due.
+
+use super::{fail, run, seconds};
+use pgrx::prelude::*;
+use std::time::Duration;
+
+/// Whether the extension is installed in the worker's database.
+pub fn extension_ready() -> bool {
+    Spi::get_one::<bool>("SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'llmbatching')")
+        .unwrap_or_else(|e| fail("checking for the extension", e))
+        .unwrap_or(false)
+}
+
+/// This installation's id, written into every batch's metadata.
+pub fn instance_id() -> String {
+    Spi::get_one::<String>("SELECT id FROM llmbatching.instance")
+        .unwrap_or_else(|e| fail("reading the instance id", e))
+        .unwrap_or_default()
+}
+
+/// Requests waiting on an identical request that was cancelled (or purged) wait on the oldest
+/// of themselves instead, which is then sent.
+pub fn promote_orphaned_duplicates() {
+    run(
+        "WITH orphans AS (
+             SELECT f.id, pg_catalog.min(f.id) OVER (PARTITION BY f.reused_from) AS heir
+               FROM llmbatching.requests f
+               LEFT JOIN llmbatching.requests leader ON leader.id = f.reused_from
+              WHERE f.state = 'queued' AND f.reused_from IS NOT NULL
+                AND (leader.id IS NULL OR leader.state = 'cancelled'))
+         UPDATE llmbatching.requests f SET reused_from = NULLIF(o.heir, f.id)
+           FROM orphans o WHERE f.id = o.id",
+        &[],
+    );
+}
+
+/// Marks for cancellation at the provider the open batches whose every request was cancelled.
+pub fn flag_cancelled_batches() {
+    run(
+        "UPDATE llmbatching.batches b SET cancel_requested_at = pg_catalog.now(), next_check_at = pg_catalog.now()
+          WHERE b.state IN ('pending', 'uploaded', 'submitted') AND b.cancel_requested_at IS NULL
+            AND EXISTS (SELECT FROM llmbatching.requests r WHERE r.batch_id = b.id AND r.state = 'cancelled')
+            AND NOT EXISTS (SELECT FROM llmbatching.requests r WHERE r.batch_id = b.id AND r.state = 'submitted')",
+        &[],
+    );
+}
+
+/// Deletes finished requests, then done batches left without requests, older than `retention`
+/// (see `llmbatching.purge_before`). Returns how many requests and batches went.
+pub fn purge_finished(retention: Duration) -> (i64, i64) {
+    let (requests, batches) = Spi::get_two_with_args::<i64, i64>(
+        "SELECT requests, batches FROM llmbatching.purge_before(pg_catalog.now() - pg_catalog.make_interval(secs => $1))",
+        &[seconds(retention).into()],
+    )
+    .unwrap_or_else(|e| fail("purging finished rows", e));
+    (requests.unwrap_or(0), batches.unwrap_or(0))
+}
+
+/// How long until a batch's next step or the end of a model's pause, whichever comes first.
+/// (Queued groups' waits are known from [`queued_groups`].)
+pub fn next_step_due() -> Option<Duration> {
+    Spi::get_one::<f64>(
+        "SELECT extract(epoch FROM least(
+                    (SELECT pg_catalog.min(next_check_at) FROM llmbatching.batches WHERE state <> 'done'),
+                    (SELECT pg_catalog.min(paused_until) FROM llmbatching.model_pauses WHERE paused_until > pg_catalog.now()))
+                - pg_catalog.clock_timestamp())::float8",
+    )
+    .unwrap_or_else(|e| fail("computing the next wake-up", e))
+    .map(|secs| Duration::from_secs_f64(secs.max(0.0)))
+}

@@ -1,0 +1,252 @@
+//! Reading a batch's answers back: applying result lines to their requests, and ending the
+//! batch with what no line settled.
+
+use super::{fail, run, seconds};
+use crate::request::AnswerFormat;
+use crate::results::{check_answer, LineResult, Outcome};
+use pgrx::prelude::*;
+use pgrx::spi::SpiResult;
+use pgrx::JsonB;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// Fails one request of a batch whose answer could not be stored.
+pub fn fail_request(batch_id: i64, request_id: i64, reason: &str) {
+    run(
+        "UPDATE llmbatching.requests SET state = 'failed', error = $3, finished_at = pg_catalog.now()
+          WHERE id = $2 AND batch_id = $1 AND state = 'submitted'",
+        &[batch_id.into(), request_id.into(), reason.into()],
+    );
+}
+
+/// How a statement applying results finds each request: by primary key, and only while it is
+/// still `submitted` in the batch the results belong to (`x.claimed_batch`, `x.claimed_state`).
+///
+/// The batch and the state are columns of the joined rows, not constants, and those rows come
+/// from a subquery the planner may not flatten (`OFFSET 0`). So no condition narrows the
+/// requests table on its own, and the one cheap-looking plan is a probe of the primary key per
+/// line. Written with constants, statistics taken before the claim (no request `submitted`)
+/// made the table look like one row, and a 5,000-line chunk walked the whole table once per line.
+/// `IS NOT DISTINCT FROM` keeps the batch index out; sequential scans are off ([`apply_results`]).
+const CLAIMED_BY: &str =
+    "r.id = x.id AND r.batch_id IS NOT DISTINCT FROM x.claimed_batch AND r.state = x.claimed_state";
+
+/// The rows of `source` (a row source with its alias, such as `ROWS FROM (unnest(...), ...) AS s(id, reason)`),
+/// as the subquery `x` that [`CLAIMED_BY`] matches: each with the batch `$1` and the state
+/// `submitted`, not to be flattened into the outer statement.
+fn claimed_rows(source: &str) -> String {
+    format!(
+        "(SELECT s.*, $1::bigint AS claimed_batch, 'submitted'::text AS claimed_state
+            FROM {source}
+          OFFSET 0) x"
+    )
+}
+
+/// Requests go back to the queue with their reason, or fail with it once they have used all
+/// their attempts. `source` yields `(id, reason)` rows; `$1` is the batch, `$2` the max attempts,
+/// `$3` how many attempts to give back (1 when the provider refused the batch through no fault
+/// of its requests). Only requests still `submitted` in the batch are touched, so applying the
+/// same results twice changes nothing.
+fn requeue_or_fail(source: &str, args: &[pgrx::datum::DatumWithOid]) {
+    run(
+        &format!(
+            "UPDATE llmbatching.requests r SET
+                    attempts = r.attempts - $3,
+                    state = CASE WHEN r.attempts - $3 >= $2 THEN 'failed' ELSE 'queued' END,
+                    error = CASE WHEN r.attempts - $3 >= $2
+                                 THEN x.reason || pg_catalog.format(' (gave up after %s attempts)', r.attempts - $3)
+                                 ELSE x.reason END,
+                    batch_id = CASE WHEN r.attempts - $3 >= $2 THEN r.batch_id END,
+                    queued_at = pg_catalog.now(),
+                    finished_at = CASE WHEN r.attempts - $3 >= $2 THEN pg_catalog.now() END
+               FROM {}
+              WHERE {CLAIMED_BY}",
+            claimed_rows(&format!("{source} AS s(id, reason)"))
+        ),
+        args,
+    );
+}
+
+/// The answer formats the given requests asked for (only those that asked for one).
+fn answer_formats(ids: Vec<i64>) -> HashMap<i64, AnswerFormat> {
+    if ids.is_empty() {
+        return HashMap::new();
+    }
+    Spi::connect(|client| {
+        client
+            .select(
+                "SELECT id, answer_format FROM llmbatching.requests WHERE id = ANY($1) AND answer_format IS NOT NULL",
+                None,
+                &[ids.into()],
+            )?
+            .map(|row| Ok((row.get::<i64>(1)?.unwrap_or(0), row.get::<JsonB>(2)?)))
+            .collect::<SpiResult<Vec<_>>>()
+    })
+    .unwrap_or_else(|e| fail("reading answer formats", e))
+    .into_iter()
+    .filter_map(|(id, format)| Some((id, AnswerFormat::from_json(&format?.0)?)))
+    .collect()
+}
+
+/// Holds each answer to the format its request asked for: a structured answer is parsed (the
+/// JSON comes back beside the result), and one that breaks its format fails the request.
+/// `any_formats` false (no request of the batch asked for one) spares looking them up.
+fn enforce_answer_formats(
+    results: Vec<LineResult>,
+    any_formats: bool,
+) -> Vec<(LineResult, Option<Value>)> {
+    if !any_formats {
+        return results.into_iter().map(|result| (result, None)).collect();
+    }
+    let completed = results
+        .iter()
+        .filter(|r| matches!(r.outcome, Outcome::Completed { .. }))
+        .map(|r| r.request_id);
+    let formats = answer_formats(completed.collect());
+    results
+        .into_iter()
+        .map(|mut result| {
+            let Some(format) = formats.get(&result.request_id) else {
+                return (result, None);
+            };
+            let Outcome::Completed { response, text, .. } = &mut result.outcome else {
+                return (result, None);
+            };
+            match check_answer(format, text.as_deref()) {
+                Ok((checked, json)) => {
+                    *text = checked;
+                    (result, Some(json))
+                }
+                Err(message) => {
+                    let response = Some(std::mem::take(response));
+                    result.outcome = Outcome::Failed { message, response };
+                    (result, None)
+                }
+            }
+        })
+        .collect()
+}
+
+/// Applies one chunk of result lines of a batch.
+///
+/// Every statement here finds its rows by primary key, one probe per line (see [`CLAIMED_BY`]).
+pub fn apply_results(
+    batch_id: i64,
+    results: Vec<LineResult>,
+    max_attempts: i32,
+    any_answer_formats: bool,
+) {
+    run("SET LOCAL enable_seqscan = off", &[]);
+    let (mut done_ids, mut responses, mut texts, mut answers) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut input_tokens, mut cached_tokens, mut output_tokens, mut reasoning_tokens) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut failed_ids, mut messages, mut failed_bodies) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut retry_ids, mut reasons) = (Vec::new(), Vec::new());
+    for (result, answer) in enforce_answer_formats(results, any_answer_formats) {
+        match result.outcome {
+            Outcome::Completed {
+                response,
+                text,
+                usage,
+            } => {
+                done_ids.push(result.request_id);
+                responses.push(response);
+                texts.push(text);
+                input_tokens.push(usage.input);
+                cached_tokens.push(usage.cached);
+                output_tokens.push(usage.output);
+                reasoning_tokens.push(usage.reasoning);
+                answers.push(answer.map(JsonB));
+            }
+            Outcome::Failed { message, response } => {
+                failed_ids.push(result.request_id);
+                messages.push(message);
+                failed_bodies.push(response);
+            }
+            // Read again and still unreadable: it ran, so it fails rather than being sent again;
+            // the line is kept for the operator.
+            Outcome::Unreadable { reason, line } => {
+                failed_ids.push(result.request_id);
+                messages.push(format!(
+                    "{reason}; the request ran, so it is not sent again (the line is kept in response)"
+                ));
+                failed_bodies.push(Some(line));
+            }
+            Outcome::Retry { reason } => {
+                retry_ids.push(result.request_id);
+                reasons.push(reason);
+            }
+        }
+    }
+    if !done_ids.is_empty() {
+        run(
+            &format!("UPDATE llmbatching.requests r SET state = 'completed', response = x.response::jsonb, result_text = x.text,
+                    result_json = x.answer, input_tokens = x.input_tokens, cached_tokens = x.cached_tokens,
+                    output_tokens = x.output_tokens, reasoning_tokens = x.reasoning_tokens,
+                    error = NULL, finished_at = pg_catalog.now()
+               FROM {}
+              WHERE {CLAIMED_BY}",
+              claimed_rows("ROWS FROM (pg_catalog.unnest($2::bigint[]), pg_catalog.unnest($3::text[]), pg_catalog.unnest($4::text[]), pg_catalog.unnest($5::int[]), pg_catalog.unnest($6::int[]), pg_catalog.unnest($7::int[]), pg_catalog.unnest($8::int[]), pg_catalog.unnest($9::jsonb[]))
+                                AS s(id, response, text, input_tokens, cached_tokens, output_tokens, reasoning_tokens, answer)")),
+            &[
+                batch_id.into(),
+                done_ids.into(),
+                responses.into(),
+                texts.into(),
+                input_tokens.into(),
+                cached_tokens.into(),
+                output_tokens.into(),
+                reasoning_tokens.into(),
+                answers.into(),
+            ],
+        );
+    }
+    if !failed_ids.is_empty() {
+        run(
+            &format!("UPDATE llmbatching.requests r SET state = 'failed', error = x.message, response = x.response::jsonb,
+                    finished_at = pg_catalog.now()
+               FROM {}
+              WHERE {CLAIMED_BY}",
+              claimed_rows("ROWS FROM (pg_catalog.unnest($2::bigint[]), pg_catalog.unnest($3::text[]), pg_catalog.unnest($4::text[])) AS s(id, message, response)")),
+            &[batch_id.into(), failed_ids.into(), messages.into(), failed_bodies.into()],
+        );
+    }
+    if !retry_ids.is_empty() {
+        requeue_or_fail(
+            "ROWS FROM (pg_catalog.unnest($4::bigint[]), pg_catalog.unnest($5::text[]))",
+            &[
+                batch_id.into(),
+                max_attempts.into(),
+                0i32.into(),
+                retry_ids.into(),
+                reasons.into(),
+            ],
+        );
+    }
+}
+
+/// Ends a batch: every request of it that no result line settled goes back to the queue (or
+/// fails, out of attempts) with `reason`, and the batch is `done`. With `refund_attempt` the
+/// requests get back the attempt this batch used.
+pub fn close_batch(batch_id: i64, reason: &str, max_attempts: i32, refund_attempt: bool) {
+    requeue_or_fail(
+        "(SELECT id, $4::text FROM llmbatching.requests WHERE batch_id = $1 AND state = 'submitted')",
+        &[batch_id.into(), max_attempts.into(), (refund_attempt as i32).into(), reason.into()],
+    );
+    run(
+        "UPDATE llmbatching.batches SET state = 'done', finished_at = pg_catalog.now() WHERE id = $1",
+        &[batch_id.into()],
+    );
+}
+
+/// Holds back a model's new batches until `pause` has passed.
+pub fn pause_model(model: &str, pause: Duration, reason: &str) {
+    run(
+        "INSERT INTO llmbatching.model_pauses (model, paused_until, reason)
+         VALUES ($1, pg_catalog.now() + pg_catalog.make_interval(secs => $2), $3)
+         ON CONFLICT (model) DO UPDATE SET paused_until = excluded.paused_until, reason = excluded.reason",
+        &[model.into(), seconds(pause).into(), reason.into()],
+    );
+}

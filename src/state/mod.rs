@@ -1,0 +1,113 @@
+//! The worker's access to the state tables, one module per step of a request's life: claiming
+//! queued requests into batches ([`claim`]), carrying a batch through the provider ([`send`]),
+//! reading its answers back ([`ingest`]), writing them into the rows they came from
+//! ([`write_back`]) and keeping the tables tidy ([`housekeeping`]).
+//!
+//! Every function here runs inside a transaction the worker opens around it and makes no network
+//! call, so no row lock outlives a step. The worker's `search_path` is `pg_catalog, pg_temp`
+//! (see `session`), and the statements name every table with its schema and every function with
+//! `pg_catalog`.
+
+pub mod claim;
+pub mod housekeeping;
+pub mod ingest;
+pub mod send;
+pub mod write_back;
+
+use crate::request::Endpoint;
+use pgrx::prelude::*;
+use pgrx::spi::{SpiClient, SpiResult};
+use std::time::Duration;
+
+fn fail<T>(what: &str, e: impl std::fmt::Display) -> T {
+    error!("llmbatching: {what}: {e}")
+}
+
+fn run(sql: &str, args: &[pgrx::datum::DatumWithOid]) {
+    Spi::run_with_args(sql, args).unwrap_or_else(|e| fail(sql, e))
+}
+
+fn seconds(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+/// A batch as the worker sees it.
+#[derive(Clone, Debug)]
+pub struct BatchRow {
+    pub id: i64,
+    pub endpoint: String,
+    pub model: String,
+    pub state: String,
+    pub provider_status: Option<String>,
+    pub provider_errors: Option<String>,
+    pub input_file_id: Option<String>,
+    pub provider_batch_id: Option<String>,
+    pub output_file_id: Option<String>,
+    pub error_file_id: Option<String>,
+    pub step_failures: i32,
+    pub create_attempted: bool,
+    /// Result lines the provider's request counts promise (completed + failed).
+    pub counted_results: i64,
+    pub cancel_requested: bool,
+    pub cancel_sent: bool,
+    /// Whether any of its requests asked for an answer format to check.
+    pub has_answer_formats: bool,
+}
+
+impl BatchRow {
+    pub fn endpoint(&self) -> Endpoint {
+        Endpoint::parse(&self.endpoint).unwrap_or(Endpoint::Responses)
+    }
+}
+
+const BATCH_COLUMNS: &str = "id, endpoint, state, provider_status, provider_errors, input_file_id, provider_batch_id,
+     output_file_id, error_file_id, step_failures, create_attempted_at IS NOT NULL, model,
+     (completed_count + failed_count)::bigint, cancel_requested_at IS NOT NULL, cancel_sent_at IS NOT NULL,
+     answer_formats > 0";
+
+fn batch_rows(
+    client: &SpiClient<'_>,
+    sql: &str,
+    args: &[pgrx::datum::DatumWithOid],
+) -> SpiResult<Vec<BatchRow>> {
+    client
+        .select(sql, None, args)?
+        .map(|row| {
+            Ok(BatchRow {
+                id: row.get(1)?.unwrap_or(0),
+                endpoint: row.get(2)?.unwrap_or_default(),
+                state: row.get(3)?.unwrap_or_default(),
+                provider_status: row.get(4)?,
+                provider_errors: row.get(5)?,
+                input_file_id: row.get(6)?,
+                provider_batch_id: row.get(7)?,
+                output_file_id: row.get(8)?,
+                error_file_id: row.get(9)?,
+                step_failures: row.get(10)?.unwrap_or(0),
+                create_attempted: row.get(11)?.unwrap_or(false),
+                model: row.get(12)?.unwrap_or_default(),
+                counted_results: row.get(13)?.unwrap_or(0),
+                cancel_requested: row.get(14)?.unwrap_or(false),
+                cancel_sent: row.get(15)?.unwrap_or(false),
+                has_answer_formats: row.get(16)?.unwrap_or(true),
+            })
+        })
+        .collect()
+}
+
+/// Batches with a step due now, oldest first.
+pub fn batches_due() -> Vec<BatchRow> {
+    let sql = format!(
+        "SELECT {BATCH_COLUMNS} FROM llmbatching.batches
+          WHERE state <> 'done' AND next_check_at <= pg_catalog.clock_timestamp() ORDER BY next_check_at, id"
+    );
+    Spi::connect(|client| batch_rows(client, &sql, &[]))
+        .unwrap_or_else(|e| fail("reading open batches", e))
+}
+
+pub fn batch(id: i64) -> Option<BatchRow> {
+    let sql = format!("SELECT {BATCH_COLUMNS} FROM llmbatching.batches WHERE id = $1");
+    Spi::connect(|client| batch_rows(client, &sql, &[id.into()]))
+        .unwrap_or_else(|e| fail("reading a batch", e))
+        .pop()
+}
