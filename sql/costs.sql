@@ -66,7 +66,11 @@ CREATE TRIGGER dedupe_request BEFORE INSERT ON llmbatching.requests
 
 -- The cost of every completed request: what it was billed through the batch API (nothing if its
 -- answer was reused), what the same request would have cost through the standard API, and the
--- difference. Token counts of reused answers are those of the answer they reused.
+-- difference, in US dollars rounded to 10 decimal places. Token counts of reused answers are
+-- those of the answer they reused. A model is priced by its own row in llmbatching.prices or,
+-- for a dated snapshot of it ('gpt-4o-mini-2024-07-18', 'gpt-4-0613'), by the model's; nothing
+-- else: a misspelled model is unpriced (priced_as NULL, counted in `unpriced`), not priced as
+-- whatever its name starts with.
 CREATE VIEW llmbatching.request_costs AS
 SELECT r.id, r.job, r.model, r.endpoint, r.submitted_by, r.finished_at,
        r.reused_from IS NOT NULL AS reused,
@@ -76,16 +80,18 @@ SELECT r.id, r.job, r.model, r.endpoint, r.submitted_by, r.finished_at,
        coalesce(r.reasoning_tokens, 0) AS reasoning_tokens,
        p.model AS priced_as,
        CASE WHEN r.reused_from IS NOT NULL THEN 0
-            ELSE ((coalesce(r.input_tokens, 0) - coalesce(r.cached_tokens, 0)) * p.batch_input
-                  + coalesce(r.cached_tokens, 0) * coalesce(p.batch_cached_input, p.batch_input)
-                  + coalesce(r.output_tokens, 0) * p.batch_output) / 1000000 END AS cost,
-       ((coalesce(r.input_tokens, 0) - coalesce(r.cached_tokens, 0)) * p.input
-        + coalesce(r.cached_tokens, 0) * coalesce(p.cached_input, p.input)
-        + coalesce(r.output_tokens, 0) * p.output) / 1000000 AS synchronous_cost
+            ELSE round(((coalesce(r.input_tokens, 0) - coalesce(r.cached_tokens, 0)) * p.batch_input
+                        + coalesce(r.cached_tokens, 0) * coalesce(p.batch_cached_input, p.batch_input)
+                        + coalesce(r.output_tokens, 0) * p.batch_output) / 1000000, 10) END AS cost,
+       round(((coalesce(r.input_tokens, 0) - coalesce(r.cached_tokens, 0)) * p.input
+              + coalesce(r.cached_tokens, 0) * coalesce(p.cached_input, p.input)
+              + coalesce(r.output_tokens, 0) * p.output) / 1000000, 10) AS synchronous_cost
   FROM llmbatching.requests r
   LEFT JOIN LATERAL (
       SELECT * FROM llmbatching.prices p
-       WHERE r.model = p.model OR starts_with(r.model, p.model || '-')
+       WHERE r.model = p.model
+          OR (starts_with(r.model, p.model || '-')
+              AND substr(r.model, length(p.model) + 2) ~ '^([0-9]{4}-[0-9]{2}-[0-9]{2}|[0-9]{4})$')
        ORDER BY length(p.model) DESC
        LIMIT 1) p ON true
  WHERE r.state = 'completed';
@@ -99,8 +105,8 @@ SELECT job, model, (finished_at AT TIME ZONE 'UTC')::date AS day,
        count(*) AS requests, count(*) FILTER (WHERE reused) AS reused,
        sum(input_tokens) AS input_tokens, sum(cached_tokens) AS cached_tokens,
        sum(output_tokens) AS output_tokens, sum(reasoning_tokens) AS reasoning_tokens,
-       sum(cost) AS cost, sum(synchronous_cost) AS synchronous_cost,
-       sum(synchronous_cost) - sum(cost) AS saved,
+       round(sum(cost), 6) AS cost, round(sum(synchronous_cost), 6) AS synchronous_cost,
+       round(sum(synchronous_cost) - sum(cost), 6) AS saved,
        round(100 * (sum(synchronous_cost) - sum(cost)) / nullif(sum(synchronous_cost), 0), 1) AS saved_percent,
        count(*) FILTER (WHERE priced_as IS NULL) AS unpriced
   FROM llmbatching.request_costs

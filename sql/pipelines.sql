@@ -7,13 +7,24 @@ AS $$ SELECT r.result_json FROM llmbatching.requests r WHERE r.id = llm_answer_j
 COMMENT ON FUNCTION llm_answer_json(bigint) IS 'The structured answer of a completed llm_submit_json or llm_submit_label request';
 
 CREATE FUNCTION llm_embedding(id bigint) RETURNS real[]
-LANGUAGE sql STABLE STRICT
+LANGUAGE plpgsql STABLE STRICT
 AS $$
-    SELECT ARRAY(SELECT e::real FROM jsonb_array_elements_text(r.response #> '{data,0,embedding}') AS e)
-      FROM llmbatching.requests r
-     WHERE r.id = llm_embedding.id AND r.state = 'completed' AND r.endpoint = '/v1/embeddings'
+DECLARE
+    r record;
+BEGIN
+    SELECT q.endpoint, q.state, q.response INTO r FROM llmbatching.requests q WHERE q.id = llm_embedding.id;
+    IF FOUND AND r.endpoint <> '/v1/embeddings' THEN
+        RAISE EXCEPTION 'invalid argument "id": request % is a % request, not an embedding', llm_embedding.id, r.endpoint
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Submit embeddings with llm_submit(model, input, endpoint => ''/v1/embeddings''); read other answers with llm_result.';
+    END IF;
+    IF NOT FOUND OR r.state <> 'completed' THEN
+        RETURN NULL;
+    END IF;
+    RETURN ARRAY(SELECT e::real FROM jsonb_array_elements_text(r.response #> '{data,0,embedding}') AS e);
+END
 $$;
-COMMENT ON FUNCTION llm_embedding(bigint) IS 'The embedding of a completed /v1/embeddings request';
+COMMENT ON FUNCTION llm_embedding(bigint) IS 'The embedding of a completed /v1/embeddings request (NULL until then)';
 
 -- Progress of every job, computed from the reader's own requests only (the view runs with the
 -- reader's privileges): the finish is extrapolated from how many have finished so far.
@@ -29,6 +40,12 @@ SELECT r.job,
        coalesce(sum(r.input_tokens), 0) AS input_tokens,
        coalesce(sum(r.output_tokens), 0) AS output_tokens,
        min(r.created_at) AS started_at,
+       -- Answers registered to be written into rows (llm_classify, llm_write_back): how many
+       -- were, how many could not be, and why (the distinct reasons, at most five).
+       count(w.request_id) AS write_backs,
+       count(w.request_id) FILTER (WHERE w.outcome = 'written') AS written,
+       count(w.request_id) FILTER (WHERE w.written_at IS NOT NULL AND w.outcome <> 'written') AS not_written,
+       (array_agg(DISTINCT w.outcome) FILTER (WHERE w.written_at IS NOT NULL AND w.outcome <> 'written'))[1:5] AS not_written_reasons,
        CASE WHEN bool_and(r.state IN ('completed', 'failed', 'cancelled')) THEN max(r.finished_at)
             WHEN count(*) FILTER (WHERE r.state IN ('completed', 'failed', 'cancelled')) > 0
                 THEN now() + (now() - min(r.created_at))
@@ -36,6 +53,7 @@ SELECT r.job,
                         / count(*) FILTER (WHERE r.state IN ('completed', 'failed', 'cancelled')))
        END AS estimated_finish
   FROM llmbatching.requests r
+  LEFT JOIN llmbatching.writebacks w ON w.request_id = r.id
  WHERE r.job IS NOT NULL
  GROUP BY r.job;
 COMMENT ON VIEW llmbatching.jobs IS 'Progress, tokens used and estimated finish of every job';
@@ -60,8 +78,20 @@ SELECT b.id, b.endpoint, b.model, b.state, b.provider_status,
 COMMENT ON VIEW llmbatching.my_batches IS 'The batches carrying your requests, with your requests'' counts and tokens only';
 
 CREATE FUNCTION llm_job_status(job text) RETURNS llmbatching.jobs
-LANGUAGE sql STABLE STRICT
-AS $$ SELECT * FROM llmbatching.jobs j WHERE j.job = llm_job_status.job $$;
+LANGUAGE plpgsql STABLE STRICT
+AS $$
+DECLARE
+    status llmbatching.jobs;
+BEGIN
+    SELECT * INTO status FROM llmbatching.jobs j WHERE j.job = llm_job_status.job;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'invalid argument "job": you have no requests with job %', pg_catalog.quote_literal(llm_job_status.job)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'SELECT job FROM llmbatching.jobs lists your jobs.';
+    END IF;
+    RETURN status;
+END
+$$;
 COMMENT ON FUNCTION llm_job_status(text) IS 'One job''s progress, tokens used and estimated finish';
 
 -- Waits until the requests (by id, or of a job) have all finished, and their answers are written
@@ -76,6 +106,7 @@ DECLARE
     next_report timestamptz := clock_timestamp() + coalesce(report_every, '10 seconds');
     total       bigint;
     open        bigint;
+    no_worker   text;
     pause       float8 := 0.05;
 BEGIN
     IF ids IS NULL AND job IS NULL THEN
@@ -96,6 +127,22 @@ BEGIN
         RAISE EXCEPTION 'the requests to wait for were submitted in this transaction; commit it first'
             USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
+    IF NOT EXISTS (SELECT FROM llmbatching.requests r
+                    WHERE (llm_wait.ids IS NULL OR r.id = ANY (llm_wait.ids))
+                      AND (llm_wait.job IS NULL OR r.job = llm_wait.job)) THEN
+        IF llm_wait.job IS NOT NULL THEN
+            RAISE EXCEPTION 'invalid argument "job": you have no requests with job %', quote_literal(llm_wait.job)
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'SELECT job FROM llmbatching.jobs lists your jobs.';
+        END IF;
+        RAISE EXCEPTION 'invalid argument "ids": none of them is a request of yours'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- Waiting on a database no worker serves would only ever time out.
+    no_worker := llmbatching.worker_problem();
+    IF no_worker IS NOT NULL THEN
+        RAISE WARNING 'llm_wait: %', no_worker;
+    END IF;
     deadline := clock_timestamp() + timeout;
     LOOP
         -- A request is open until it has finished and its answer is in the row registered for
@@ -112,6 +159,9 @@ BEGIN
         END IF;
         IF clock_timestamp() >= deadline THEN
             RAISE NOTICE 'llm_wait: timed out with % of % requests finished', total - open, total;
+            IF no_worker IS NOT NULL THEN
+                RAISE WARNING 'llm_wait: %', no_worker;
+            END IF;
             RETURN false;
         END IF;
         IF clock_timestamp() >= next_report THEN
@@ -373,6 +423,24 @@ BEGIN
     END IF;
     IF labels IS NOT NULL AND schema IS NOT NULL THEN
         RAISE EXCEPTION 'invalid argument "schema": give labels or a schema, not both' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- The prompt and the filter are SQL over the row: try them on no rows first, so that a
+    -- mistake is an error naming the argument, not one about a statement the caller never wrote.
+    BEGIN
+        EXECUTE pg_catalog.format('SELECT (%s)::pg_catalog.text FROM %s AS t WHERE false', prompt, target::pg_catalog.text);
+    EXCEPTION WHEN syntax_error_or_access_rule_violation OR data_exception THEN
+        RAISE EXCEPTION 'invalid argument "prompt": %', SQLERRM
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'prompt is a SQL expression over each row of the table, such as ''Classify the sentiment of this review: '' || body (text in single quotes, columns by name).';
+    END;
+    IF filter IS NOT NULL THEN
+        BEGIN
+            EXECUTE pg_catalog.format('SELECT FROM %s AS t WHERE (%s) AND false', target::pg_catalog.text, filter);
+        EXCEPTION WHEN syntax_error_or_access_rule_violation OR data_exception THEN
+            RAISE EXCEPTION 'invalid argument "filter": %', SQLERRM
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'filter is a SQL condition over each row of the table, such as: sentiment IS NULL';
+        END;
     END IF;
     job_name := coalesce(llm_classify.job,
                          pg_catalog.format('%s.%s', target::pg_catalog.text, target_column::pg_catalog.text));

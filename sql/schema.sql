@@ -53,8 +53,11 @@ CREATE TABLE llmbatching.batches (
     provider_batch_id   text UNIQUE,
     output_file_id      text,
     error_file_id       text,
+    -- The provider's request counts (a request that did not run because the batch was
+    -- cancelled counts as failed there), and how many of its requests were cancelled here.
     completed_count     integer NOT NULL DEFAULT 0,
     failed_count        integer NOT NULL DEFAULT 0,
+    cancelled_count     integer NOT NULL DEFAULT 0,
     input_tokens        bigint,
     cached_tokens       bigint,
     output_tokens       bigint,

@@ -104,7 +104,7 @@ BEGIN
             EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO llmbatching_admin', f.signature::pg_catalog.text);
         ELSIF f.proname::pg_catalog.text LIKE 'llm\_%'
               OR f.proname OPERATOR(pg_catalog.=) ANY (ARRAY['check_target', 'primary_key_columns', 'request_problem',
-                                                            'insert_is_checked', 'is_deterministic']::pg_catalog.name[]) THEN
+                                                            'insert_is_checked', 'is_deterministic', 'worker_problem']::pg_catalog.name[]) THEN
             EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO llmbatching_user', f.signature::pg_catalog.text);
         END IF;
     END LOOP;

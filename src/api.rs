@@ -97,7 +97,20 @@ fn enqueue(
     let id = request_insert::insert(fcinfo, &new_request)
         .unwrap_or_else(|| insert_statement(endpoint, model, body, job, format, reuse));
     wakeup::wake_worker_at_commit();
+    warn_once_if_no_worker();
     id
+}
+
+/// Says, once per session, that requests queued here will wait for a worker that never comes.
+fn warn_once_if_no_worker() {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if WARNED.load(std::sync::atomic::Ordering::Relaxed) {
+        return;
+    }
+    if let Some(reason) = wakeup::no_worker_reason() {
+        WARNED.store(true, std::sync::atomic::Ordering::Relaxed);
+        warning!("{reason}");
+    }
 }
 
 /// Queues a checked body with an INSERT statement, so every trigger on the table runs.
@@ -322,6 +335,12 @@ mod internal {
     use crate::request::{self, AnswerFormat, Endpoint};
     use pgrx::prelude::*;
     use pgrx::JsonB;
+
+    /// Why no worker serves this database, or NULL if one does (llm_wait warns with it).
+    #[pg_extern(stable, parallel_safe)]
+    fn worker_problem() -> Option<String> {
+        crate::wakeup::no_worker_reason()
+    }
 
     /// Wakes the worker when the current transaction commits (the extension's triggers call it
     /// when they queue work for it).

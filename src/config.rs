@@ -7,7 +7,6 @@ use std::time::Duration;
 
 static API_BASE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"https://api.openai.com/v1"));
-static API_KEY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static API_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static DATABASE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"postgres"));
@@ -63,17 +62,9 @@ pub fn register(preloading: bool) {
         GucFlags::default(),
     );
     GucRegistry::define_string_guc(
-        c"llmbatching.api_key",
-        c"API key for the provider.",
-        c"Readable by superusers only. When empty, the worker uses OPENAI_API_KEY from the server's environment.",
-        &API_KEY,
-        GucContext::Sighup,
-        GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
-    );
-    GucRegistry::define_string_guc(
         c"llmbatching.api_key_file",
         c"File holding the API key, used when llmbatching.api_key is empty.",
-        c"It must belong to the server's OS user and be readable by it alone (mode 0600 or 0400); a relative path is relative to the data directory.",
+        c"It must belong to the server's OS user and be readable by it alone (mode 0600 or 0400); a relative path is relative to the data directory. Without it, the worker uses OPENAI_API_KEY from the server's environment.",
         &API_KEY_FILE,
         GucContext::Sighup,
         GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
@@ -224,7 +215,24 @@ pub fn register(preloading: bool) {
         GucContext::Userset,
         GucFlags::UNIT_S,
     );
+    warn_of_a_key_setting();
     unsafe { pg_sys::MarkGUCPrefixReserved(c"llmbatching".as_ptr()) };
+}
+
+/// The key is no setting: any setting can be read by members of pg_read_all_settings, and a
+/// changed setting's value is written to the server log on reload. One left in postgresql.conf
+/// from an earlier version is named (never shown) and ignored.
+fn warn_of_a_key_setting() {
+    // SAFETY: a lookup by name; `missing_ok`, and no privilege check while loading.
+    let set =
+        unsafe { !pg_sys::GetConfigOption(c"llmbatching.api_key".as_ptr(), true, false).is_null() };
+    if set {
+        pgrx::warning!(
+            "llmbatching.api_key is not read: a setting is visible to pg_read_all_settings and logged when it changes. \
+             Put the key in a file only the server's OS user can read and name it in llmbatching.api_key_file, \
+             or set OPENAI_API_KEY in the server's environment; then remove llmbatching.api_key from the configuration"
+        );
+    }
 }
 
 fn string(setting: &GucSetting<Option<CString>>) -> Option<String> {
@@ -304,12 +312,9 @@ pub fn batch_limits() -> BatchLimits {
     }
 }
 
-/// The API key: the setting, else the key file, else `OPENAI_API_KEY` from the server's
-/// environment. Never logged or shown. `Err` says why a configured key file was not used.
+/// The API key: from the key file, else `OPENAI_API_KEY` from the server's environment. Never
+/// a setting, never logged or shown. `Err` says why a configured key file was not used.
 pub fn api_key() -> Result<Option<String>, String> {
-    if let Some(key) = string(&API_KEY) {
-        return Ok(Some(key));
-    }
     if let Some(path) = string(&API_KEY_FILE) {
         return read_key_file(std::path::Path::new(&path)).map(Some);
     }

@@ -110,6 +110,7 @@ pub fn build_body(
 ) -> Result<Value, RequestError> {
     let model = non_empty("model", model)?;
     let input = non_empty("input", input)?;
+    check_instructions(instructions)?;
     let options = match options {
         None => Map::new(),
         Some(Value::Object(map)) => map.clone(),
@@ -338,6 +339,22 @@ fn is_zero(n: &serde_json::Number) -> bool {
     let text = n.to_string();
     let mantissa = text.split(['e', 'E']).next().unwrap_or_default();
     mantissa.chars().all(|c| matches!(c, '0' | '.' | '-'))
+}
+
+/// Instructions that are a JSON object were meant as options: the third argument of
+/// `llm_submit` is `instructions`, an easy slip for `llm_submit(model, input, '{"temperature": 0}')`.
+fn check_instructions(instructions: Option<&str>) -> Result<(), RequestError> {
+    let looks_like_options = instructions.is_some_and(|i| {
+        i.trim_start().starts_with('{')
+            && matches!(serde_json::from_str::<Value>(i), Ok(Value::Object(_)))
+    });
+    if looks_like_options {
+        return Err(RequestError::new(
+            "instructions",
+            "is a JSON object; to pass options, name them: llm_submit(model, input, options => '{...}')",
+        ));
+    }
+    Ok(())
 }
 
 /// Longest job name, in bytes: a job name travels in views and logs, and must stay a name.

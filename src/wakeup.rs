@@ -40,6 +40,35 @@ pub fn wake_worker_at_commit() {
     });
 }
 
+/// Why no worker will pick up what this database queues, if none will: the library was not
+/// preloaded (no worker runs at all), or the worker serves another database.
+pub fn no_worker_reason() -> Option<String> {
+    if !SHARED_MEMORY_READY.load(Ordering::Relaxed) {
+        return Some(
+            "no llmbatching worker runs: the library is not in shared_preload_libraries; add 'llmbatching' there \
+             and restart the server (requests stay queued meanwhile)"
+                .into(),
+        );
+    }
+    let served = crate::config::database();
+    // SAFETY: the name of the database this backend is connected to, from the catalog.
+    let here = unsafe {
+        let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
+        if name.is_null() {
+            return None;
+        }
+        std::ffi::CStr::from_ptr(name)
+            .to_string_lossy()
+            .into_owned()
+    };
+    (served != here).then(|| {
+        format!(
+            "no llmbatching worker serves database \"{here}\": llmbatching.database is \"{served}\" \
+             (set it and restart the server; requests stay queued meanwhile)"
+        )
+    })
+}
+
 fn wake_worker() {
     let pid = WORKER_PID.get().load(Ordering::SeqCst);
     if pid == 0 {

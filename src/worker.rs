@@ -290,7 +290,7 @@ impl Worker {
         let key = match config::api_key() {
             Ok(Some(key)) => key,
             Ok(None) => return self.key_problem(
-                "no API key; set llmbatching.api_key, llmbatching.api_key_file or OPENAI_API_KEY",
+                "no API key; name a key file in llmbatching.api_key_file, or set OPENAI_API_KEY in the server's environment",
             ),
             Err(problem) => return self.key_problem(&problem),
         };

@@ -242,6 +242,9 @@ fn cancelling_every_request_of_a_submitted_batch_cancels_it_at_the_provider() {
         cluster.count("SELECT count(*) FROM llmbatching.requests WHERE state = 'cancelled' AND response IS NULL"),
         10
     );
+    cluster.wait_for("the cancelled batch to be closed", Duration::from_secs(60), || {
+        cluster.count("SELECT count(*) FROM llmbatching.batches WHERE state = 'done' AND cancelled_count = 10") == 1
+    });
 
     // Cancelling part of a batch leaves the batch running; that answer is ignored.
     let ids: Vec<i64> = c

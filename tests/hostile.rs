@@ -1446,6 +1446,9 @@ fn code_that_swallows_its_time_limit_cannot_hold_the_worker() {
         .unwrap()
         .map(|r| (r.get(0), r.get(1)));
     if let Some((tries, _)) = queued {
-        assert!(tries >= 1, "the attempt that ended the worker was not counted");
+        assert!(
+            tries >= 1,
+            "the attempt that ended the worker was not counted"
+        );
     }
 }

@@ -295,7 +295,7 @@ fn answers_are_written_back_only_where_the_submitting_role_may_update() {
 }
 
 #[test]
-fn the_api_key_never_reaches_an_ordinary_role_or_the_log() {
+fn the_api_key_never_reaches_an_ordinary_role_a_monitoring_role_or_the_log() {
     let cluster = shared_database(
         EmulatorConfig {
             api_key: Some(API_KEY.into()),
@@ -303,46 +303,51 @@ fn the_api_key_never_reaches_an_ordinary_role_or_the_log() {
         },
         &[],
     );
-    let mut alice = cluster.client_as("alice");
-    for sql in [
-        "SHOW llmbatching.api_key",
-        "SHOW llmbatching.api_key_file",
-        "SELECT current_setting('llmbatching.api_key')",
-        "SELECT * FROM pg_file_settings",
-        "SET llmbatching.api_key = 'sk-stolen'",
-        "ALTER ROLE alice SET llmbatching.api_key = 'sk-stolen'",
-    ] {
-        let message = refused(&mut alice, sql);
-        assert!(!message.contains(API_KEY), "{sql}: {message}");
+    let mut admin = cluster.client();
+    admin
+        .batch_execute("CREATE ROLE watcher LOGIN IN ROLE pg_monitor, pg_read_all_settings")
+        .unwrap();
+    // The key is no setting at all: nobody, superusers included, can read or set one.
+    for user in ["alice", "watcher", "postgres"] {
+        let mut c = cluster.client_as(user);
+        for sql in [
+            "SHOW llmbatching.api_key",
+            "SELECT current_setting('llmbatching.api_key')",
+            "SET llmbatching.api_key = 'sk-stolen'",
+            "ALTER ROLE alice SET llmbatching.api_key = 'sk-stolen'",
+            "ALTER DATABASE postgres SET llmbatching.api_key = 'sk-x'",
+            "ALTER SYSTEM SET llmbatching.api_key = 'sk-x'",
+        ] {
+            let message = refused(&mut c, sql);
+            assert!(!message.contains(API_KEY), "{user}: {sql}: {message}");
+        }
+        for sql in [
+            "SELECT count(*) FROM pg_settings WHERE setting LIKE '%sk-test-%'",
+            "SELECT count(*) FROM pg_db_role_setting WHERE array_to_string(setconfig, ',') LIKE '%sk-%'",
+        ] {
+            let found: i64 = one(&mut c, sql);
+            assert_eq!(found, 0, "{user}: {sql}");
+        }
     }
-    assert_eq!(
-        one::<i64>(
-            &mut alice,
-            "SELECT count(*) FROM pg_settings WHERE name LIKE 'llmbatching.api_key%'"
-        ),
-        0
-    );
-    let role_settings: i64 = one(&mut alice, "SELECT count(*) FROM pg_db_role_setting WHERE array_to_string(setconfig, ',') LIKE '%api_key%'");
-    assert_eq!(role_settings, 0);
-    let superuser_attempt = refused(
-        &mut cluster.client(),
-        "ALTER DATABASE postgres SET llmbatching.api_key = 'sk-x'",
-    );
-    assert!(
-        superuser_attempt.contains("cannot be changed now"),
-        "{superuser_attempt}"
-    );
+    let mut watcher = cluster.client_as("watcher");
+    let file_settings: i64 = watcher
+        .query_one(
+            "SELECT count(*) FROM pg_file_settings WHERE setting LIKE '%sk-test-%'",
+            &[],
+        )
+        .map(|r| r.get(0))
+        .unwrap_or(0);
+    assert_eq!(file_settings, 0);
 
+    // The worker reads the key from its file and works.
+    let mut alice = cluster.client_as("alice");
     let id: i64 = one(&mut alice, "SELECT llm_submit('m', 'with a key')");
     cluster.wait_until_settled(SETTLE);
     assert_eq!(
-        alice
-            .query_one("SELECT llm_status($1)", &[&id])
-            .unwrap()
-            .get::<_, String>(0),
+        one::<String>(&mut alice, &format!("SELECT llm_status({id})")),
         "completed"
     );
-    let activity: Vec<Option<String>> = alice
+    let activity: Vec<Option<String>> = watcher
         .query(
             "SELECT query FROM pg_stat_activity WHERE backend_type = 'llmbatching worker'",
             &[],
@@ -362,6 +367,30 @@ fn the_api_key_never_reaches_an_ordinary_role_or_the_log() {
 }
 
 #[test]
+fn a_key_left_in_the_configuration_is_named_and_ignored_never_shown() {
+    let cluster = Cluster::start(
+        EmulatorConfig {
+            api_key: Some(API_KEY.into()),
+            ..quick()
+        },
+        &[("llmbatching.api_key", "sk-left-over-0123456789")],
+    );
+    cluster
+        .client()
+        .batch_execute("SELECT pg_reload_conf()")
+        .unwrap();
+    cluster.wait_for(
+        "the warning about the key setting",
+        Duration::from_secs(30),
+        || cluster.log().contains("llmbatching.api_key is not read"),
+    );
+    assert!(
+        !cluster.log().contains("sk-left-over-0123456789"),
+        "the value of the key setting is in the log"
+    );
+}
+
+#[test]
 fn the_key_file_is_used_only_when_only_the_server_can_read_it() {
     let file_key = "sk-from-a-file";
     let cluster = shared_database(
@@ -369,12 +398,9 @@ fn the_key_file_is_used_only_when_only_the_server_can_read_it() {
             api_key: Some(file_key.into()),
             ..quick()
         },
-        &[
-            ("llmbatching.api_key", ""),
-            ("llmbatching.api_key_file", "llmbatching.key"),
-        ],
+        &[("llmbatching.api_key_file", "other.key")],
     );
-    cluster.write_server_file("llmbatching.key", &format!("{file_key}\n"), "600");
+    cluster.write_server_file("other.key", &format!("{file_key}\n"), "600");
     let mut alice = cluster.client_as("alice");
     let id: i64 = one(&mut alice, "SELECT llm_submit('m', 'keyed by file')");
     cluster.wait_until_settled(SETTLE);
@@ -386,7 +412,7 @@ fn the_key_file_is_used_only_when_only_the_server_can_read_it() {
         "completed"
     );
 
-    cluster.write_server_file("llmbatching.key", "", "644");
+    cluster.write_server_file("other.key", "", "644");
     let later: i64 = one(&mut alice, "SELECT llm_submit('m', 'refused file')");
     cluster.wait_for(
         "the warning about the file",

@@ -492,3 +492,49 @@ fn the_worker_stops_cleanly_on_sigterm_and_picks_up_after_a_restart() {
     );
     assert_eq!(cluster.emulator.stats().batches_created, 1);
 }
+
+#[test]
+fn the_worker_waits_for_its_database_to_be_created() {
+    let cluster = Cluster::start(quick(), &[("llmbatching.database", "later")]);
+    // The launcher waits without a worker restarting every few seconds.
+    std::thread::sleep(Duration::from_secs(7));
+    let log = cluster.log();
+    assert!(
+        log.contains("database \"later\" does not exist; the worker starts once it is created"),
+        "the launcher did not say why no worker runs"
+    );
+    assert!(
+        !log.contains("FATAL"),
+        "something failed hard meanwhile:\n{log}"
+    );
+    cluster
+        .client()
+        .batch_execute("CREATE DATABASE later")
+        .unwrap();
+    let mut later = postgres::Config::new()
+        .host("127.0.0.1")
+        .port(cluster.port)
+        .user("postgres")
+        .dbname("later")
+        .connect(postgres::NoTls)
+        .unwrap();
+    later
+        .batch_execute(
+            "CREATE EXTENSION llmbatching;
+             SELECT llmbatching.llm_submit('m', 'late ' || g) FROM generate_series(1, 3) g;",
+        )
+        .unwrap();
+    cluster.wait_for(
+        "the requests in the new database to complete",
+        SETTLE,
+        || {
+            later
+                .query_one(
+                    "SELECT count(*) FROM llmbatching.requests WHERE state = 'completed'",
+                    &[],
+                )
+                .map(|r| r.get::<_, i64>(0) == 3)
+                .unwrap_or(false)
+        },
+    );
+}

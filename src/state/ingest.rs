@@ -236,7 +236,10 @@ pub fn close_batch(batch_id: i64, reason: &str, max_attempts: i32, refund_attemp
         &[batch_id.into(), max_attempts.into(), (refund_attempt as i32).into(), reason.into()],
     );
     run(
-        "UPDATE llmbatching.batches SET state = 'done', finished_at = pg_catalog.now() WHERE id = $1",
+        "UPDATE llmbatching.batches b SET state = 'done', finished_at = pg_catalog.now(),
+                cancelled_count = (SELECT pg_catalog.count(*) FROM llmbatching.requests r
+                                    WHERE r.batch_id = b.id AND r.state = 'cancelled')
+          WHERE b.id = $1",
         &[batch_id.into()],
     );
 }

@@ -133,7 +133,7 @@ impl Cluster {
             "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{dir}'\n\
              fsync = off\nshared_preload_libraries = 'llmbatching'\n\
              search_path = '\"$user\", public, llmbatching'\n\
-             llmbatching.api_base = '{base}'\nllmbatching.api_key = '{API_KEY}'\n\
+             llmbatching.api_base = '{base}'\nllmbatching.api_key_file = 'llmbatching.key'\n\
              llmbatching.batch_wait = '200ms'\nllmbatching.poll_interval = '100ms'\n",
             dir = dir.display(),
             base = emulator.base_url
@@ -147,6 +147,8 @@ impl Cluster {
             port,
             emulator,
         };
+        // The key is read from a file only the server's OS user can read (it is no setting).
+        cluster.write_server_file("llmbatching.key", &format!("{API_KEY}\n"), "600");
         cluster.pg_ctl(&["start", "-w", "-t", "60"]);
         cluster
     }
