@@ -93,13 +93,31 @@ pub extern "C-unwind" fn llmbatching_launcher_main(_arg: pg_sys::Datum) {
     }
 }
 
+/// Whether the database exists, read from the shared catalog pg_database by a plain scan (as
+/// the autovacuum launcher reads it): with no database selected, no index may be opened.
 fn database_exists(name: &str) -> bool {
-    let Ok(name) = CString::new(name) else {
-        return false;
-    };
-    // SAFETY: a lookup in the shared catalog pg_database, inside a transaction.
-    BackgroundWorker::transaction(|| unsafe {
-        pg_sys::get_database_oid(name.as_ptr(), true) != pg_sys::InvalidOid
+    let name = name.to_owned();
+    // SAFETY: a catalog scan inside a transaction, closed on the way out.
+    BackgroundWorker::transaction(move || unsafe {
+        let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
+        let rel = pg_sys::table_open(pg_sys::DatabaseRelationId, lock);
+        let scan = pg_sys::table_beginscan_catalog(rel, 0, std::ptr::null_mut());
+        let mut found = false;
+        loop {
+            let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+            if tuple.is_null() {
+                break;
+            }
+            let form = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_database>(tuple);
+            if std::ffi::CStr::from_ptr((*form).datname.data.as_ptr()).to_bytes() == name.as_bytes()
+            {
+                found = true;
+                break;
+            }
+        }
+        pg_sys::table_endscan(scan);
+        pg_sys::table_close(rel, lock);
+        found
     })
 }
 
