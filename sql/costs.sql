@@ -25,6 +25,11 @@ DECLARE
     mode    text := coalesce(current_setting('llmbatching.reuse_answers', true), 'deterministic');
     max_age interval := coalesce(nullif(current_setting('llmbatching.reuse_max_age', true), ''), '7d')::interval;
 BEGIN
+    -- A row restored from a dump keeps what it was (it carries its original created_at; a
+    -- submission cannot set it).
+    IF NEW.created_at <> now() THEN
+        RETURN NEW;
+    END IF;
     NEW.request_hash := sha256(convert_to(NEW.endpoint || ' ' || NEW.body::text, 'UTF8'));
     SELECT r.id INTO leader
       FROM llmbatching.requests r

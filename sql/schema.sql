@@ -22,13 +22,40 @@ $$;
 COMMENT ON SCHEMA llmbatching IS 'State of llmbatching: queued and answered LLM requests and the provider batches that carry them';
 
 -- One row: this installation's identity, written into every batch's metadata so that batches
--- created just before a crash can be recognised at the provider afterwards.
+-- created just before a crash can be recognised at the provider afterwards, and where it lives
+-- (`home`: the cluster's system identifier and the database's oid; see llmbatching.current_home).
+-- A database restored from a dump, or cloned, carries the row but lives elsewhere: it is a copy,
+-- and its worker sends nothing until an administrator runs llm_adopt. (The row is inserted by
+-- the install script once current_home exists.)
 CREATE TABLE llmbatching.instance (
     singleton   boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     id          text NOT NULL DEFAULT pg_catalog.gen_random_uuid()::text,
-    created_at  timestamptz NOT NULL DEFAULT pg_catalog.now()
+    created_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    home        text NOT NULL,
+    -- When this database was found to be a copy (restored, or first seen by its worker), and
+    -- when an administrator last adopted it.
+    copied_at   timestamptz,
+    adopted_at  timestamptz
 );
-INSERT INTO llmbatching.instance DEFAULT VALUES;
+
+-- A restore loads the original's row over the one CREATE EXTENSION made (and an
+-- administrator's price rows over the shipped ones): an insert of a key already there replaces
+-- that row, so a restore never fails on, or duplicates, what the extension ships.
+CREATE FUNCTION llmbatching.instance_restored() RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    IF EXISTS (SELECT FROM llmbatching.instance) THEN
+        UPDATE llmbatching.instance
+           SET id = NEW.id, created_at = NEW.created_at, home = NEW.home,
+               copied_at = pg_catalog.now(), adopted_at = NEW.adopted_at;
+        RETURN NULL;
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER instance_restored BEFORE INSERT ON llmbatching.instance
+    FOR EACH ROW EXECUTE FUNCTION llmbatching.instance_restored();
 
 -- A batch's own life cycle (state), beside the provider's status (provider_status):
 --   pending    requests assigned; input file not yet uploaded
@@ -203,6 +230,24 @@ CREATE TABLE llmbatching.prices (
     source              text
 );
 COMMENT ON TABLE llmbatching.prices IS 'USD per million tokens, standard and batch; editable';
+
+CREATE FUNCTION llmbatching.price_replaced() RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    UPDATE llmbatching.prices p
+       SET input = NEW.input, cached_input = NEW.cached_input, output = NEW.output,
+           batch_input = NEW.batch_input, batch_cached_input = NEW.batch_cached_input,
+           batch_output = NEW.batch_output, taken_on = NEW.taken_on, source = NEW.source
+     WHERE p.model OPERATOR(pg_catalog.=) NEW.model;
+    IF FOUND THEN
+        RETURN NULL;
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER price_replaced BEFORE INSERT ON llmbatching.prices
+    FOR EACH ROW EXECUTE FUNCTION llmbatching.price_replaced();
 INSERT INTO llmbatching.prices
     (model, input, cached_input, output, batch_input, batch_cached_input, batch_output, taken_on, source)
 VALUES
@@ -219,3 +264,17 @@ VALUES
     ('text-embedding-3-small', 0.02,  NULL,    0.00, 0.01,   NULL,    0.00, '2025-08-15', 'https://openai.com/api/pricing'),
     ('text-embedding-3-large', 0.13,  NULL,    0.00, 0.065,  NULL,    0.00, '2025-08-15', 'https://openai.com/api/pricing'),
     ('omni-moderation-latest', 0.00,  NULL,    0.00, 0.00,   NULL,    0.00, '2025-08-15', 'https://openai.com/api/pricing');
+
+-- Every table's rows (and the id sequences) go into pg_dump's dumps: requests with their answers,
+-- batches in flight, write-backs, the administrator's limits, pauses and prices, and the
+-- installation's identity, by which a restored database knows it is a copy.
+SELECT pg_catalog.pg_extension_config_dump('llmbatching.instance', '');
+SELECT pg_catalog.pg_extension_config_dump('llmbatching.requests', '');
+SELECT pg_catalog.pg_extension_config_dump('llmbatching.requests_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('llmbatching.batches', '');
+SELECT pg_catalog.pg_extension_config_dump('llmbatching.batches_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('llmbatching.writebacks', '');
+SELECT pg_catalog.pg_extension_config_dump('llmbatching.writeback_queue', '');
+SELECT pg_catalog.pg_extension_config_dump('llmbatching.model_limits', '');
+SELECT pg_catalog.pg_extension_config_dump('llmbatching.model_pauses', '');
+SELECT pg_catalog.pg_extension_config_dump('llmbatching.prices', '');

@@ -1,3 +1,6 @@
+-- This installation's identity, where it lives now.
+INSERT INTO llmbatching.instance (home) VALUES (llmbatching.current_home());
+
 -- Who may do what. PUBLIC gets nothing. Members of llmbatching_user submit requests and read
 -- their own; members of llmbatching_admin read and cancel everyone's, purge, and set limits.
 -- The worker runs as a superuser and is not bound by row-level security.
@@ -23,7 +26,9 @@ AS $$
 DECLARE
     problem text;
 BEGIN
-    IF llmbatching.insert_is_checked() THEN
+    -- Checked already, or restored from a dump (a restored row carries its original created_at;
+    -- a submission cannot set it).
+    IF llmbatching.insert_is_checked() OR NEW.created_at <> now() THEN
         RETURN NEW;
     END IF;
     problem := llmbatching.request_problem(NEW.endpoint, NEW.model, NEW.body, NEW.answer_format, NEW.job);
@@ -100,11 +105,12 @@ BEGIN
         IF f.proname OPERATOR(pg_catalog.<>) 'llm_classify' AND f.proname::pg_catalog.text NOT LIKE 'llm\_submit%' THEN
             EXECUTE pg_catalog.format('ALTER FUNCTION %s SET search_path = pg_catalog, pg_temp', f.signature::pg_catalog.text);
         END IF;
-        IF f.proname OPERATOR(pg_catalog.=) ANY (ARRAY['llm_purge', 'purge_before']::pg_catalog.name[]) THEN
+        IF f.proname OPERATOR(pg_catalog.=) ANY (ARRAY['llm_purge', 'purge_before', 'llm_adopt']::pg_catalog.name[]) THEN
             EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO llmbatching_admin', f.signature::pg_catalog.text);
         ELSIF f.proname::pg_catalog.text LIKE 'llm\_%'
               OR f.proname OPERATOR(pg_catalog.=) ANY (ARRAY['check_target', 'primary_key_columns', 'request_problem',
-                                                            'insert_is_checked', 'is_deterministic', 'worker_problem']::pg_catalog.name[]) THEN
+                                                            'insert_is_checked', 'is_deterministic', 'worker_problem',
+                                                            'copy_problem', 'current_home']::pg_catalog.name[]) THEN
             EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO llmbatching_user', f.signature::pg_catalog.text);
         END IF;
     END LOOP;

@@ -101,16 +101,26 @@ fn enqueue(
     id
 }
 
-/// Says, once per session, that requests queued here will wait for a worker that never comes.
+/// Says, once per session, that requests queued here will wait (for a worker that never comes,
+/// or an administrator's adoption of a copy).
 fn warn_once_if_no_worker() {
     static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     if WARNED.load(std::sync::atomic::Ordering::Relaxed) {
         return;
     }
-    if let Some(reason) = wakeup::no_worker_reason() {
+    if let Some(reason) = why_nothing_is_sent() {
         WARNED.store(true, std::sync::atomic::Ordering::Relaxed);
         warning!("{reason}");
     }
+}
+
+/// Why requests queued in this database will not be sent: no worker serves it, or it is a copy
+/// (see sql/copies.sql).
+fn why_nothing_is_sent() -> Option<String> {
+    wakeup::no_worker_reason().or_else(|| {
+        Spi::get_one::<String>("SELECT llmbatching.copy_problem()")
+            .unwrap_or_else(|e| error!("llmbatching: checking for a copy: {e}"))
+    })
 }
 
 /// Queues a checked body with an INSERT statement, so every trigger on the table runs.
@@ -336,10 +346,25 @@ mod internal {
     use pgrx::prelude::*;
     use pgrx::JsonB;
 
-    /// Why no worker serves this database, or NULL if one does (llm_wait warns with it).
+    /// Why nothing queued in this database will be sent, or NULL if it will be (llm_wait and
+    /// llm_submit warn with it): no worker serves it, or it is a copy.
     #[pg_extern(stable, parallel_safe)]
     fn worker_problem() -> Option<String> {
-        crate::wakeup::no_worker_reason()
+        super::why_nothing_is_sent()
+    }
+
+    /// Where this installation lives now: the cluster's system identifier and the database's
+    /// oid. A database restored from a dump or cloned lives elsewhere than its original.
+    #[pg_extern(stable, parallel_safe)]
+    fn current_home() -> String {
+        // SAFETY: plain reads of this backend's cluster and database identity.
+        unsafe {
+            format!(
+                "{}/{}",
+                pg_sys::GetSystemIdentifier(),
+                pg_sys::MyDatabaseId.to_u32()
+            )
+        }
     }
 
     /// Wakes the worker when the current transaction commits (the extension's triggers call it

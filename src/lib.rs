@@ -26,6 +26,7 @@ extension_sql_file!(
     requires = ["api", llm_submit, llm_submit_json, llm_submit_label]
 );
 extension_sql_file!("../sql/costs.sql", name = "costs", requires = ["pipelines"]);
+extension_sql_file!("../sql/copies.sql", name = "copies", requires = ["costs"]);
 extension_sql_file!("../sql/security.sql", name = "security", finalize);
 
 #[pg_guard]

@@ -177,7 +177,7 @@ pub extern "C-unwind" fn llmbatching_worker_main(_arg: pg_sys::Datum) {
         }
         session::pin();
         let sleep = worker.run_round_catching();
-        report_activity("");
+        report_activity(worker.idle_status());
         if shutdown_requested() || !BackgroundWorker::wait_latch(Some(sleep)) {
             break;
         }
@@ -197,6 +197,8 @@ struct Worker {
     last_purge: Option<std::time::Instant>,
     /// Rounds in a row that ended in an error, for the pause before the next.
     failed_rounds: u32,
+    /// Whether the log already says this database is a copy.
+    said_copy: bool,
 }
 
 fn tx<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe + std::panic::RefUnwindSafe) -> R {
@@ -233,6 +235,7 @@ impl Worker {
             key_problem: None,
             last_purge: None,
             failed_rounds: 0,
+            said_copy: false,
         }
     }
 
@@ -264,6 +267,15 @@ impl Worker {
         }
     }
 
+    /// What `pg_stat_activity` shows while the worker sleeps.
+    fn idle_status(&self) -> &'static str {
+        if self.said_copy {
+            "llmbatching: this database is a copy; sending nothing until llm_adopt()"
+        } else {
+            ""
+        }
+    }
+
     /// A provider's text without the key or any echoed credential, bounded.
     fn redact(&self, text: &str) -> String {
         redact(text, self.provider_for.as_ref().map_or("", |(_, key)| key))
@@ -276,9 +288,16 @@ impl Worker {
         if !tx(housekeeping::extension_ready) {
             return idle.min(Duration::from_secs(10));
         }
-        if self.instance.is_none() {
-            self.instance = Some(tx(housekeeping::instance_id));
+        if let Some(problem) = tx(housekeeping::copy_problem) {
+            if !self.said_copy {
+                warning!("llmbatching: {problem}");
+                self.said_copy = true;
+            }
+            return idle.min(Duration::from_secs(10));
         }
+        self.said_copy = false;
+        // Read every round: llm_adopt(as_copy => true) gives the installation a new identity.
+        self.instance = Some(tx(housekeeping::instance_id));
         self.purge_if_due(&settings);
         if !self.ensure_provider(&settings) {
             return idle;

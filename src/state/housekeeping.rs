@@ -20,6 +20,18 @@ pub fn instance_id() -> String {
         .unwrap_or_default()
 }
 
+/// Why this database is a copy (see sql/copies.sql), if it is one; the first time the worker
+/// sees it, it records when, so that what was inherited can be told from what comes later.
+pub fn copy_problem() -> Option<String> {
+    let problem = Spi::get_one::<String>("SELECT llmbatching.copy_problem()")
+        .unwrap_or_else(|e| fail("checking for a copy", e))?;
+    run(
+        "UPDATE llmbatching.instance SET copied_at = pg_catalog.now() WHERE copied_at IS NULL",
+        &[],
+    );
+    Some(problem)
+}
+
 /// Requests waiting on an identical request that was cancelled (or purged) wait on the oldest
 /// of themselves instead, which is then sent.
 pub fn promote_orphaned_duplicates() {
