@@ -21,6 +21,8 @@ static TOKEN_LIMIT_PAUSE_MS: GucSetting<i32> = GucSetting::<i32>::new(10 * 60 * 
 static MAX_BATCHES_PER_ROLE: GucSetting<i32> = GucSetting::<i32>::new(50);
 static WRITE_BACK_LOCK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 static WRITE_BACK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+static TRANSFER_IDLE_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
+static RESULT_RETRY_WINDOW_S: GucSetting<i32> = GucSetting::<i32>::new(24 * 3600);
 static DELETE_PROVIDER_FILES: GucSetting<bool> = GucSetting::<bool>::new(true);
 static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(0);
 static REUSE_ANSWERS: GucSetting<ReuseAnswers> =
@@ -160,6 +162,26 @@ pub fn register(preloading: bool) {
         GucFlags::UNIT_MS,
     );
     GucRegistry::define_int_guc(
+        c"llmbatching.transfer_idle_timeout",
+        c"A call to the provider fails when no byte of it arrives for this long.",
+        c"Covers connecting, the answer's headers and every part of a download or upload: a stalled transfer is given up and tried again later.",
+        &TRANSFER_IDLE_TIMEOUT_MS,
+        100,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"llmbatching.result_retry_window",
+        c"How long after a batch ended its result files are asked for again while they cannot be read whole.",
+        c"Until then, a download that fails, is cut short or holds unreadable lines is retried with backoff (nothing is sent again, no attempt is used); after it, requests the files did not settle are queued again.",
+        &RESULT_RETRY_WINDOW_S,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
         c"llmbatching.max_enqueued_tokens",
         c"Per-model cap on prompt tokens enqueued at the provider at once; 0 means no cap.",
         c"Estimated before sending (about 4 bytes of request per token), so batches stay under the provider's enqueued-token limit. llmbatching.model_limits overrides it per model.",
@@ -263,6 +285,10 @@ pub struct Settings {
     /// The cap on open batches carrying one role's requests (0: none).
     pub max_batches_per_role: i64,
     pub write_back: crate::restricted::Bounds,
+    /// A provider call fails after this long without a byte.
+    pub transfer_idle_timeout: Duration,
+    /// How long after a batch ended its result files are asked for again.
+    pub result_retry_window: Duration,
     /// The default per-model cap on enqueued prompt tokens, if any.
     pub max_enqueued_tokens: Option<i64>,
     pub token_limit_pause: Duration,
@@ -280,6 +306,8 @@ impl Settings {
             max_attempts: MAX_ATTEMPTS.get(),
             max_batches_in_flight: MAX_BATCHES_IN_FLIGHT.get() as i64,
             max_batches_per_role: MAX_BATCHES_PER_ROLE.get() as i64,
+            transfer_idle_timeout: millis(&TRANSFER_IDLE_TIMEOUT_MS),
+            result_retry_window: Duration::from_secs(RESULT_RETRY_WINDOW_S.get().max(0) as u64),
             write_back: crate::restricted::Bounds {
                 lock_timeout: millis(&WRITE_BACK_LOCK_TIMEOUT_MS),
                 time_limit: millis(&WRITE_BACK_TIMEOUT_MS),

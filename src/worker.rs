@@ -91,6 +91,16 @@ pub extern "C-unwind" fn llmbatching_launcher_main(_arg: pg_sys::Datum) {
             break;
         }
     }
+    exit_to_be_restarted();
+}
+
+/// Ends the process with exit code 1, which the postmaster answers by starting it again (after
+/// its restart time), unless the server is shutting down. Code 0 would mean "never again": a
+/// worker or launcher ended by pg_terminate_backend, or a script terminating every backend of a
+/// database, would be gone until the next server restart.
+fn exit_to_be_restarted() -> ! {
+    // SAFETY: PostgreSQL's own way out of a process, running its exit callbacks.
+    unsafe { pg_sys::proc_exit(1) }
 }
 
 /// Whether the database exists, read from the shared catalog pg_database by a plain scan (as
@@ -132,9 +142,21 @@ fn run_worker() {
         .set_restart_time(None)
         .load_dynamic();
     match started {
-        Ok(worker) => {
-            let _ = worker.wait_for_shutdown();
-        }
+        Ok(worker) => loop {
+            if matches!(
+                worker.pid(),
+                Err(pgrx::bgworkers::BackgroundWorkerStatus::Stopped
+                    | pgrx::bgworkers::BackgroundWorkerStatus::PostmasterDied)
+            ) {
+                return;
+            }
+            if shutdown_requested() || !BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
+                // The launcher is told to stop (terminated, or the server shuts down): its worker
+                // goes with it, so that the launcher started again never finds two.
+                let _ = worker.terminate().wait_for_shutdown();
+                return;
+            }
+        },
         Err(_) => warning!(
             "llmbatching: could not start the worker (max_worker_processes reached?); trying again in {}s",
             RELAUNCH_PAUSE.as_secs()
@@ -184,12 +206,13 @@ pub extern "C-unwind" fn llmbatching_worker_main(_arg: pg_sys::Datum) {
     }
     wakeup::publish_worker_pid(0);
     log!("llmbatching worker stopped");
+    exit_to_be_restarted();
 }
 
 struct Worker {
     provider: Option<Box<dyn BatchProvider>>,
-    /// The base URL and key the provider was built with; a change rebuilds it.
-    provider_for: Option<(String, String)>,
+    /// The base URL, key and idle timeout the provider was built with; a change rebuilds it.
+    provider_for: Option<(String, String, Duration)>,
     staging: PathBuf,
     instance: Option<String>,
     /// The last key problem warned about, so it is logged once rather than every round.
@@ -267,6 +290,11 @@ impl Worker {
         }
     }
 
+    /// Whether an ended batch's results are still asked for again when they cannot be read whole.
+    fn within_result_window(&self, batch: &BatchRow, settings: &Settings) -> bool {
+        batch.ended_ago < settings.result_retry_window
+    }
+
     /// What `pg_stat_activity` shows while the worker sleeps.
     fn idle_status(&self) -> &'static str {
         if self.said_copy {
@@ -278,7 +306,10 @@ impl Worker {
 
     /// A provider's text without the key or any echoed credential, bounded.
     fn redact(&self, text: &str) -> String {
-        redact(text, self.provider_for.as_ref().map_or("", |(_, key)| key))
+        redact(
+            text,
+            self.provider_for.as_ref().map_or("", |(_, key, _)| key),
+        )
     }
 
     /// Does everything that is due; returns how long to sleep before the next round.
@@ -332,9 +363,13 @@ impl Worker {
             Err(problem) => return self.key_problem(&problem),
         };
         self.key_problem = None;
-        let wanted = (settings.api_base.clone(), key);
+        let wanted = (
+            settings.api_base.clone(),
+            key,
+            settings.transfer_idle_timeout,
+        );
         if self.provider_for.as_ref() != Some(&wanted) {
-            match OpenAi::new(&wanted.0, &wanted.1) {
+            match OpenAi::new(&wanted.0, &wanted.1, wanted.2, shutdown_requested) {
                 Ok(client) => {
                     self.provider = Some(Box::new(client));
                     self.provider_for = Some(wanted);
@@ -635,6 +670,19 @@ impl Worker {
         for error in &mut info.errors {
             error.message = self.redact(&error.message);
         }
+        // Completed, but without its result files or counting fewer results than it carries:
+        // the provider is still writing them. Ending the batch now would send again answers the
+        // provider has; ask again later instead.
+        let incomplete = info.status == BatchStatus::Completed
+            && (info.output_file_id.is_none() && info.error_file_id.is_none()
+                || ((info.completed + info.failed) as i64) < batch.request_count);
+        if incomplete {
+            return Err(ProviderError::Malformed(format!(
+                "the provider reports batch {provider_id} completed without all its results yet ({} of {} counted); asking again",
+                info.completed + info.failed,
+                batch.request_count
+            )));
+        }
         if info.status.is_terminal() {
             log!(
                 "llmbatching: batch {} ({provider_id}) ended {}",
@@ -649,13 +697,26 @@ impl Worker {
 
     /// Downloads and applies the output and error files, then settles what they left out.
     fn ingest(&mut self, batch: &BatchRow, settings: &Settings) -> Result<(), ProviderError> {
+        // After a failed reading, ask the provider again: its file ids may have changed.
+        let refreshed;
+        let batch = if batch.step_failures > 0 && batch.provider_batch_id.is_some() {
+            let provider_id = batch.provider_batch_id.clone().unwrap_or_default();
+            let info = self.provider().get_batch(&provider_id)?;
+            let id = batch.id;
+            tx(|| send::record_result_files(id, &info));
+            refreshed = tx(move || state::batch(id)).unwrap_or_else(|| batch.clone());
+            &refreshed
+        } else {
+            batch
+        };
         let files = [
             ("output", &batch.output_file_id),
             ("error", &batch.error_file_id),
         ];
         let (mut lines, mut unread) = (0, 0);
-        // On the last reading, lines that still cannot be read fail their requests.
-        let last_read = batch.step_failures + 1 >= REFUSALS_BEFORE_GIVING_UP;
+        // Until the window after the batch ended has passed, a reading that is not whole is
+        // tried again; on the last one, lines that still cannot be read fail their requests.
+        let last_read = !self.within_result_window(batch, settings);
         let (mut downloading, mut applying) = (Duration::ZERO, Duration::ZERO);
         for (kind, file_id) in files {
             let Some(file_id) = file_id else { continue };
@@ -682,7 +743,7 @@ impl Worker {
         // Fewer lines than the provider counted means a download was cut short: read the files
         // again rather than send the missing requests a second time. Applying them twice is
         // harmless. A provider that keeps delivering short files is believed in the end.
-        if lines < batch.counted_results && batch.step_failures + 1 < REFUSALS_BEFORE_GIVING_UP {
+        if lines < batch.counted_results && !last_read {
             return Err(ProviderError::Malformed(format!(
                 "the result files hold {lines} readable lines, the provider counted {}",
                 batch.counted_results
@@ -821,7 +882,7 @@ impl Worker {
         let key = self
             .provider_for
             .as_ref()
-            .map_or("", |(_, key)| key.as_str());
+            .map_or("", |(_, key, _)| key.as_str());
         match &mut result.outcome {
             Outcome::Failed { message, response } => {
                 *message = redact(message, key);
@@ -877,8 +938,11 @@ impl Worker {
         settings: &Settings,
     ) {
         let message = self.redact(&format!("{step} failed: {error}"));
-        let final_refusal =
-            !error.is_retryable() && batch.step_failures + 1 >= REFUSALS_BEFORE_GIVING_UP;
+        // The results of an ended batch are asked for again for the whole window, whatever the
+        // error: giving up would send again answers the provider has.
+        let final_refusal = !error.is_retryable()
+            && batch.step_failures + 1 >= REFUSALS_BEFORE_GIVING_UP
+            && !(batch.state == "ingesting" && self.within_result_window(batch, settings));
         if final_refusal {
             warning!(
                 "llmbatching: batch {}: {message}; giving up on this batch",

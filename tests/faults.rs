@@ -397,3 +397,142 @@ fn a_batch_that_lingers_in_validating_and_finalizing_is_polled_until_it_ends() {
         3
     );
 }
+
+fn pid_of(cluster: &Cluster, backend_type: &str) -> Option<i32> {
+    cluster
+        .client()
+        .query_opt(
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = $1",
+            &[&backend_type],
+        )
+        .unwrap()
+        .map(|r| r.get(0))
+}
+
+fn wait_for_new_pid(cluster: &Cluster, backend_type: &str, old: i32) -> i32 {
+    let mut new = None;
+    cluster.wait_for(
+        &format!("a new {backend_type}"),
+        Duration::from_secs(30),
+        || {
+            new = pid_of(cluster, backend_type).filter(|p| *p != old);
+            new.is_some()
+        },
+    );
+    new.unwrap()
+}
+
+#[test]
+fn a_terminated_worker_or_launcher_comes_back() {
+    let cluster = Cluster::with_extension(&[]);
+    for backend_type in ["llmbatching worker", "llmbatching launcher"] {
+        cluster.worker_pid();
+        let old = pid_of(&cluster, backend_type).expect(backend_type);
+        let terminated: bool = cluster
+            .client()
+            .query_one("SELECT pg_terminate_backend($1)", &[&old])
+            .unwrap()
+            .get(0);
+        assert!(terminated);
+        wait_for_new_pid(&cluster, backend_type, old);
+        submit(&cluster, 5);
+        cluster.wait_until_settled(SETTLE);
+    }
+    assert_eq!(
+        cluster.count("SELECT count(*) FROM llmbatching.requests WHERE state = 'completed'"),
+        10
+    );
+}
+
+#[test]
+fn a_stalled_download_holds_up_no_other_batch_and_never_the_worker_s_stop() {
+    let cluster = Cluster::start(quick(), &[("llmbatching.transfer_idle_timeout", "2s")]);
+    cluster
+        .client()
+        .batch_execute("CREATE EXTENSION llmbatching")
+        .unwrap();
+    cluster.emulator.configure(|c| {
+        c.faults.insert(
+            "content".into(),
+            Fault {
+                stall_next: 1,
+                ..Fault::default()
+            },
+        );
+    });
+    let mut c = cluster.client();
+    c.batch_execute("SELECT llm_submit('stalled-model', 'a ' || g) FROM generate_series(1, 5) g")
+        .unwrap();
+    cluster.wait_for("a download to stall", SETTLE, || {
+        cluster.emulator.stats().faults_injected > 0
+    });
+    c.batch_execute("SELECT llm_submit('other-model', 'b ' || g) FROM generate_series(1, 5) g")
+        .unwrap();
+    cluster.wait_until_settled(SETTLE);
+    assert_eq!(
+        cluster.count("SELECT count(*) FROM llmbatching.requests WHERE state = 'completed'"),
+        10
+    );
+    let stats = cluster.emulator.stats();
+    assert!(
+        stats.ran_more_than_once().is_empty(),
+        "{:?}",
+        stats.ran_more_than_once()
+    );
+
+    // A worker stuck in a silent download still stops at once when told to.
+    cluster.emulator.configure(|c| {
+        c.faults.get_mut("content").unwrap().stall_next = 1;
+    });
+    cluster.set(&[("llmbatching.transfer_idle_timeout", "10min")]);
+    let injected = cluster.emulator.stats().faults_injected;
+    c.batch_execute("SELECT llm_submit('stalled-model', 'c ' || g) FROM generate_series(1, 3) g")
+        .unwrap();
+    cluster.wait_for("the second stall", SETTLE, || {
+        cluster.emulator.stats().faults_injected > injected
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let worker = cluster.worker_pid();
+    let started = std::time::Instant::now();
+    cluster
+        .client()
+        .execute("SELECT pg_terminate_backend($1)", &[&worker])
+        .unwrap();
+    cluster.wait_for("the stuck worker to exit", Duration::from_secs(5), || {
+        pid_of(&cluster, "llmbatching worker") != Some(worker)
+    });
+    assert!(started.elapsed() < Duration::from_secs(5));
+    cluster.wait_until_settled(SETTLE);
+    assert!(cluster.emulator.stats().ran_more_than_once().is_empty());
+}
+
+#[test]
+fn answers_the_provider_has_are_collected_not_paid_for_again() {
+    for (late_polls, outage_ms, html) in [(3, 0, false), (0, 4000, false), (0, 4000, true)] {
+        let cluster = Cluster::start(
+            EmulatorConfig {
+                late_output_polls: late_polls,
+                content_outage_ms: outage_ms,
+                content_outage_html: html,
+                ..quick()
+            },
+            &[],
+        );
+        cluster
+            .client()
+            .batch_execute("CREATE EXTENSION llmbatching")
+            .unwrap();
+        submit(&cluster, 20);
+        cluster.wait_until_settled(SETTLE);
+        let case = format!("late polls {late_polls}, outage {outage_ms} ms, html {html}");
+        assert_eq!(
+            cluster.count("SELECT count(*) FROM llmbatching.requests WHERE state = 'completed' AND attempts = 1"),
+            20,
+            "{case}"
+        );
+        let stats = cluster.emulator.stats();
+        assert!(stats.faults_injected > 0, "{case}: no fault was injected");
+        assert_eq!(stats.batches_created, 1, "{case}: sent again");
+        assert!(stats.ran_more_than_once().is_empty(), "{case}");
+    }
+}

@@ -396,7 +396,12 @@ fn malformed_provider_responses_never_crash_the_worker_and_the_requests_record_t
             malformed_polls: 3,
             ..quick()
         },
-        &[("llmbatching.max_attempts", "2")],
+        // A line cut short is read again while the window after the batch lasts; then the
+        // request it cut off is sent again.
+        &[
+            ("llmbatching.max_attempts", "2"),
+            ("llmbatching.result_retry_window", "2s"),
+        ],
     );
     let worker = cluster.worker_pid();
     let mut c = cluster.client();

@@ -49,6 +49,15 @@ pub struct Config {
     /// (see [`crate::echoed_credentials_message`]), as some OpenAI-compatible services do.
     /// Each refusal counts in [`Stats::faults_injected`].
     pub echo_authorization: u32,
+    /// The first this-many lookups of each completed batch report it `completed` with no
+    /// output or error file yet and zero request counts, as the real provider sometimes does
+    /// while it finishes writing the files.
+    pub late_output_polls: u32,
+    /// For this long after a file is written (a batch's output or error file), downloading its
+    /// content fails: 404 "No such File object", or, with `content_outage_html`, status 200 with
+    /// an HTML error page. Each such answer counts in [`Stats::faults_injected`].
+    pub content_outage_ms: u64,
+    pub content_outage_html: bool,
     /// Share of lines that fail at random with `line_failure_status` (a server error by default).
     pub line_failure_rate: f64,
     pub line_failure_status: u16,
@@ -71,6 +80,13 @@ pub struct Fault {
     pub drop_rate: f64,
     /// Do the work, then send only the first half of the answer.
     pub truncate_rate: f64,
+    /// Do the work, then send the first half of the answer and go silent: the connection stays
+    /// open and no more bytes come (until `stall_ms` has passed, then it drops).
+    pub stall_rate: f64,
+    /// How long a stalled answer stays silent before its connection drops (default 10 minutes).
+    pub stall_ms: Option<u64>,
+    /// The next this-many calls stall as `stall_rate` describes, whatever the rate.
+    pub stall_next: u32,
     /// Added latency, in milliseconds.
     pub delay_ms: u64,
 }
@@ -89,6 +105,9 @@ impl Default for Config {
             api_key: None,
             malformed_polls: 0,
             echo_authorization: 0,
+            late_output_polls: 0,
+            content_outage_ms: 0,
+            content_outage_html: false,
             line_failure_rate: 0.0,
             line_failure_status: 500,
             faults: BTreeMap::new(),
@@ -126,6 +145,8 @@ pub struct StoredFile {
     pub purpose: String,
     pub created_at: u64,
     pub bytes: Vec<u8>,
+    /// When it was written, for [`Config::content_outage_ms`].
+    pub stored: Instant,
 }
 
 impl StoredFile {
@@ -161,6 +182,8 @@ pub struct Batch {
     counts: (usize, usize),
     usage: Option<Value>,
     prompt_tokens: u64,
+    /// Lookups answered since it completed, for [`Config::late_output_polls`].
+    polls_after_end: u32,
 }
 
 /// Error answered to an API call: status code and OpenAI-shaped error body.
@@ -226,6 +249,7 @@ impl Provider {
             purpose: purpose.into(),
             created_at: unix_now(),
             bytes,
+            stored: Instant::now(),
         };
         self.files.insert(id.clone(), file);
         id
@@ -337,6 +361,7 @@ impl Provider {
             counts: (0, 0),
             usage: None,
             prompt_tokens,
+            polls_after_end: 0,
         };
         if batch.validation_errors.is_empty() {
             if let Some(limit) = self.config.enqueued_token_limit {
@@ -387,7 +412,35 @@ impl Provider {
     pub fn get_batch(&mut self, id: &str) -> Result<Value, ApiError> {
         self.advance();
         let i = self.batch_index(id)?;
-        Ok(self.batches[i].object(&self.config))
+        let mut object = self.batches[i].object(&self.config);
+        let batch = &mut self.batches[i];
+        if batch.status == "completed" && batch.polls_after_end < self.config.late_output_polls {
+            batch.polls_after_end += 1;
+            self.stats.faults_injected += 1;
+            object["output_file_id"] = Value::Null;
+            object["error_file_id"] = Value::Null;
+            object["request_counts"]["completed"] = json!(0);
+            object["request_counts"]["failed"] = json!(0);
+        }
+        Ok(object)
+    }
+
+    /// A file's content, unless [`Config::content_outage_ms`] says the files endpoint is down
+    /// for it: then the error (or, with `content_outage_html`, the HTML page) to answer instead.
+    pub fn file_content(&mut self, id: &str) -> Result<Result<Vec<u8>, String>, ApiError> {
+        let outage = std::time::Duration::from_millis(self.config.content_outage_ms);
+        let html = self.config.content_outage_html;
+        let file = self.file(id)?;
+        if file.stored.elapsed() >= outage {
+            return Ok(Ok(file.bytes.clone()));
+        }
+        self.stats.faults_injected += 1;
+        if html {
+            return Ok(Err(
+                "<html><body><h1>502 Bad Gateway</h1></body></html>".into()
+            ));
+        }
+        Err(ApiError::new(404, format!("No such File object: {id}")))
     }
 
     pub fn cancel_batch(&mut self, id: &str) -> Result<Value, ApiError> {

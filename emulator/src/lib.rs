@@ -89,12 +89,14 @@ async fn file_content(
     State(shared): State<Shared>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let bytes = lock(&shared).file(&id)?.bytes.clone();
-    Ok((
-        [(header::CONTENT_TYPE, "application/octet-stream")],
-        Bytes::from(bytes),
-    )
-        .into_response())
+    match lock(&shared).file_content(&id)? {
+        Ok(bytes) => Ok((
+            [(header::CONTENT_TYPE, "application/octet-stream")],
+            Bytes::from(bytes),
+        )
+            .into_response()),
+        Err(page) => Ok(([(header::CONTENT_TYPE, "text/html")], page).into_response()),
+    }
 }
 
 async fn delete_file(State(shared): State<Shared>, Path(id): Path<String>) -> ApiResult {
@@ -222,6 +224,36 @@ async fn inject_faults(State(shared): State<Shared>, request: Request, next: Nex
             Err::<Bytes, std::io::Error>(std::io::Error::other("dropped"))
         });
         return (response.status(), axum::body::Body::from_stream(broken)).into_response();
+    }
+    let stall_this = {
+        let mut provider = lock(&shared);
+        let counted = provider
+            .config
+            .faults
+            .get_mut(op)
+            .filter(|f| f.stall_next > 0)
+            .map(|f| f.stall_next -= 1)
+            .is_some();
+        counted || rand::random::<f64>() < fault.stall_rate
+    };
+    if stall_this {
+        lock(&shared).stats.faults_injected += 1;
+        let (parts, body) = response.into_parts();
+        let bytes = axum::body::to_bytes(body, usize::MAX)
+            .await
+            .unwrap_or_default();
+        let half = bytes.slice(..bytes.len() / 2);
+        let silence = std::time::Duration::from_millis(fault.stall_ms.unwrap_or(600_000));
+        // The first half, then nothing: the client waits on an open connection.
+        use futures_util::StreamExt;
+        let stalled = futures_util::stream::once(async move { Ok::<Bytes, std::io::Error>(half) })
+            .chain(futures_util::stream::once(async move {
+                tokio::time::sleep(silence).await;
+                Err::<Bytes, std::io::Error>(std::io::Error::other("stalled"))
+            }));
+        let mut parts = parts;
+        parts.headers.remove(header::CONTENT_LENGTH);
+        return Response::from_parts(parts, axum::body::Body::from_stream(stalled));
     }
     if rand::random::<f64>() < fault.truncate_rate {
         lock(&shared).stats.faults_injected += 1;

@@ -19,10 +19,23 @@ pub struct OpenAi {
     api_key: String,
     client: Client,
     runtime: Runtime,
+    /// Asked every fraction of a second while a call waits on the network: true ends the wait.
+    should_stop: fn() -> bool,
 }
 
+/// How often a call waiting on the network asks whether to stop.
+const STOP_CHECK: Duration = Duration::from_millis(200);
+
 impl OpenAi {
-    pub fn new(base_url: &str, api_key: &str) -> ProviderResult<OpenAi> {
+    /// A client for the API at `base_url`. A call fails when no byte arrives for `idle`
+    /// (connect, headers or body: a stalled transfer), and stops at once, failing, when
+    /// `should_stop` says so (the worker is asked to exit).
+    pub fn new(
+        base_url: &str,
+        api_key: &str,
+        idle: Duration,
+        should_stop: fn() -> bool,
+    ) -> ProviderResult<OpenAi> {
         let local = |e: &dyn std::fmt::Display| ProviderError::Local(e.to_string());
         // One thread: the worker waits on each call in turn, and a backend must not grow threads.
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -30,7 +43,8 @@ impl OpenAi {
             .build()
             .map_err(|e| local(&e))?;
         let client = Client::builder()
-            .connect_timeout(Duration::from_secs(15))
+            .connect_timeout(Duration::from_secs(15).min(idle))
+            .read_timeout(idle)
             .user_agent(concat!("llmbatching/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| local(&e))?;
@@ -39,6 +53,31 @@ impl OpenAi {
             api_key: api_key.to_owned(),
             client,
             runtime,
+            should_stop,
+        })
+    }
+
+    /// Runs a call to its end, unless the worker is asked to stop meanwhile.
+    fn run<T>(
+        &self,
+        call: impl std::future::Future<Output = ProviderResult<T>>,
+    ) -> ProviderResult<T> {
+        let should_stop = self.should_stop;
+        self.runtime.block_on(async move {
+            let stop = async move {
+                while !should_stop() {
+                    tokio::time::sleep(STOP_CHECK).await;
+                }
+            };
+            futures_util::pin_mut!(call);
+            futures_util::pin_mut!(stop);
+            match futures_util::future::select(call, stop).await {
+                futures_util::future::Either::Left((result, _)) => result,
+                futures_util::future::Either::Right(_) => Err(ProviderError::Transient {
+                    message: "interrupted: the worker is stopping".into(),
+                    retry_after: None,
+                }),
+            }
         })
     }
 
@@ -52,7 +91,7 @@ impl OpenAi {
 
     /// Sends a control request and reads its JSON answer.
     fn call_json(&self, request: RequestBuilder) -> ProviderResult<Value> {
-        self.runtime.block_on(async {
+        self.run(async {
             let response = send(self.authorized(request).timeout(CONTROL_TIMEOUT)).await?;
             let bytes = read_limited(response, MAX_JSON_BYTES).await?;
             serde_json::from_slice(&bytes)
@@ -139,7 +178,7 @@ async fn read_limited(response: Response, limit: usize) -> ProviderResult<Vec<u8
 impl BatchProvider for OpenAi {
     fn upload_batch_file(&self, path: &Path, filename: &str) -> ProviderResult<String> {
         let local = |e: std::io::Error| ProviderError::Local(format!("{}: {e}", path.display()));
-        let value = self.runtime.block_on(async {
+        let value = self.run(async {
             let file = tokio::fs::File::open(path).await.map_err(local)?;
             let length = file.metadata().await.map_err(local)?.len();
             let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
@@ -211,11 +250,24 @@ impl BatchProvider for OpenAi {
 
     fn download_file(&self, id: &str, dest: &Path) -> ProviderResult<u64> {
         let local = |e: std::io::Error| ProviderError::Local(format!("{}: {e}", dest.display()));
-        self.runtime.block_on(async {
+        self.run(async {
             let request = self
                 .authorized(self.client.get(self.url(&format!("/files/{id}/content"))))
                 .timeout(TRANSFER_TIMEOUT);
             let response = send(request).await?;
+            // A gateway's error page answered with 200 is not the file.
+            let html = response
+                .headers()
+                .get(reqwest::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.to_ascii_lowercase().starts_with("text/html"));
+            if html {
+                return Err(ProviderError::Transient {
+                    message: format!("the provider answered an HTML page instead of file {id}"),
+                    retry_after: None,
+                });
+            }
+            let expected = response.content_length();
             let mut file = tokio::fs::File::create(dest).await.map_err(local)?;
             let mut stream = response.bytes_stream();
             let mut written = 0u64;
@@ -228,6 +280,15 @@ impl BatchProvider for OpenAi {
                 written += chunk.len() as u64;
             }
             file.flush().await.map_err(local)?;
+            if expected.is_some_and(|n| n != written) {
+                return Err(ProviderError::Transient {
+                    message: format!(
+                        "the download of file {id} was cut short ({written} of {} bytes)",
+                        expected.unwrap_or_default()
+                    ),
+                    retry_after: None,
+                });
+            }
             Ok(written)
         })
     }

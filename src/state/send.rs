@@ -106,7 +106,7 @@ pub fn record_poll(batch_id: i64, info: &BatchInfo, poll_interval: Duration) {
                 state = $2, provider_status = $3, output_file_id = $4, error_file_id = $5,
                 completed_count = $6, failed_count = $7, input_tokens = $8, output_tokens = $9,
                 provider_errors = $10, cached_tokens = $12, reasoning_tokens = $13, step_failures = 0, last_error = NULL,
-                ended_at = CASE WHEN $2 = 'ingesting' THEN pg_catalog.now() END,
+                ended_at = CASE WHEN $2 = 'ingesting' THEN coalesce(ended_at, pg_catalog.now()) END,
                 next_check_at = CASE WHEN $2 = 'ingesting' THEN pg_catalog.now() ELSE pg_catalog.now() + pg_catalog.make_interval(secs => $11) END
           WHERE id = $1",
         &[
@@ -123,6 +123,24 @@ pub fn record_poll(batch_id: i64, info: &BatchInfo, poll_interval: Duration) {
             seconds(poll_interval).into(),
             info.cached_tokens.into(),
             info.reasoning_tokens.into(),
+        ],
+    );
+}
+
+/// Records the result files (and counts) the provider names for an ended batch now: asked
+/// again after a reading failed, they may have changed. The batch's step and failures stay.
+pub fn record_result_files(batch_id: i64, info: &BatchInfo) {
+    run(
+        "UPDATE llmbatching.batches SET
+                output_file_id = coalesce($2, output_file_id), error_file_id = coalesce($3, error_file_id),
+                completed_count = greatest(completed_count, $4), failed_count = greatest(failed_count, $5)
+          WHERE id = $1",
+        &[
+            batch_id.into(),
+            info.output_file_id.clone().into(),
+            info.error_file_id.clone().into(),
+            (info.completed as i32).into(),
+            (info.failed as i32).into(),
         ],
     );
 }
