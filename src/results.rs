@@ -56,6 +56,55 @@ pub enum LineRead {
     End,
 }
 
+/// Decides which result lines of a batch are applied, so that the outcome is the same however
+/// the lines are ordered and chunked: the batch's files are read twice, first to [`note`] every
+/// line, then to ask whether to [`apply`] it. A success beats any error line for the same
+/// request (an error line would queue it again, to be paid for twice), the first success wins,
+/// and one line per request is applied.
+///
+/// [`note`]: LineFilter::note
+/// [`apply`]: LineFilter::apply
+#[derive(Default)]
+pub struct LineFilter {
+    succeeded: std::collections::HashSet<i64>,
+    seen: std::collections::HashSet<i64>,
+    applied: std::collections::HashSet<i64>,
+    duplicates: usize,
+}
+
+impl LineFilter {
+    /// First reading: remembers which requests have a success line.
+    pub fn note(&mut self, result: &LineResult) {
+        self.seen.insert(result.request_id);
+        if matches!(result.outcome, Outcome::Completed { .. }) {
+            self.succeeded.insert(result.request_id);
+        }
+    }
+
+    /// Second reading: whether this line is the one applied for its request.
+    pub fn apply(&mut self, result: &LineResult) -> bool {
+        let success = matches!(result.outcome, Outcome::Completed { .. });
+        if !success && self.succeeded.contains(&result.request_id) {
+            return false;
+        }
+        let first = self.applied.insert(result.request_id);
+        if !first {
+            self.duplicates += 1;
+        }
+        first
+    }
+
+    /// How many distinct requests the files name: what is compared with the provider's counts.
+    pub fn requests_named(&self) -> i64 {
+        self.seen.len() as i64
+    }
+
+    /// Lines skipped in the second reading because their request already had one applied.
+    pub fn duplicates(&self) -> usize {
+        self.duplicates
+    }
+}
+
 /// Reads the next line into `buf` (cleared first), holding at most `limit` bytes of it.
 pub fn read_line_bounded(
     reader: &mut impl std::io::BufRead,
@@ -634,6 +683,38 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_success_beats_an_error_line_wherever_it_comes_and_the_first_success_wins() {
+        let ok = |id: i64, text: &str| LineResult {
+            request_id: id,
+            outcome: Outcome::Completed {
+                response: "{}".into(),
+                text: Some(text.into()),
+                usage: Usage::default(),
+            },
+        };
+        let retry = |id: i64| LineResult {
+            request_id: id,
+            outcome: Outcome::Retry {
+                reason: "server error".into(),
+            },
+        };
+        // The error line comes first, the success much later (another chunk, another file).
+        let lines = vec![
+            retry(1),
+            ok(2, "first"),
+            retry(3),
+            ok(1, "late"),
+            ok(2, "again"),
+        ];
+        let mut filter = LineFilter::default();
+        lines.iter().for_each(|l| filter.note(l));
+        let applied: Vec<&LineResult> = lines.iter().filter(|l| filter.apply(l)).collect();
+        assert_eq!(applied, vec![&ok(2, "first"), &retry(3), &ok(1, "late")]);
+        assert_eq!(filter.requests_named(), 3);
+        assert_eq!(filter.duplicates(), 1);
     }
 
     #[test]

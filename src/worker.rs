@@ -709,32 +709,39 @@ impl Worker {
         } else {
             batch
         };
-        let files = [
-            ("output", &batch.output_file_id),
-            ("error", &batch.error_file_id),
-        ];
         let (mut lines, mut unread) = (0, 0);
         // Until the window after the batch ended has passed, a reading that is not whole is
         // tried again; on the last one, lines that still cannot be read fail their requests.
         let last_read = !self.within_result_window(batch, settings);
-        let (mut downloading, mut applying) = (Duration::ZERO, Duration::ZERO);
-        for (kind, file_id) in files {
-            let Some(file_id) = file_id else { continue };
-            let path = self
-                .staging
-                .join(format!("batch-{}-{kind}.jsonl", batch.id));
-            let started = Instant::now();
-            let downloaded = self.provider().download_file(file_id, &path);
-            downloading += started.elapsed();
-            let started = Instant::now();
-            let applied = downloaded
-                .and_then(|_| self.apply_file(batch, &path, settings.max_attempts, last_read));
-            applying += started.elapsed();
-            let _ = std::fs::remove_file(&path);
-            let (read, left) = applied?;
-            lines += read;
-            unread += left;
+        let started = Instant::now();
+        let files = self.download_results(batch)?;
+        let downloading = started.elapsed();
+        let started = Instant::now();
+        let mut filter = results::LineFilter::default();
+        let read = files
+            .iter()
+            .try_for_each(|path| self.read_file(batch, path, |r| filter.note(&r)).map(|_| ()));
+        let applied = read.and_then(|_| {
+            files.iter().try_for_each(|path| {
+                let (_, left) =
+                    self.apply_file(batch, path, settings.max_attempts, last_read, &mut filter)?;
+                unread += left;
+                Ok(())
+            })
+        });
+        for path in &files {
+            let _ = std::fs::remove_file(path);
         }
+        applied?;
+        lines += filter.requests_named();
+        if filter.duplicates() > 0 {
+            warning!(
+                "llmbatching: batch {}: {} result lines repeated a request already answered; the first answer is kept",
+                batch.id,
+                filter.duplicates()
+            );
+        }
+        let applying = started.elapsed();
         if unread > 0 {
             return Err(ProviderError::Malformed(format!(
                 "{unread} result lines could not be read; the files are read again"
@@ -795,53 +802,58 @@ impl Worker {
         tx(|| send::record_files_deleted(batch.id));
     }
 
-    /// Reads a result file line by line and applies it in chunks, one transaction each.
-    /// Returns how many lines named a request, and how many of those could not be read and were
-    /// left for the next reading of the file (`last_read` false: it is read again; true: they
-    /// fail, with the line kept, rather than be sent again).
-    fn apply_file(
+    /// Downloads the batch's output and error files to the staging directory; returns their
+    /// paths. A failed download removes what was written.
+    fn download_results(&self, batch: &BatchRow) -> Result<Vec<PathBuf>, ProviderError> {
+        let files = [
+            ("output", &batch.output_file_id),
+            ("error", &batch.error_file_id),
+        ];
+        let mut paths = Vec::new();
+        for (kind, file_id) in files {
+            let Some(file_id) = file_id else { continue };
+            let path = self
+                .staging
+                .join(format!("batch-{}-{kind}.jsonl", batch.id));
+            if let Err(e) = self.provider().download_file(file_id, &path) {
+                let _ = std::fs::remove_file(&path);
+                for written in &paths {
+                    let _ = std::fs::remove_file(written);
+                }
+                return Err(e);
+            }
+            paths.push(path);
+        }
+        Ok(paths)
+    }
+
+    /// Reads a result file line by line, handing each line that names a request to `each`.
+    /// Returns how many lines could not be attributed to a request, and the first problem.
+    fn read_file(
         &self,
         batch: &BatchRow,
         path: &std::path::Path,
-        max_attempts: i32,
-        last_read: bool,
-    ) -> Result<(i64, i64), ProviderError> {
+        mut each: impl FnMut(LineResult),
+    ) -> Result<(usize, Option<String>), ProviderError> {
         let local = |e: std::io::Error| ProviderError::Local(format!("{}: {e}", path.display()));
         let mut reader = std::io::BufReader::new(std::fs::File::open(path).map_err(local)?);
         let endpoint = batch.endpoint();
-        let mut chunk = Vec::with_capacity(INGEST_CHUNK);
-        let mut chunk_bytes = 0usize;
         let mut line = Vec::new();
-        let (mut attributed, mut unread, mut unattributed, mut first_problem) =
-            (0i64, 0i64, 0usize, None);
+        let (mut unattributed, mut first_problem) = (0usize, None);
         loop {
-            let read =
-                results::read_line_bounded(&mut reader, &mut line, results::MAX_RESULT_LINE_BYTES)
-                    .map_err(local)?;
-            match read {
+            match results::read_line_bounded(&mut reader, &mut line, results::MAX_RESULT_LINE_BYTES)
+                .map_err(local)?
+            {
                 LineRead::Line => {
                     let text = String::from_utf8_lossy(&line);
-                    if !text.trim().is_empty() {
-                        match results::parse_line(endpoint, text.trim_end()) {
-                            Ok(result) => {
-                                attributed += 1;
-                                if matches!(result.outcome, Outcome::Unreadable { .. })
-                                    && !last_read
-                                {
-                                    unread += 1;
-                                    first_problem.get_or_insert(format!(
-                                        "request {}: unreadable",
-                                        result.request_id
-                                    ));
-                                } else {
-                                    chunk_bytes += line.len();
-                                    chunk.push(self.redacted(result));
-                                }
-                            }
-                            Err(why) => {
-                                unattributed += 1;
-                                first_problem.get_or_insert(why);
-                            }
+                    if text.trim().is_empty() {
+                        continue;
+                    }
+                    match results::parse_line(endpoint, text.trim_end()) {
+                        Ok(result) => each(result),
+                        Err(why) => {
+                            unattributed += 1;
+                            first_problem.get_or_insert(why);
                         }
                     }
                 }
@@ -852,26 +864,52 @@ impl Worker {
                         results::MAX_RESULT_LINE_BYTES
                     ));
                 }
-                LineRead::End => {}
+                LineRead::End => return Ok((unattributed, first_problem)),
             }
-            let end = read == LineRead::End;
-            if chunk.len() >= INGEST_CHUNK
-                || chunk_bytes >= INGEST_CHUNK_BYTES
-                || (end && !chunk.is_empty())
-            {
+        }
+    }
+
+    /// Reads a result file again and applies the lines `filter` keeps, in chunks of one
+    /// transaction each. Returns how many lines named a request, and how many of those could
+    /// not be read and were left for the next reading (`last_read` false: it is read again;
+    /// true: they fail, with the line kept, rather than be sent again).
+    fn apply_file(
+        &self,
+        batch: &BatchRow,
+        path: &std::path::Path,
+        max_attempts: i32,
+        last_read: bool,
+        filter: &mut results::LineFilter,
+    ) -> Result<(i64, i64), ProviderError> {
+        let mut chunk = Vec::with_capacity(INGEST_CHUNK);
+        let mut chunk_bytes = 0usize;
+        let (mut attributed, mut unread, mut unread_first) = (0i64, 0i64, None);
+        let (unattributed, first_problem) = self.read_file(batch, path, |result| {
+            attributed += 1;
+            if matches!(result.outcome, Outcome::Unreadable { .. }) && !last_read {
+                unread += 1;
+                unread_first.get_or_insert(format!("request {}: unreadable", result.request_id));
+                return;
+            }
+            if !filter.apply(&result) {
+                return;
+            }
+            chunk_bytes += approximate_size(&result);
+            chunk.push(self.redacted(result));
+            if chunk.len() >= INGEST_CHUNK || chunk_bytes >= INGEST_CHUNK_BYTES {
                 chunk_bytes = 0;
                 self.apply_chunk(batch, std::mem::take(&mut chunk), max_attempts);
             }
-            if end {
-                break;
-            }
+        })?;
+        if !chunk.is_empty() {
+            self.apply_chunk(batch, chunk, max_attempts);
         }
         if unattributed > 0 || unread > 0 {
             warning!(
                 "llmbatching: batch {}: {} result lines could not be read (first: {})",
                 batch.id,
                 unattributed as i64 + unread,
-                self.redact(&first_problem.unwrap_or_default())
+                self.redact(&first_problem.or(unread_first).unwrap_or_default())
             );
         }
         Ok((attributed, unread))
@@ -988,6 +1026,20 @@ fn token_limited(batch: &BatchRow) -> bool {
             .provider_errors
             .as_deref()
             .is_some_and(|e| e.contains(TOKEN_LIMIT_CODE))
+}
+
+/// About how many bytes a result holds, to bound what a chunk keeps in memory.
+fn approximate_size(result: &LineResult) -> usize {
+    match &result.outcome {
+        Outcome::Completed { response, text, .. } => {
+            response.len() + text.as_ref().map_or(0, String::len)
+        }
+        Outcome::Failed { message, response } => {
+            message.len() + response.as_ref().map_or(0, String::len)
+        }
+        Outcome::Retry { reason } => reason.len(),
+        Outcome::Unreadable { reason, line } => reason.len() + line.len(),
+    }
 }
 
 /// Why requests that no result line settled go back to the queue.

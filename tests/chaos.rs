@@ -42,6 +42,7 @@ fn faulty_provider() -> EmulatorConfig {
             drop_rate: 0.05,
             truncate_rate: 0.05,
             delay_ms: 10,
+            ..Fault::default()
         };
         faults.insert(op.to_string(), fault);
     }
