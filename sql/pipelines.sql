@@ -289,12 +289,28 @@ AS $$
 DECLARE
     queued bigint;
 BEGIN
+    -- One answer per row and column: the newest request's. Older write-backs of the same row
+    -- still waiting are superseded, and a registration older than one already there is
+    -- superseded at once, so an older answer never overwrites a newer one.
+    UPDATE llmbatching.writebacks w
+       SET written_at = now(), outcome = 'superseded'
+      FROM new_rows n
+     WHERE w.target = n.target AND w.target_column = n.target_column AND w.row_key = n.row_key
+       AND w.request_id < n.request_id AND w.written_at IS NULL;
+    UPDATE llmbatching.writebacks w
+       SET written_at = now(), outcome = 'superseded'
+      FROM new_rows n
+     WHERE w.request_id = n.request_id AND w.written_at IS NULL
+       AND EXISTS (SELECT FROM llmbatching.writebacks o
+                    WHERE o.target = n.target AND o.target_column = n.target_column
+                      AND o.row_key = n.row_key AND o.request_id > n.request_id);
     WITH q AS (
         INSERT INTO llmbatching.writeback_queue (request_id, submitted_by)
-        SELECT n.request_id, n.submitted_by
+        SELECT w.request_id, w.submitted_by
           FROM new_rows n
+          JOIN llmbatching.writebacks w ON w.request_id = n.request_id
           JOIN llmbatching.requests r ON r.id = n.request_id
-         WHERE n.written_at IS NULL AND r.state = 'completed'
+         WHERE w.written_at IS NULL AND r.state = 'completed'
         -- An entry already queued keeps its count and its time: registering again never
         -- makes the worker try sooner or more often.
         ON CONFLICT (request_id) DO NOTHING
@@ -416,6 +432,7 @@ DECLARE
     skipped    bigint;
     ids        bigint[];
     keys       jsonb[];
+    pending    bigint;
 BEGIN
     IF prompt IS NULL OR pg_catalog.btrim(prompt) OPERATOR(pg_catalog.=) '' THEN
         RAISE EXCEPTION 'invalid argument "prompt": give a SQL expression over the row, such as ''Classify: '' || body'
@@ -464,6 +481,17 @@ BEGIN
         $sql$, key_sql, prompt, target::pg_catalog.text, coalesce(filter, 'true'), submit_sql)
     INTO ids, keys, skipped
     USING model, instructions, options, endpoint, labels, job_name, schema;
+    -- Rows that already wait for an answer into this column: the new requests supersede those
+    -- write-backs (the earlier requests are still sent unless cancelled).
+    SELECT pg_catalog.count(*) INTO pending
+      FROM llmbatching.writebacks w
+     WHERE w.target OPERATOR(pg_catalog.=) llm_classify.target
+       AND w.target_column OPERATOR(pg_catalog.=) llm_classify.target_column
+       AND w.written_at IS NULL;
+    IF pending OPERATOR(pg_catalog.>) 0 THEN
+        RAISE WARNING 'llm_classify: % write-backs into %.% were still waiting; the new requests supersede them (outcome ''superseded''), and the earlier requests are still sent unless cancelled', pending, target, target_column
+            USING HINT = pg_catalog.format('Cancel them with: SELECT llm_cancel(request_id) FROM llmbatching.writebacks WHERE target = %L::regclass AND target_column = %L AND outcome = ''superseded''', target::pg_catalog.text, target_column::pg_catalog.text);
+    END IF;
     INSERT INTO llmbatching.writebacks (request_id, target, target_column, row_key)
     SELECT s.id, llm_classify.target, llm_classify.target_column, s.row_key
       FROM ROWS FROM (pg_catalog.unnest(ids), pg_catalog.unnest(keys)) AS s (id, row_key);

@@ -199,6 +199,9 @@ CREATE TABLE llmbatching.writebacks (
 -- update stay on the page (a heap-only tuple), with no new primary-key entry.
 WITH (fillfactor = 50);
 COMMENT ON TABLE llmbatching.writebacks IS 'Answers to write into a table column when they arrive, and what happened';
+-- The write-backs of one row and column, for superseding older ones (its columns are never
+-- updated, so writing an answer stays a heap-only update).
+CREATE INDEX writebacks_row ON llmbatching.writebacks (target, target_column, row_key);
 
 -- Answers that arrived and wait to be written into their rows by the worker, with when to try
 -- next (a locked or slow target is tried again later).

@@ -23,6 +23,7 @@ static WRITE_BACK_LOCK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(1000
 static WRITE_BACK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 static TRANSFER_IDLE_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
 static RESULT_RETRY_WINDOW_S: GucSetting<i32> = GucSetting::<i32>::new(24 * 3600);
+static BATCH_DEADLINE_S: GucSetting<i32> = GucSetting::<i32>::new(25 * 3600);
 static DELETE_PROVIDER_FILES: GucSetting<bool> = GucSetting::<bool>::new(true);
 static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(0);
 static REUSE_ANSWERS: GucSetting<ReuseAnswers> =
@@ -172,6 +173,16 @@ pub fn register(preloading: bool) {
         GucFlags::UNIT_MS,
     );
     GucRegistry::define_int_guc(
+        c"llmbatching.batch_deadline",
+        c"A batch not ended this long after it was created at the provider is cancelled there.",
+        c"The provider's completion window (24 hours) plus a grace period: a batch stuck in validating or finalizing past it is cancelled and handled like an expired one (answers that arrived are kept, the rest queued again).",
+        &BATCH_DEADLINE_S,
+        1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
         c"llmbatching.result_retry_window",
         c"How long after a batch ended its result files are asked for again while they cannot be read whole.",
         c"Until then, a download that fails, is cut short or holds unreadable lines is retried with backoff (nothing is sent again, no attempt is used); after it, requests the files did not settle are queued again.",
@@ -289,6 +300,8 @@ pub struct Settings {
     pub transfer_idle_timeout: Duration,
     /// How long after a batch ended its result files are asked for again.
     pub result_retry_window: Duration,
+    /// A batch not ended this long after its creation is cancelled at the provider.
+    pub batch_deadline: Duration,
     /// The default per-model cap on enqueued prompt tokens, if any.
     pub max_enqueued_tokens: Option<i64>,
     pub token_limit_pause: Duration,
@@ -308,6 +321,7 @@ impl Settings {
             max_batches_per_role: MAX_BATCHES_PER_ROLE.get() as i64,
             transfer_idle_timeout: millis(&TRANSFER_IDLE_TIMEOUT_MS),
             result_retry_window: Duration::from_secs(RESULT_RETRY_WINDOW_S.get().max(0) as u64),
+            batch_deadline: Duration::from_secs(BATCH_DEADLINE_S.get().max(1) as u64),
             write_back: crate::restricted::Bounds {
                 lock_timeout: millis(&WRITE_BACK_LOCK_TIMEOUT_MS),
                 time_limit: millis(&WRITE_BACK_TIMEOUT_MS),

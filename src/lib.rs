@@ -27,6 +27,11 @@ extension_sql_file!(
 );
 extension_sql_file!("../sql/costs.sql", name = "costs", requires = ["pipelines"]);
 extension_sql_file!("../sql/copies.sql", name = "copies", requires = ["costs"]);
+extension_sql_file!(
+    "../sql/drop_guard.sql",
+    name = "drop_guard",
+    requires = ["copies"]
+);
 extension_sql_file!("../sql/security.sql", name = "security", finalize);
 
 #[pg_guard]

@@ -536,7 +536,17 @@ impl Worker {
                 "pending" => ("upload", self.upload(&batch)),
                 "uploaded" => ("batch creation", self.create(&batch, settings)),
                 "submitted" if batch.cancel_requested && !batch.cancel_sent => {
-                    ("cancel", self.cancel(&batch))
+                    ("cancel", self.cancel(&batch, "every request was cancelled"))
+                }
+                // Past its completion window and a grace period: cancelled at the provider and
+                // then read back like an expired batch (answers kept, the rest queued again).
+                "submitted"
+                    if batch.submitted_ago > settings.batch_deadline && !batch.cancel_sent =>
+                {
+                    (
+                        "cancel past the deadline",
+                        self.cancel(&batch, "past llmbatching.batch_deadline"),
+                    )
                 }
                 "submitted" => ("poll", self.poll(&batch, settings)),
                 "ingesting" => ("download", self.ingest(&batch, settings)),
@@ -650,13 +660,16 @@ impl Worker {
         Ok(None)
     }
 
-    /// Cancels at the provider a batch whose every request was cancelled. A refusal means the
+    /// Cancels a batch at the provider (every request was cancelled, or it is past its deadline). A refusal means the
     /// batch already ended, which the next poll will show.
-    fn cancel(&mut self, batch: &BatchRow) -> Result<(), ProviderError> {
+    fn cancel(&mut self, batch: &BatchRow, why: &str) -> Result<(), ProviderError> {
         let provider_id = batch.provider_batch_id.as_deref().unwrap_or_default();
         match self.provider().cancel_batch(provider_id) {
             Ok(_) | Err(ProviderError::Rejected { .. }) => {
-                log!("llmbatching: batch {} ({provider_id}): every request was cancelled; cancelled at the provider", batch.id);
+                log!(
+                    "llmbatching: batch {} ({provider_id}): {why}; cancelled at the provider",
+                    batch.id
+                );
                 tx(|| send::record_cancel_sent(batch.id));
                 Ok(())
             }

@@ -536,3 +536,119 @@ fn answers_the_provider_has_are_collected_not_paid_for_again() {
         assert!(stats.ran_more_than_once().is_empty(), "{case}");
     }
 }
+
+#[test]
+fn a_batch_stuck_past_its_deadline_is_cancelled_and_its_answers_kept() {
+    let cluster = Cluster::start(
+        EmulatorConfig {
+            finalizing_ms: 3_600_000,
+            ..quick()
+        },
+        &[("llmbatching.batch_deadline", "3s")],
+    );
+    cluster
+        .client()
+        .batch_execute("CREATE EXTENSION llmbatching")
+        .unwrap();
+    submit(&cluster, 10);
+    cluster.wait_until_settled(SETTLE);
+    assert_eq!(
+        cluster.count(
+            "SELECT count(*) FROM llmbatching.requests WHERE state = 'completed' AND attempts = 1"
+        ),
+        10,
+        "the answers that had arrived were not kept"
+    );
+    assert_eq!(
+        cluster.count(
+            "SELECT count(*) FROM llmbatching.batches
+              WHERE cancel_sent_at IS NOT NULL AND provider_status = 'cancelled' AND state = 'done'"
+        ),
+        1
+    );
+    assert_eq!(cluster.emulator.stats().batches_created, 1);
+}
+
+#[test]
+fn a_newer_request_for_a_row_supersedes_an_older_one() {
+    let cluster = Cluster::with_extension(&[("llmbatching.batch_wait", "1h")]);
+    let notices = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut c = cluster.client_with_notices(notices.clone());
+    c.batch_execute(
+        "CREATE TABLE notes (id int PRIMARY KEY, body text, summary text);
+         INSERT INTO notes VALUES (1, 'one', NULL), (2, 'two', NULL);
+         SELECT * FROM llm_classify('notes', 'summary', $$'First: ' || body$$, 'm');
+         SELECT * FROM llm_classify('notes', 'summary', $$'Second: ' || body$$, 'm');",
+    )
+    .unwrap();
+    assert!(
+        notices
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|n| n.contains("supersede")),
+        "{:?}",
+        notices.lock().unwrap()
+    );
+    cluster.set(&[("llmbatching.batch_wait", "0")]);
+    cluster.wait_until_settled(SETTLE);
+    cluster.wait_for("the write-backs to settle", SETTLE, || {
+        cluster.count("SELECT count(*) FROM llmbatching.writebacks WHERE written_at IS NULL") == 0
+    });
+    let summaries: Vec<String> = c
+        .query("SELECT summary FROM notes ORDER BY id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(summaries, ["[m] Second: one", "[m] Second: two"]);
+    assert_eq!(
+        cluster.count("SELECT count(*) FROM llmbatching.writebacks WHERE outcome = 'superseded'"),
+        2
+    );
+}
+
+#[test]
+fn dropping_the_extension_with_batches_open_is_refused_with_the_way_out() {
+    let cluster = Cluster::start(
+        EmulatorConfig {
+            in_progress_ms: 60_000,
+            ..quick()
+        },
+        &[],
+    );
+    let mut c = cluster.client();
+    c.batch_execute("CREATE EXTENSION llmbatching").unwrap();
+    let worker = cluster.worker_pid();
+    submit(&cluster, 3);
+    cluster.wait_for_a_submitted_batch();
+    let err = c
+        .batch_execute("DROP EXTENSION llmbatching")
+        .expect_err("dropped with a batch open");
+    let db = err.as_db_error().unwrap();
+    assert!(
+        db.message().contains("batches open at the provider"),
+        "{}",
+        db.message()
+    );
+    assert!(db.hint().unwrap_or_default().contains("llm_cancel"));
+    // Other extensions are none of its business.
+    c.batch_execute(
+        "CREATE EXTENSION IF NOT EXISTS plpgsql; DROP EXTENSION IF EXISTS no_such_extension",
+    )
+    .unwrap();
+    c.batch_execute(
+        "ALTER EVENT TRIGGER llmbatching_drop_guard DISABLE; DROP EXTENSION llmbatching",
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        cluster.worker_pid(),
+        worker,
+        "the worker failed with the extension gone"
+    );
+    c.batch_execute("CREATE EXTENSION llmbatching").unwrap();
+    submit(&cluster, 2);
+    cluster.emulator.configure(|e| e.in_progress_ms = 100);
+    cluster.wait_until_settled(SETTLE);
+}

@@ -56,6 +56,8 @@ pub struct BatchRow {
     pub request_count: i64,
     /// How long ago the provider ended it (zero while it has not).
     pub ended_ago: Duration,
+    /// How long ago it was created at the provider (zero while it has not been).
+    pub submitted_ago: Duration,
 }
 
 impl BatchRow {
@@ -68,7 +70,8 @@ const BATCH_COLUMNS: &str = "id, endpoint, state, provider_status, provider_erro
      output_file_id, error_file_id, step_failures, create_attempted_at IS NOT NULL, model,
      (completed_count + failed_count)::bigint, cancel_requested_at IS NOT NULL, cancel_sent_at IS NOT NULL,
      answer_formats > 0, request_count,
-     extract(epoch FROM pg_catalog.clock_timestamp() - coalesce(ended_at, pg_catalog.clock_timestamp()))::float8";
+     extract(epoch FROM pg_catalog.clock_timestamp() - coalesce(ended_at, pg_catalog.clock_timestamp()))::float8,
+     extract(epoch FROM pg_catalog.clock_timestamp() - coalesce(submitted_at, pg_catalog.clock_timestamp()))::float8";
 
 fn batch_rows(
     client: &SpiClient<'_>,
@@ -97,6 +100,7 @@ fn batch_rows(
                 has_answer_formats: row.get(16)?.unwrap_or(true),
                 request_count: row.get::<i32>(17)?.unwrap_or(0) as i64,
                 ended_ago: Duration::from_secs_f64(row.get::<f64>(18)?.unwrap_or(0.0).max(0.0)),
+                submitted_ago: Duration::from_secs_f64(row.get::<f64>(19)?.unwrap_or(0.0).max(0.0)),
             })
         })
         .collect()

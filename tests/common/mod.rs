@@ -142,13 +142,25 @@ impl Cluster {
             conf.push_str(&format!("{name} = '{value}'\n"));
         }
         append_as_owner(&data.join("postgresql.conf"), &conf);
-        let cluster = Cluster {
+        let mut cluster = Cluster {
             dir,
             port,
             emulator,
         };
         // The key is read from a file only the server's OS user can read (it is no setting).
         cluster.write_server_file("llmbatching.key", &format!("{API_KEY}\n"), "600");
+        // A free port can be taken by another test's server between choosing and starting:
+        // then start again on another one (the last `port` line of the file counts).
+        for _ in 0..3 {
+            if cluster.try_pg_ctl(&["start", "-w", "-t", "60"]) {
+                return cluster;
+            }
+            cluster.port = free_port();
+            append_as_owner(
+                &data.join("postgresql.conf"),
+                &format!("port = {}\n", cluster.port),
+            );
+        }
         cluster.pg_ctl(&["start", "-w", "-t", "60"]);
         cluster
     }
@@ -169,6 +181,16 @@ impl Cluster {
 
     pub fn log_path(&self) -> PathBuf {
         self.dir.join("server.log")
+    }
+
+    fn try_pg_ctl(&self, args: &[&str]) -> bool {
+        let mut c = pg_command("pg_ctl");
+        c.arg("-D")
+            .arg(self.data())
+            .arg("-l")
+            .arg(self.log_path())
+            .args(args);
+        c.output().map(|o| o.status.success()).unwrap_or(false)
     }
 
     pub fn pg_ctl(&self, args: &[&str]) {
