@@ -58,3 +58,42 @@ END
 $$;
 COMMENT ON FUNCTION llm_adopt(boolean) IS
     'Ends copy mode: take over the work after a move, or (as_copy) become an installation of its own';
+
+-- An ended batch whose result files cannot be read whole is read again, with backoff, for
+-- llmbatching.result_retry_window (a day): sending its requests again would pay twice for answers
+-- the provider may have. An administrator can give up on them sooner: first without confirm,
+-- to see what it would cost, then with confirm => true.
+CREATE FUNCTION llm_give_up_results(batch bigint, confirm boolean DEFAULT false)
+RETURNS TABLE (requests_sent_again bigint, estimated_input_tokens bigint, estimated_cost numeric, given_up boolean)
+LANGUAGE plpgsql
+SECURITY DEFINER
+AS $$
+DECLARE
+    b llmbatching.batches;
+BEGIN
+    SELECT * INTO b FROM llmbatching.batches x WHERE x.id = llm_give_up_results.batch;
+    IF NOT FOUND OR b.state <> 'ingesting' THEN
+        RAISE EXCEPTION 'invalid argument "batch": % is not a batch whose results are being read', llm_give_up_results.batch
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'SELECT id, last_error FROM llmbatching.batches WHERE state = ''ingesting'' lists them.';
+    END IF;
+    SELECT count(*), coalesce(sum((r.body_bytes + 3) / 4), 0),
+           round(coalesce(sum((r.body_bytes + 3) / 4 * p.batch_input), 0) / 1000000, 6)
+      INTO requests_sent_again, estimated_input_tokens, estimated_cost
+      FROM llmbatching.requests r
+      LEFT JOIN LATERAL (SELECT q.batch_input FROM llmbatching.prices q
+                          WHERE r.model = q.model
+                             OR (starts_with(r.model, q.model || '-')
+                                 AND substr(r.model, length(q.model) + 2) ~ '^([0-9]{4}-[0-9]{2}-[0-9]{2}|[0-9]{4})$')
+                          ORDER BY length(q.model) DESC LIMIT 1) p ON true
+     WHERE r.batch_id = b.id AND r.state = 'submitted';
+    given_up := confirm;
+    IF confirm THEN
+        UPDATE llmbatching.batches x SET results_given_up_at = now(), next_check_at = now() WHERE x.id = b.id;
+        PERFORM llmbatching.wake_worker();
+    END IF;
+    RETURN NEXT;
+END
+$$;
+COMMENT ON FUNCTION llm_give_up_results(bigint, boolean) IS
+    'Stops waiting for a batch''s result files: what they did not settle is sent again (shows the cost first; confirm => true to do it)';

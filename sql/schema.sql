@@ -103,7 +103,10 @@ CREATE TABLE llmbatching.batches (
     cancel_sent_at      timestamptz,
     files_deleted_at    timestamptz,
     -- The roles whose requests it carries, for the cap on each role's batches in flight.
-    roles               name[] NOT NULL DEFAULT '{}'
+    roles               name[] NOT NULL DEFAULT '{}',
+    -- An administrator gave up waiting for its result files (llm_give_up_results): what they
+    -- did not settle is queued again at the next reading.
+    results_given_up_at timestamptz
 );
 COMMENT ON TABLE llmbatching.batches IS 'Provider batches: state is llmbatching''s own step, provider_status the provider''s';
 CREATE INDEX batches_open ON llmbatching.batches (next_check_at) WHERE state <> 'done';

@@ -105,7 +105,7 @@ BEGIN
         IF f.proname OPERATOR(pg_catalog.<>) 'llm_classify' AND f.proname::pg_catalog.text NOT LIKE 'llm\_submit%' THEN
             EXECUTE pg_catalog.format('ALTER FUNCTION %s SET search_path = pg_catalog, pg_temp', f.signature::pg_catalog.text);
         END IF;
-        IF f.proname OPERATOR(pg_catalog.=) ANY (ARRAY['llm_purge', 'purge_before', 'llm_adopt']::pg_catalog.name[]) THEN
+        IF f.proname OPERATOR(pg_catalog.=) ANY (ARRAY['llm_purge', 'purge_before', 'llm_adopt', 'llm_give_up_results']::pg_catalog.name[]) THEN
             EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO llmbatching_admin', f.signature::pg_catalog.text);
         ELSIF f.proname::pg_catalog.text LIKE 'llm\_%'
               OR f.proname OPERATOR(pg_catalog.=) ANY (ARRAY['check_target', 'primary_key_columns', 'request_problem',

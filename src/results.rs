@@ -81,8 +81,25 @@ impl LineFilter {
         }
     }
 
+    /// The requests the files name.
+    pub fn named(&self) -> Vec<i64> {
+        self.seen.iter().copied().collect()
+    }
+
+    /// Forgets the requests that do not exist (a provider's line naming no request of ours):
+    /// they are neither applied nor counted. Returns how many there were.
+    pub fn forget_unknown(&mut self, known: &std::collections::HashSet<i64>) -> usize {
+        let before = self.seen.len();
+        self.seen.retain(|id| known.contains(id));
+        self.succeeded.retain(|id| known.contains(id));
+        before - self.seen.len()
+    }
+
     /// Second reading: whether this line is the one applied for its request.
     pub fn apply(&mut self, result: &LineResult) -> bool {
+        if !self.seen.contains(&result.request_id) {
+            return false;
+        }
         let success = matches!(result.outcome, Outcome::Completed { .. });
         if !success && self.succeeded.contains(&result.request_id) {
             return false;

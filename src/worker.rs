@@ -292,7 +292,7 @@ impl Worker {
 
     /// Whether an ended batch's results are still asked for again when they cannot be read whole.
     fn within_result_window(&self, batch: &BatchRow, settings: &Settings) -> bool {
-        batch.ended_ago < settings.result_retry_window
+        batch.ended_ago < settings.result_retry_window && !batch.results_given_up
     }
 
     /// What `pg_stat_activity` shows while the worker sleeps.
@@ -683,17 +683,17 @@ impl Worker {
         for error in &mut info.errors {
             error.message = self.redact(&error.message);
         }
-        // Completed, but without its result files or counting fewer results than it carries:
+        // Completed, but without its result files or counting fewer results than lines:
         // the provider is still writing them. Ending the batch now would send again answers the
         // provider has; ask again later instead.
         let incomplete = info.status == BatchStatus::Completed
             && (info.output_file_id.is_none() && info.error_file_id.is_none()
-                || ((info.completed + info.failed) as i64) < batch.request_count);
+                || info.completed + info.failed < info.total);
         if incomplete {
             return Err(ProviderError::Malformed(format!(
                 "the provider reports batch {provider_id} completed without all its results yet ({} of {} counted); asking again",
                 info.completed + info.failed,
-                batch.request_count
+                info.total
             )));
         }
         if info.status.is_terminal() {
@@ -734,6 +734,19 @@ impl Worker {
         let read = files
             .iter()
             .try_for_each(|path| self.read_file(batch, path, |r| filter.note(&r)).map(|_| ()));
+        let read = read.and_then(|_| {
+            let named = filter.named();
+            let known = catching(move || tx(move || ingest::existing_ids(named)))
+                .map_err(ProviderError::Database)?;
+            let unknown = filter.forget_unknown(&known);
+            if unknown > 0 {
+                warning!(
+                    "llmbatching: batch {}: {unknown} result lines name no request of this database; they are ignored",
+                    batch.id
+                );
+            }
+            Ok(())
+        });
         let applied = read.and_then(|_| {
             files.iter().try_for_each(|path| {
                 let (_, left) =
@@ -990,10 +1003,13 @@ impl Worker {
     ) {
         let message = self.redact(&format!("{step} failed: {error}"));
         // The results of an ended batch are asked for again for the whole window, whatever the
-        // error: giving up would send again answers the provider has.
-        let final_refusal = !error.is_retryable()
-            && batch.step_failures + 1 >= REFUSALS_BEFORE_GIVING_UP
-            && !(batch.state == "ingesting" && self.within_result_window(batch, settings));
+        // error (giving up would send again answers the provider has), and given up once it has
+        // passed (or an administrator said so), whatever the error.
+        let final_refusal = if batch.state == "ingesting" {
+            !self.within_result_window(batch, settings)
+        } else {
+            !error.is_retryable() && batch.step_failures + 1 >= REFUSALS_BEFORE_GIVING_UP
+        };
         if final_refusal {
             warning!(
                 "llmbatching: batch {}: {message}; giving up on this batch",

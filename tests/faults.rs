@@ -652,3 +652,86 @@ fn dropping_the_extension_with_batches_open_is_refused_with_the_way_out() {
     cluster.emulator.configure(|e| e.in_progress_ms = 100);
     cluster.wait_until_settled(SETTLE);
 }
+
+#[test]
+fn an_administrator_may_give_up_on_result_files_after_seeing_the_cost() {
+    let cluster = Cluster::start(
+        EmulatorConfig {
+            content_outage_ms: 3_600_000,
+            ..quick()
+        },
+        &[],
+    );
+    let mut c = cluster.client();
+    c.batch_execute("CREATE EXTENSION llmbatching").unwrap();
+    submit(&cluster, 4);
+    cluster.wait_for("the batch to wait for its files", SETTLE, || {
+        cluster.count("SELECT count(*) FROM llmbatching.batches WHERE state = 'ingesting' AND step_failures > 0") == 1
+    });
+    // Nothing is sent again while the window lasts.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(cluster.emulator.stats().batches_created, 1);
+    let batch: i64 = c
+        .query_one("SELECT id FROM llmbatching.batches", &[])
+        .unwrap()
+        .get(0);
+    let row = c
+        .query_one("SELECT * FROM llm_give_up_results($1)", &[&batch])
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 4, "requests that would be sent again");
+    assert!(!row.get::<_, bool>(3), "given up without confirm");
+    assert_eq!(
+        cluster.count(
+            "SELECT count(*) FROM llmbatching.batches WHERE results_given_up_at IS NOT NULL"
+        ),
+        0
+    );
+    cluster.emulator.configure(|e| e.content_outage_ms = 0);
+    // The outage ends; giving up is no longer needed, but said: what the files settle is kept,
+    // the rest sent again.
+    c.query_one(
+        "SELECT * FROM llm_give_up_results($1, confirm => true)",
+        &[&batch],
+    )
+    .unwrap();
+    cluster.wait_until_settled(SETTLE);
+    assert_eq!(
+        cluster.count("SELECT count(*) FROM llmbatching.requests WHERE state = 'completed'"),
+        4
+    );
+}
+
+#[test]
+fn contradicting_result_files_are_read_the_same_way_whatever_their_order() {
+    let cluster = Cluster::start(
+        EmulatorConfig {
+            noisy_results: true,
+            ..quick()
+        },
+        &[],
+    );
+    cluster
+        .client()
+        .batch_execute("CREATE EXTENSION llmbatching")
+        .unwrap();
+    submit(&cluster, 30);
+    cluster.wait_until_settled(SETTLE);
+    assert_eq!(
+        cluster.count(
+            "SELECT count(*) FROM llmbatching.requests WHERE state = 'completed' AND attempts = 1"
+        ),
+        30,
+        "a contradicting error line sent a request again"
+    );
+    let stats = cluster.emulator.stats();
+    assert!(stats.faults_injected > 0);
+    assert_eq!(stats.batches_created, 1);
+    assert!(
+        stats.ran_more_than_once().is_empty(),
+        "{:?}",
+        stats.ran_more_than_once()
+    );
+    assert!(cluster
+        .log()
+        .contains("repeated a request already answered"));
+}

@@ -58,6 +58,10 @@ pub struct Config {
     /// an HTML error page. Each such answer counts in [`Stats::faults_injected`].
     pub content_outage_ms: u64,
     pub content_outage_html: bool,
+    /// Result files that contradict themselves: every answered request also gets a retryable
+    /// error line (status 500) in the error file, the first answer is repeated at the end of the
+    /// output, and the error file names a request that is in no batch.
+    pub noisy_results: bool,
     /// Share of lines that fail at random with `line_failure_status` (a server error by default).
     pub line_failure_rate: f64,
     pub line_failure_status: u16,
@@ -108,6 +112,7 @@ impl Default for Config {
             late_output_polls: 0,
             content_outage_ms: 0,
             content_outage_html: false,
+            noisy_results: false,
             line_failure_rate: 0.0,
             line_failure_status: 500,
             faults: BTreeMap::new(),
@@ -555,6 +560,19 @@ impl Provider {
             }
         }
         self.next_id += self.batches[i].lines.len() as u64;
+        if self.config.noisy_results {
+            self.stats.faults_injected += 1;
+            for answered in &output {
+                errors.push(json!({"id": answered["id"], "custom_id": answered["custom_id"], "error": null,
+                    "response": {"status_code": 500, "request_id": "req_noise", "body": {"error": {
+                        "message": "Emulated contradicting failure", "type": "server_error", "param": null, "code": null}}}}));
+            }
+            errors.push(json!({"id": "batch_req_unknown", "custom_id": "987654321", "response": null,
+                               "error": {"code": "server_error", "message": "a request of no batch"}}));
+            if let Some(first) = output.first().cloned() {
+                output.push(first);
+            }
+        }
         let mut output: Vec<String> = output.iter().map(mangle).collect();
         let mut errors: Vec<String> = errors.iter().map(mangle).collect();
         // The provider writes results in the order they finish, not the input order.

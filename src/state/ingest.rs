@@ -11,6 +11,21 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::time::Duration;
 
+/// Which of these ids are requests at all (a result line may name one that is not).
+pub fn existing_ids(ids: Vec<i64>) -> std::collections::HashSet<i64> {
+    Spi::connect(|client| {
+        client
+            .select(
+                "SELECT r.id FROM llmbatching.requests r WHERE r.id = ANY ($1)",
+                None,
+                &[ids.into()],
+            )?
+            .map(|row| row.get::<i64>(1).map(Option::unwrap_or_default))
+            .collect::<SpiResult<std::collections::HashSet<i64>>>()
+    })
+    .unwrap_or_else(|e| fail("reading the requests a batch's results name", e))
+}
+
 /// Fails one request of a batch whose answer could not be stored.
 pub fn fail_request(batch_id: i64, request_id: i64, reason: &str) {
     run(

@@ -52,12 +52,12 @@ pub struct BatchRow {
     pub cancel_sent: bool,
     /// Whether any of its requests asked for an answer format to check.
     pub has_answer_formats: bool,
-    /// How many requests it carries.
-    pub request_count: i64,
     /// How long ago the provider ended it (zero while it has not).
     pub ended_ago: Duration,
     /// How long ago it was created at the provider (zero while it has not been).
     pub submitted_ago: Duration,
+    /// An administrator gave up waiting for its result files.
+    pub results_given_up: bool,
 }
 
 impl BatchRow {
@@ -69,9 +69,10 @@ impl BatchRow {
 const BATCH_COLUMNS: &str = "id, endpoint, state, provider_status, provider_errors, input_file_id, provider_batch_id,
      output_file_id, error_file_id, step_failures, create_attempted_at IS NOT NULL, model,
      (completed_count + failed_count)::bigint, cancel_requested_at IS NOT NULL, cancel_sent_at IS NOT NULL,
-     answer_formats > 0, request_count,
+     answer_formats > 0,
      extract(epoch FROM pg_catalog.clock_timestamp() - coalesce(ended_at, pg_catalog.clock_timestamp()))::float8,
-     extract(epoch FROM pg_catalog.clock_timestamp() - coalesce(submitted_at, pg_catalog.clock_timestamp()))::float8";
+     extract(epoch FROM pg_catalog.clock_timestamp() - coalesce(submitted_at, pg_catalog.clock_timestamp()))::float8,
+     results_given_up_at IS NOT NULL";
 
 fn batch_rows(
     client: &SpiClient<'_>,
@@ -98,9 +99,9 @@ fn batch_rows(
                 cancel_requested: row.get(14)?.unwrap_or(false),
                 cancel_sent: row.get(15)?.unwrap_or(false),
                 has_answer_formats: row.get(16)?.unwrap_or(true),
-                request_count: row.get::<i32>(17)?.unwrap_or(0) as i64,
-                ended_ago: Duration::from_secs_f64(row.get::<f64>(18)?.unwrap_or(0.0).max(0.0)),
-                submitted_ago: Duration::from_secs_f64(row.get::<f64>(19)?.unwrap_or(0.0).max(0.0)),
+                ended_ago: Duration::from_secs_f64(row.get::<f64>(17)?.unwrap_or(0.0).max(0.0)),
+                submitted_ago: Duration::from_secs_f64(row.get::<f64>(18)?.unwrap_or(0.0).max(0.0)),
+                results_given_up: row.get(19)?.unwrap_or(false),
             })
         })
         .collect()
