@@ -39,10 +39,12 @@ BEGIN
     END IF;
     IF as_copy THEN
         SELECT coalesce(i.copied_at, now()) INTO inherited_until FROM llmbatching.instance i;
+        -- What was in flight belongs to the original's batches; what was queued before the copy
+        -- was made is the original's to send.
         UPDATE llmbatching.requests r
            SET state = 'cancelled', finished_at = now(),
                error = 'left with the database this one was copied from'
-         WHERE r.state IN ('queued', 'submitted') AND r.created_at < inherited_until;
+         WHERE r.state = 'submitted' OR (r.state = 'queued' AND r.created_at < inherited_until);
         UPDATE llmbatching.batches b
            SET state = 'done', finished_at = now(),
                last_error = 'left with the database this one was copied from'

@@ -11,6 +11,10 @@ BEGIN
     IF current_query() !~* '\mllmbatching\M' THEN
         RETURN;
     END IF;
+    -- A copy's batches are the original's: it may go.
+    IF llmbatching.copy_problem() IS NOT NULL THEN
+        RETURN;
+    END IF;
     SELECT count(*) INTO open_batches FROM llmbatching.batches b WHERE b.state <> 'done';
     IF open_batches > 0 THEN
         RAISE EXCEPTION 'llmbatching has % batches open at the provider; dropping it now would leave them running and billed, their answers collected by no one', open_batches

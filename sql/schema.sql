@@ -48,7 +48,9 @@ BEGIN
     IF EXISTS (SELECT FROM llmbatching.instance) THEN
         UPDATE llmbatching.instance
            SET id = NEW.id, created_at = NEW.created_at, home = NEW.home,
-               copied_at = pg_catalog.now(), adopted_at = NEW.adopted_at;
+               copied_at = CASE WHEN NEW.home IS DISTINCT FROM llmbatching.current_home()
+                                THEN pg_catalog.now() END,
+               adopted_at = NEW.adopted_at;
         RETURN NULL;
     END IF;
     RETURN NEW;

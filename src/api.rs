@@ -102,10 +102,16 @@ fn enqueue(
 }
 
 /// Says, once per session, that requests queued here will wait (for a worker that never comes,
-/// or an administrator's adoption of a copy).
+/// or an administrator's adoption of a copy). Looked at once per transaction, not per row.
 fn warn_once_if_no_worker() {
     static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    static LOOKED_IN: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
     if WARNED.load(std::sync::atomic::Ordering::Relaxed) {
+        return;
+    }
+    // SAFETY: the current transaction's start time, a plain read.
+    let transaction = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
+    if LOOKED_IN.swap(transaction, std::sync::atomic::Ordering::Relaxed) == transaction {
         return;
     }
     if let Some(reason) = why_nothing_is_sent() {

@@ -58,50 +58,59 @@ pub enum LineRead {
 
 /// Decides which result lines of a batch are applied, so that the outcome is the same however
 /// the lines are ordered and chunked: the batch's files are read twice, first to [`note`] every
-/// line, then to ask whether to [`apply`] it. A success beats any error line for the same
-/// request (an error line would queue it again, to be paid for twice), the first success wins,
-/// and one line per request is applied.
+/// line, then to ask whether to [`apply`] it. For each request the line of the best kind wins:
+/// a success, then a refusal (it ran and failed for good), then an unreadable line (it ran; read
+/// again, or failed with the line kept), then a line saying it did not run (which queues it
+/// again, to be paid for twice if the provider did answer it). Of lines of the same kind, the
+/// first wins; one line per request is applied.
 ///
 /// [`note`]: LineFilter::note
 /// [`apply`]: LineFilter::apply
 #[derive(Default)]
 pub struct LineFilter {
-    succeeded: std::collections::HashSet<i64>,
-    seen: std::collections::HashSet<i64>,
+    /// The best kind of line each named request has (see [`LineFilter::rank`]).
+    best: HashMap<i64, u8>,
     applied: std::collections::HashSet<i64>,
     duplicates: usize,
 }
 
 impl LineFilter {
-    /// First reading: remembers which requests have a success line.
-    pub fn note(&mut self, result: &LineResult) {
-        self.seen.insert(result.request_id);
-        if matches!(result.outcome, Outcome::Completed { .. }) {
-            self.succeeded.insert(result.request_id);
+    /// How good a line is for its request: the higher, the more it says.
+    fn rank(outcome: &Outcome) -> u8 {
+        match outcome {
+            Outcome::Completed { .. } => 3,
+            Outcome::Failed { .. } => 2,
+            Outcome::Unreadable { .. } => 1,
+            Outcome::Retry { .. } => 0,
         }
+    }
+
+    /// First reading: remembers the best kind of line of each request.
+    pub fn note(&mut self, result: &LineResult) {
+        let rank = Self::rank(&result.outcome);
+        let best = self.best.entry(result.request_id).or_insert(rank);
+        *best = (*best).max(rank);
     }
 
     /// The requests the files name.
     pub fn named(&self) -> Vec<i64> {
-        self.seen.iter().copied().collect()
+        self.best.keys().copied().collect()
     }
 
     /// Forgets the requests that do not exist (a provider's line naming no request of ours):
     /// they are neither applied nor counted. Returns how many there were.
     pub fn forget_unknown(&mut self, known: &std::collections::HashSet<i64>) -> usize {
-        let before = self.seen.len();
-        self.seen.retain(|id| known.contains(id));
-        self.succeeded.retain(|id| known.contains(id));
-        before - self.seen.len()
+        let before = self.best.len();
+        self.best.retain(|id, _| known.contains(id));
+        before - self.best.len()
     }
 
     /// Second reading: whether this line is the one applied for its request.
     pub fn apply(&mut self, result: &LineResult) -> bool {
-        if !self.seen.contains(&result.request_id) {
+        let Some(best) = self.best.get(&result.request_id) else {
             return false;
-        }
-        let success = matches!(result.outcome, Outcome::Completed { .. });
-        if !success && self.succeeded.contains(&result.request_id) {
+        };
+        if Self::rank(&result.outcome) < *best {
             return false;
         }
         let first = self.applied.insert(result.request_id);
@@ -113,7 +122,7 @@ impl LineFilter {
 
     /// How many distinct requests the files name: what is compared with the provider's counts.
     pub fn requests_named(&self) -> i64 {
-        self.seen.len() as i64
+        self.best.len() as i64
     }
 
     /// Lines skipped in the second reading because their request already had one applied.
@@ -719,19 +728,41 @@ mod tests {
             },
         };
         // The error line comes first, the success much later (another chunk, another file).
+        let refused = |id: i64| LineResult {
+            request_id: id,
+            outcome: Outcome::Failed {
+                message: "refused".into(),
+                response: None,
+            },
+        };
         let lines = vec![
             retry(1),
             ok(2, "first"),
             retry(3),
             ok(1, "late"),
             ok(2, "again"),
+            retry(4),
+            refused(4),
         ];
         let mut filter = LineFilter::default();
         lines.iter().for_each(|l| filter.note(l));
         let applied: Vec<&LineResult> = lines.iter().filter(|l| filter.apply(l)).collect();
-        assert_eq!(applied, vec![&ok(2, "first"), &retry(3), &ok(1, "late")]);
-        assert_eq!(filter.requests_named(), 3);
+        assert_eq!(
+            applied,
+            vec![&ok(2, "first"), &retry(3), &ok(1, "late"), &refused(4)]
+        );
+        assert_eq!(filter.requests_named(), 4);
         assert_eq!(filter.duplicates(), 1);
+        // The same lines in the other order give the same outcome.
+        let mut filter = LineFilter::default();
+        lines.iter().rev().for_each(|l| filter.note(l));
+        let mut applied: Vec<&LineResult> =
+            lines.iter().rev().filter(|l| filter.apply(l)).collect();
+        applied.sort_by_key(|l| l.request_id);
+        assert_eq!(
+            applied,
+            vec![&ok(1, "late"), &ok(2, "again"), &retry(3), &refused(4)]
+        );
     }
 
     #[test]

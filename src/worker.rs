@@ -686,7 +686,9 @@ impl Worker {
         // Completed, but without its result files or counting fewer results than lines:
         // the provider is still writing them. Ending the batch now would send again answers the
         // provider has; ask again later instead.
+        // Past the batch's deadline it is believed as it is, and read back for what it holds.
         let incomplete = info.status == BatchStatus::Completed
+            && batch.submitted_ago <= settings.batch_deadline
             && (info.output_file_id.is_none() && info.error_file_id.is_none()
                 || info.completed + info.failed < info.total);
         if incomplete {
@@ -912,12 +914,14 @@ impl Worker {
         let (mut attributed, mut unread, mut unread_first) = (0i64, 0i64, None);
         let (unattributed, first_problem) = self.read_file(batch, path, |result| {
             attributed += 1;
+            if !filter.apply(&result) {
+                return;
+            }
+            // The best this request has is a line that cannot be read: read the files again
+            // (nothing of it is applied meanwhile), unless this is the last reading.
             if matches!(result.outcome, Outcome::Unreadable { .. }) && !last_read {
                 unread += 1;
                 unread_first.get_or_insert(format!("request {}: unreadable", result.request_id));
-                return;
-            }
-            if !filter.apply(&result) {
                 return;
             }
             chunk_bytes += approximate_size(&result);
