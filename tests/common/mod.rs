@@ -183,24 +183,25 @@ impl Cluster {
         self.dir.join("server.log")
     }
 
-    fn try_pg_ctl(&self, args: &[&str]) -> bool {
+    fn pg_ctl_command(&self, args: &[&str]) -> Command {
         let mut c = pg_command("pg_ctl");
         c.arg("-D")
             .arg(self.data())
             .arg("-l")
             .arg(self.log_path())
             .args(args);
-        c.output().map(|o| o.status.success()).unwrap_or(false)
+        c
+    }
+
+    fn try_pg_ctl(&self, args: &[&str]) -> bool {
+        self.pg_ctl_command(args)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
     }
 
     pub fn pg_ctl(&self, args: &[&str]) {
-        let mut c = pg_command("pg_ctl");
-        c.arg("-D")
-            .arg(self.data())
-            .arg("-l")
-            .arg(self.log_path())
-            .args(args);
-        run(c, &format!("pg_ctl {args:?}"));
+        run(self.pg_ctl_command(args), &format!("pg_ctl {args:?}"));
     }
 
     /// Restarts the server; `mode` is pg_ctl's shutdown mode (`fast`, `immediate`).
