@@ -361,8 +361,13 @@ fn b5_end_to_end(n: i64) {
     cluster.set(&[("llmbatching.batch_wait", "0")]);
     // Poll from the client, as the by-hand script does: llm_wait would hold one snapshot for the
     // whole wait, which keeps the worker's dead rows from being pruned. The poll asks only
-    // whether anything is left (counting would read the whole job each time, beside the worker).
-    while cluster.count("SELECT count(*) FROM (SELECT FROM llmbatching.requests WHERE job = 'bench' AND state IN ('queued', 'submitted') LIMIT 1) s") > 0 {
+    // whether anything is left (counting would read the whole job each time, beside the worker):
+    // a request not finished, or an answer not yet written into its row.
+    while cluster.count(
+        "SELECT count(*) FROM (SELECT FROM llmbatching.requests WHERE job = 'bench' AND state IN ('queued', 'submitted') LIMIT 1) s",
+    ) + cluster.count("SELECT count(*) FROM (SELECT FROM llmbatching.writeback_queue LIMIT 1) q")
+        > 0
+    {
         std::thread::sleep(Duration::from_millis(200));
     }
     let ours = started.elapsed().as_secs_f64();

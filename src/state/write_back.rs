@@ -18,7 +18,7 @@ use pgrx::JsonB;
 use std::time::Duration;
 
 /// Queue entries of each role read per round; the rest wait for the next one.
-const DUE_PER_ROLE: i64 = 1000;
+const DUE_PER_ROLE: i64 = 10_000;
 /// A group that keeps running out of time (not merely waiting for a lock) is given up after
 /// this many tries, so a trigger that always sleeps does not cost the worker time forever.
 const MAX_SLOW_TRIES: i32 = 5;
