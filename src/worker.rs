@@ -712,17 +712,20 @@ impl Worker {
 
     /// Downloads and applies the output and error files, then settles what they left out.
     fn ingest(&mut self, batch: &BatchRow, settings: &Settings) -> Result<(), ProviderError> {
-        // After a failed reading, ask the provider again: its file ids may have changed.
+        // After a failed reading, ask the provider again: its file ids may have changed. (If
+        // that question fails too, the ids known are tried: it is only a chance to do better.)
         let refreshed;
-        let batch = if batch.step_failures > 0 && batch.provider_batch_id.is_some() {
-            let provider_id = batch.provider_batch_id.clone().unwrap_or_default();
-            let info = self.provider().get_batch(&provider_id)?;
-            let id = batch.id;
-            tx(|| send::record_result_files(id, &info));
-            refreshed = tx(move || state::batch(id)).unwrap_or_else(|| batch.clone());
-            &refreshed
-        } else {
-            batch
+        let batch = match &batch.provider_batch_id {
+            Some(provider_id) if batch.step_failures > 0 => {
+                if let Ok(info) = self.provider().get_batch(provider_id) {
+                    let id = batch.id;
+                    tx(|| send::record_result_files(id, &info));
+                }
+                let id = batch.id;
+                refreshed = tx(move || state::batch(id)).unwrap_or_else(|| batch.clone());
+                &refreshed
+            }
+            _ => batch,
         };
         let (mut lines, mut unread) = (0, 0);
         // Until the window after the batch ended has passed, a reading that is not whole is
@@ -1030,7 +1033,13 @@ impl Worker {
             return;
         }
         let base = settings.poll_interval.min(Duration::from_secs(2));
-        let cap = settings.poll_interval.max(Duration::from_secs(300));
+        // An ended batch's files are asked for again within a minute at most: the answers are
+        // there, and the window bounds how long this goes on.
+        let cap = if batch.state == "ingesting" {
+            settings.poll_interval.max(Duration::from_secs(60))
+        } else {
+            settings.poll_interval.max(Duration::from_secs(300))
+        };
         let delay = planner::retry_delay(
             batch.step_failures as u32,
             base,
