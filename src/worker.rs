@@ -304,12 +304,14 @@ impl Worker {
         }
     }
 
+    /// The key the provider client uses (empty before there is one), to redact it.
+    fn key(&self) -> &str {
+        self.provider_for.as_ref().map_or("", |(_, key, _)| key)
+    }
+
     /// A provider's text without the key or any echoed credential, bounded.
     fn redact(&self, text: &str) -> String {
-        redact(
-            text,
-            self.provider_for.as_ref().map_or("", |(_, key, _)| key),
-        )
+        redact(text, self.key())
     }
 
     /// Does everything that is due; returns how long to sleep before the next round.
@@ -950,10 +952,7 @@ impl Worker {
 
     /// A provider's error texts in a result, redacted (see [`redact`]).
     fn redacted(&self, mut result: LineResult) -> LineResult {
-        let key = self
-            .provider_for
-            .as_ref()
-            .map_or("", |(_, key, _)| key.as_str());
+        let key = self.key();
         match &mut result.outcome {
             Outcome::Failed { message, response } => {
                 *message = redact(message, key);

@@ -277,22 +277,15 @@ fn update_statement(group: &Group) -> Result<String, String> {
             .select(
                 "SELECT c.oid::pg_catalog.regclass::pg_catalog.text,
                         pg_catalog.format_type(a.atttypid, a.atttypmod), a.atttypid, t.typname::pg_catalog.text,
-                        (SELECT pg_catalog.array_agg(pg_catalog.quote_ident(k.attname) ORDER BY n.ord)
-                           FROM pg_catalog.pg_index i
-                          CROSS JOIN LATERAL pg_catalog.unnest(i.indkey) WITH ORDINALITY AS n (attnum, ord)
-                           JOIN pg_catalog.pg_attribute k ON k.attrelid OPERATOR(pg_catalog.=) i.indrelid AND k.attnum OPERATOR(pg_catalog.=) n.attnum
-                          WHERE i.indrelid OPERATOR(pg_catalog.=) c.oid AND i.indisprimary),
-                        (SELECT pg_catalog.array_agg(pg_catalog.format_type(k.atttypid, k.atttypmod) ORDER BY n.ord)
-                           FROM pg_catalog.pg_index i
-                          CROSS JOIN LATERAL pg_catalog.unnest(i.indkey) WITH ORDINALITY AS n (attnum, ord)
-                           JOIN pg_catalog.pg_attribute k ON k.attrelid OPERATOR(pg_catalog.=) i.indrelid AND k.attnum OPERATOR(pg_catalog.=) n.attnum
-                          WHERE i.indrelid OPERATOR(pg_catalog.=) c.oid AND i.indisprimary),
-                        (SELECT pg_catalog.array_agg(k.attname::pg_catalog.text ORDER BY n.ord)
-                           FROM pg_catalog.pg_index i
-                          CROSS JOIN LATERAL pg_catalog.unnest(i.indkey) WITH ORDINALITY AS n (attnum, ord)
-                           JOIN pg_catalog.pg_attribute k ON k.attrelid OPERATOR(pg_catalog.=) i.indrelid AND k.attnum OPERATOR(pg_catalog.=) n.attnum
-                          WHERE i.indrelid OPERATOR(pg_catalog.=) c.oid AND i.indisprimary)
+                        pk.names, pk.types
                    FROM pg_catalog.pg_class c
+                  CROSS JOIN LATERAL (
+                      SELECT pg_catalog.array_agg(k.attname::pg_catalog.text ORDER BY n.ord) AS names,
+                             pg_catalog.array_agg(pg_catalog.format_type(k.atttypid, k.atttypmod) ORDER BY n.ord) AS types
+                        FROM pg_catalog.pg_index i
+                       CROSS JOIN LATERAL pg_catalog.unnest(i.indkey) WITH ORDINALITY AS n (attnum, ord)
+                        JOIN pg_catalog.pg_attribute k ON k.attrelid OPERATOR(pg_catalog.=) i.indrelid AND k.attnum OPERATOR(pg_catalog.=) n.attnum
+                       WHERE i.indrelid OPERATOR(pg_catalog.=) c.oid AND i.indisprimary) pk
                    LEFT JOIN pg_catalog.pg_attribute a
                      ON a.attrelid OPERATOR(pg_catalog.=) c.oid AND a.attname OPERATOR(pg_catalog.=) $2::pg_catalog.name
                     AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped
@@ -307,9 +300,8 @@ fn update_statement(group: &Group) -> Result<String, String> {
                     column_type: row.get(2)?,
                     column_type_oid: row.get(3)?.unwrap_or(pg_sys::InvalidOid),
                     column_type_name: row.get(4)?.unwrap_or_default(),
-                    key_columns: row.get(5)?.unwrap_or_default(),
+                    key_names: row.get(5)?.unwrap_or_default(),
                     key_types: row.get(6)?.unwrap_or_default(),
-                    key_names: row.get(7)?.unwrap_or_default(),
                 })
             })
             .collect::<SpiResult<Vec<_>>>()
@@ -326,9 +318,9 @@ struct TargetShape {
     column_type: Option<String>,
     column_type_oid: pg_sys::Oid,
     column_type_name: String,
-    key_columns: Vec<String>,
-    key_types: Vec<String>,
+    /// The primary key's columns and their types, in key order.
     key_names: Vec<String>,
+    key_types: Vec<String>,
 }
 
 impl TargetShape {
@@ -340,18 +332,18 @@ impl TargetShape {
             .column_type
             .as_deref()
             .ok_or_else(|| format!("the column \"{column}\" no longer exists"))?;
-        if self.key_columns.is_empty() {
+        if self.key_names.is_empty() {
             return Err(format!("the table {} has no primary key", self.table));
         }
         let value = self.value_expression(column_type);
         let key_match: Vec<String> = self
-            .key_columns
+            .key_names
             .iter()
             .zip(&self.key_types)
-            .zip(&self.key_names)
-            .map(|((quoted, key_type), name)| {
+            .map(|(name, key_type)| {
                 format!(
-                    "t.{quoted} = (s.row_key OPERATOR(pg_catalog.->>) {})::{key_type}",
+                    "t.{} = (s.row_key OPERATOR(pg_catalog.->>) {})::{key_type}",
+                    quote_ident(name),
                     literal(name)
                 )
             })
