@@ -1,13 +1,15 @@
 -- Dropping the extension while batches are open at the provider would leave them running and
 -- billed, with their answers collected by no one: DROP EXTENSION refuses, and says how to
--- cancel them first (or how to drop anyway).
+-- cancel them first (or how to drop anyway). So does DROP SCHEMA llmbatching CASCADE, which
+-- drops the extension with its schema.
 CREATE FUNCTION llmbatching.drop_guard() RETURNS event_trigger
 LANGUAGE plpgsql
 AS $$
 DECLARE
     open_batches bigint;
 BEGIN
-    -- The trigger fires for every DROP EXTENSION; only a statement naming this one matters.
+    -- The trigger fires for every DROP EXTENSION and DROP SCHEMA; only a statement naming this
+    -- one matters.
     IF current_query() !~* '\mllmbatching\M' THEN
         RETURN;
     END IF;
@@ -25,5 +27,5 @@ END
 $$;
 
 CREATE EVENT TRIGGER llmbatching_drop_guard ON ddl_command_start
-    WHEN TAG IN ('DROP EXTENSION')
+    WHEN TAG IN ('DROP EXTENSION', 'DROP SCHEMA')
     EXECUTE FUNCTION llmbatching.drop_guard();

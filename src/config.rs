@@ -22,6 +22,7 @@ static MAX_BATCHES_PER_ROLE: GucSetting<i32> = GucSetting::<i32>::new(50);
 static WRITE_BACK_LOCK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 static WRITE_BACK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 static TRANSFER_IDLE_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
+static MAX_CONCURRENT_TRANSFERS: GucSetting<i32> = GucSetting::<i32>::new(4);
 static RESULT_RETRY_WINDOW_S: GucSetting<i32> = GucSetting::<i32>::new(24 * 3600);
 static BATCH_DEADLINE_S: GucSetting<i32> = GucSetting::<i32>::new(25 * 3600);
 static DELETE_PROVIDER_FILES: GucSetting<bool> = GucSetting::<bool>::new(true);
@@ -173,6 +174,16 @@ pub fn register(preloading: bool) {
         GucFlags::UNIT_MS,
     );
     GucRegistry::define_int_guc(
+        c"llmbatching.max_concurrent_transfers",
+        c"Most batch steps waiting on the provider at once (uploads, downloads, polls).",
+        c"Each runs beside the worker, so a slow or stalled transfer holds up only its own batch.",
+        &MAX_CONCURRENT_TRANSFERS,
+        1,
+        64,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
         c"llmbatching.batch_deadline",
         c"A batch not ended this long after it was created at the provider is cancelled there.",
         c"The provider's completion window (24 hours) plus a grace period: a batch stuck in validating or finalizing past it is cancelled and handled like an expired one (answers that arrived are kept, the rest queued again).",
@@ -298,6 +309,8 @@ pub struct Settings {
     pub write_back: crate::restricted::Bounds,
     /// A provider call fails after this long without a byte.
     pub transfer_idle_timeout: Duration,
+    /// Most batch steps whose provider calls are under way at once.
+    pub max_concurrent_transfers: usize,
     /// How long after a batch ended its result files are asked for again.
     pub result_retry_window: Duration,
     /// A batch not ended this long after its creation is cancelled at the provider.
@@ -320,6 +333,7 @@ impl Settings {
             max_batches_in_flight: MAX_BATCHES_IN_FLIGHT.get() as i64,
             max_batches_per_role: MAX_BATCHES_PER_ROLE.get() as i64,
             transfer_idle_timeout: millis(&TRANSFER_IDLE_TIMEOUT_MS),
+            max_concurrent_transfers: MAX_CONCURRENT_TRANSFERS.get().max(1) as usize,
             result_retry_window: Duration::from_secs(RESULT_RETRY_WINDOW_S.get().max(0) as u64),
             batch_deadline: Duration::from_secs(BATCH_DEADLINE_S.get().max(1) as u64),
             write_back: crate::restricted::Bounds {

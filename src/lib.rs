@@ -13,6 +13,7 @@ mod restricted;
 mod results;
 mod session;
 mod state;
+mod transfers;
 mod wakeup;
 mod worker;
 

@@ -17,18 +17,22 @@ use crate::config::{self, Settings};
 use crate::planner;
 use crate::provider::openai::OpenAi;
 use crate::provider::redact::{redact, redact_json};
-use crate::provider::{BatchInfo, BatchProvider, BatchStatus, NewBatch, ProviderError};
+use crate::provider::{
+    BatchInfo, BatchProvider, BatchStatus, NewBatch, ProviderError, ProviderResult,
+};
 use crate::restricted::Failure;
 use crate::results::{self, LineRead, LineResult, Outcome};
 use crate::session;
 use crate::state::write_back::{self, Written};
 use crate::state::{self, claim, housekeeping, ingest, send, BatchRow};
+use crate::transfers::{self, Transfers};
 use crate::wakeup;
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How many roles' worth of write-back time (`write_back_timeout` each) one round may spend.
@@ -48,6 +52,10 @@ const REFUSALS_BEFORE_GIVING_UP: i32 = 5;
 const PURGE_EVERY: Duration = Duration::from_secs(60);
 /// The batch error code of the provider's enqueued-token limit.
 const TOKEN_LIMIT_CODE: &str = "token_limit_exceeded";
+/// How often the worker looks for ended transfers while some are under way.
+const LANDING_CHECK: Duration = Duration::from_millis(20);
+/// How long a stopping worker waits for its transfers to end.
+const STOP_PATIENCE: Duration = Duration::from_secs(2);
 /// Metadata keys that tag each batch with its row here.
 const META_BATCH_ID: &str = "llmbatching_batch_id";
 const META_INSTANCE: &str = "llmbatching_instance";
@@ -164,6 +172,20 @@ fn run_worker() {
     }
 }
 
+/// Waits on the latch for at most `timeout`; true when it was set.
+fn wait_latch(timeout: Duration) -> bool {
+    let events = (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32;
+    let millis = timeout.as_millis().clamp(1, i32::MAX as u128) as _;
+    // SAFETY: the process's own latch, waited on and reset as PostgreSQL's own workers do.
+    let woke = unsafe {
+        let woke = pg_sys::WaitLatch(pg_sys::MyLatch, events, millis, pg_sys::PG_WAIT_EXTENSION);
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+        woke
+    };
+    pg_sys::check_for_interrupts!();
+    woke & pg_sys::WL_LATCH_SET as i32 != 0
+}
+
 fn shutdown_requested() -> bool {
     // SAFETY: a sig_atomic_t the SIGTERM handler sets; read volatile as Postgres does.
     unsafe { std::ptr::read_volatile(&raw const pg_sys::ShutdownRequestPending) != 0 }
@@ -199,18 +221,22 @@ pub extern "C-unwind" fn llmbatching_worker_main(_arg: pg_sys::Datum) {
         }
         session::pin();
         let sleep = worker.run_round_catching();
-        report_activity(worker.idle_status());
-        if shutdown_requested() || !BackgroundWorker::wait_latch(Some(sleep)) {
+        report_activity(&worker.idle_status());
+        if !worker.wait(sleep) {
             break;
         }
     }
+    worker.stop();
     wakeup::publish_worker_pid(0);
     log!("llmbatching worker stopped");
     exit_to_be_restarted();
 }
 
 struct Worker {
-    provider: Option<Box<dyn BatchProvider>>,
+    provider: Option<SharedProvider>,
+    /// The provider calls under way, and the batch each belongs to as it was when they started.
+    transfers: Transfers<ProviderResult<Landed>>,
+    in_flight: HashMap<i64, BatchRow>,
     /// The base URL, key and idle timeout the provider was built with; a change rebuilds it.
     provider_for: Option<(String, String, Duration)>,
     staging: PathBuf,
@@ -252,6 +278,8 @@ impl Worker {
         }
         Worker {
             provider: None,
+            transfers: Transfers::new(),
+            in_flight: HashMap::new(),
             provider_for: None,
             staging,
             instance: None,
@@ -296,11 +324,53 @@ impl Worker {
     }
 
     /// What `pg_stat_activity` shows while the worker sleeps.
-    fn idle_status(&self) -> &'static str {
+    fn idle_status(&self) -> String {
         if self.said_copy {
-            "llmbatching: this database is a copy; sending nothing until llm_adopt()"
+            "llmbatching: this database is a copy; sending nothing until llm_adopt()".into()
+        } else if self.transfers.count() > 0 {
+            format!(
+                "llmbatching: waiting on the provider ({})",
+                self.transfers.describe()
+            )
         } else {
-            ""
+            String::new()
+        }
+    }
+
+    /// Sleeps until the next round is due, the latch is set (a commit queued requests, a
+    /// signal came) or a transfer ended; false when the worker is to stop.
+    fn wait(&mut self, sleep: Duration) -> bool {
+        let until = Instant::now() + sleep;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if shutdown_requested() {
+                return false;
+            }
+            if left.is_zero() {
+                return true;
+            }
+            // Transfers end on threads, which cannot set the latch (only the main thread may
+            // call into PostgreSQL): while any is under way, look for ended ones often.
+            let slice = if self.transfers.count() > 0 {
+                left.min(LANDING_CHECK)
+            } else {
+                left
+            };
+            if wait_latch(slice) || self.transfers.any_landed() {
+                return !shutdown_requested();
+            }
+        }
+    }
+
+    /// Ends the transfers under way and records those that ended meanwhile. What is left
+    /// unrecorded is done again by the next worker (see the module's comment).
+    fn stop(&mut self) {
+        let settings = Settings::current();
+        for (id, step, outcome) in self.transfers.stop(STOP_PATIENCE) {
+            if let Some(batch) = self.in_flight.remove(&id) {
+                let outcome = outcome.unwrap_or_else(|panic| Err(ProviderError::Local(panic)));
+                let _ = catching(|| self.land(batch, step, outcome, &settings));
+            }
         }
     }
 
@@ -319,6 +389,8 @@ impl Worker {
         let settings = Settings::current();
         let idle = settings.poll_interval;
         if !tx(housekeeping::extension_ready) {
+            // Dropped (or not yet created): what transfers bring has nowhere to go.
+            self.forget_transfers();
             return idle.min(Duration::from_secs(10));
         }
         if let Some(problem) = tx(housekeeping::copy_problem) {
@@ -326,9 +398,11 @@ impl Worker {
                 warning!("llmbatching: {problem}");
                 self.said_copy = true;
             }
+            self.forget_transfers();
             return idle.min(Duration::from_secs(10));
         }
         self.said_copy = false;
+        self.land_transfers(&settings);
         // Read every round: llm_adopt(as_copy => true) gives the installation a new identity.
         self.instance = Some(tx(housekeeping::instance_id));
         self.purge_if_due(&settings);
@@ -338,14 +412,10 @@ impl Worker {
         tx(housekeeping::promote_orphaned_duplicates);
         let next_group_due = self.form_batches(&settings);
         tx(housekeeping::flag_cancelled_batches);
-        for batch in tx(state::batches_due) {
-            if shutdown_requested() {
-                break;
-            }
-            self.advance_catching(batch, &settings);
-        }
+        self.start_due_steps(&settings);
         self.write_back_due(&settings);
-        let next_step_due = tx(housekeeping::next_step_due);
+        let busy = self.transfers.busy_batches();
+        let next_step_due = tx(move || housekeeping::next_step_due(&busy));
         let next_write_back_due = tx(write_back::next_due);
         [next_group_due, next_step_due, next_write_back_due]
             .into_iter()
@@ -371,9 +441,10 @@ impl Worker {
             settings.transfer_idle_timeout,
         );
         if self.provider_for.as_ref() != Some(&wanted) {
-            match OpenAi::new(&wanted.0, &wanted.1, wanted.2, shutdown_requested) {
+            match OpenAi::new(&wanted.0, &wanted.1, wanted.2, transfers::should_stop) {
                 Ok(client) => {
-                    self.provider = Some(Box::new(client));
+                    // Transfers under way finish with the client they started with.
+                    self.provider = Some(Arc::new(client));
                     self.provider_for = Some(wanted);
                 }
                 Err(e) => {
@@ -392,12 +463,6 @@ impl Worker {
             self.key_problem = Some(problem.to_owned());
         }
         false
-    }
-
-    fn provider(&self) -> &dyn BatchProvider {
-        self.provider
-            .as_deref()
-            .expect("provider is set up before any batch step")
     }
 
     /// Deletes finished rows older than `llmbatching.retention`, at most once a minute.
@@ -462,20 +527,6 @@ impl Worker {
         }
     }
 
-    /// Takes a batch as far as it goes now; an error in the database on the way is the batch's
-    /// own failed step (retried with backoff, visible in `last_error`), never the worker's.
-    fn advance_catching(&mut self, batch: BatchRow, settings: &Settings) {
-        let retry = batch.clone();
-        if let Err(message) = catching(|| self.advance(batch, settings)) {
-            self.step_failed(
-                &retry,
-                "a database step",
-                ProviderError::Database(message),
-                settings,
-            );
-        }
-    }
-
     /// Writes the answers that wait in the write-back queue into their rows, one group (a
     /// role's answers into one column) at a time, as that role (see `write_back`). Roles take
     /// turns, each may use at most one `write_back_timeout` of the round, and the step ends after
@@ -527,69 +578,192 @@ impl Worker {
         }
     }
 
-    /// Takes a batch one step, or several while each succeeds at once.
-    fn advance(&mut self, mut batch: BatchRow, settings: &Settings) {
-        loop {
+    /// Starts the next step of each batch that has one due, while fewer than
+    /// `max_concurrent_transfers` are under way. The database half of a step runs here; its
+    /// provider calls run beside the worker (see `transfers`) and land in [`Self::land`].
+    fn start_due_steps(&mut self, settings: &Settings) {
+        let due = tx(state::batches_due);
+        for batch in due {
+            if shutdown_requested() || self.transfers.count() >= settings.max_concurrent_transfers {
+                break;
+            }
+            if self.transfers.busy(batch.id) {
+                continue;
+            }
             report_activity(&format!(
                 "llmbatching: batch {} ({})",
                 batch.id, batch.state
             ));
-            let (step, outcome) = match batch.state.as_str() {
-                "pending" => ("upload", self.upload(&batch)),
-                "uploaded" => ("batch creation", self.create(&batch, settings)),
-                "submitted" if batch.cancel_requested && !batch.cancel_sent => {
-                    ("cancel", self.cancel(&batch, "every request was cancelled"))
-                }
-                // Past its completion window and a grace period: cancelled at the provider and
-                // then read back like an expired batch (answers kept, the rest queued again).
-                "submitted"
-                    if batch.submitted_ago > settings.batch_deadline && !batch.cancel_sent =>
-                {
-                    (
-                        "cancel past the deadline",
-                        self.cancel(&batch, "past llmbatching.batch_deadline"),
-                    )
-                }
-                "submitted" => ("poll", self.poll(&batch, settings)),
-                "ingesting" => ("download", self.ingest(&batch, settings)),
-                _ => return,
-            };
-            if let Err(e) = outcome {
-                self.step_failed(&batch, step, e, settings);
-                return;
-            }
-            let id = batch.id;
-            match tx(move || state::batch(id)) {
-                // Keep going while the batch moved to a step that is due now.
-                Some(next)
-                    if next.state != "done"
-                        && (next.state != batch.state || next.cancel_sent != batch.cancel_sent) =>
-                {
-                    batch = next
-                }
-                _ => return,
+            let retry = batch.clone();
+            // An error in the database on the way is the batch's own failed step (retried with
+            // backoff, visible in `last_error`), never the worker's.
+            if let Err(message) = catching(|| self.start_step(batch, settings)) {
+                self.step_failed(
+                    &retry,
+                    "a database step",
+                    ProviderError::Database(message),
+                    settings,
+                );
             }
         }
     }
 
-    fn upload(&mut self, batch: &BatchRow) -> Result<(), ProviderError> {
+    /// Prepares a batch's next step and starts its provider calls.
+    fn start_step(&mut self, batch: BatchRow, settings: &Settings) {
+        let call = match batch.state.as_str() {
+            "pending" => self.prepare_upload(&batch, settings),
+            "uploaded" => self.prepare_create(&batch, settings),
+            "submitted" if batch.cancel_requested && !batch.cancel_sent => {
+                Some(cancel_call(&batch, "every request was cancelled"))
+            }
+            // Past its completion window and a grace period: cancelled at the provider and
+            // then read back like an expired batch (answers kept, the rest queued again).
+            "submitted" if batch.submitted_ago > settings.batch_deadline && !batch.cancel_sent => {
+                Some(cancel_call(&batch, "past llmbatching.batch_deadline"))
+            }
+            "submitted" => Some(poll_call(&batch)),
+            "ingesting" => Some(self.download_call(&batch)),
+            _ => None,
+        };
+        if let Some((step, call)) = call {
+            self.start_transfer(batch, step, call);
+        }
+    }
+
+    /// Runs a step's provider calls beside the worker; the batch waits for them to land.
+    fn start_transfer(&mut self, batch: BatchRow, step: &'static str, call: Call) {
+        let Some(provider) = self.provider.clone() else {
+            return;
+        };
+        let id = batch.id;
+        match self.transfers.start(id, step, move || call(&*provider)) {
+            Ok(()) => {
+                self.in_flight.insert(id, batch);
+            }
+            Err(e) => {
+                warning!("llmbatching: batch {id}: cannot start a thread for its {step}: {e}")
+            }
+        }
+    }
+
+    /// Applies what the transfers that ended brought: each batch's step is recorded, or its
+    /// failure is, in transactions of its own.
+    fn land_transfers(&mut self, settings: &Settings) {
+        for (id, step, outcome) in self.transfers.landed() {
+            let Some(batch) = self.in_flight.remove(&id) else {
+                continue;
+            };
+            let outcome = outcome.unwrap_or_else(|panic| Err(ProviderError::Local(panic)));
+            self.land(batch, step, outcome, settings);
+        }
+    }
+
+    /// Drops what the transfers that ended brought, unrecorded: their steps are done again
+    /// (see the module's comment) if ever their batches are served again.
+    fn forget_transfers(&mut self) {
+        for (id, _, _) in self.transfers.landed() {
+            self.in_flight.remove(&id);
+        }
+    }
+
+    fn land(
+        &mut self,
+        batch: BatchRow,
+        step: &'static str,
+        outcome: ProviderResult<Landed>,
+        settings: &Settings,
+    ) {
+        let landed = match outcome {
+            Ok(landed) => landed,
+            Err(e) if step == DELETE_STEP => return self.warn_undeleted(&batch, &e),
+            Err(e) => return self.step_failed(&batch, step, e, settings),
+        };
+        let retry = batch.clone();
+        let finished = catching(|| match landed {
+            Landed::Uploaded { file_id, bytes } => {
+                tx(|| send::record_uploaded(batch.id, &file_id, bytes));
+                Ok(())
+            }
+            Landed::Created { info, found } => {
+                if found {
+                    log!(
+                        "llmbatching: batch {} was already created at the provider as {}",
+                        batch.id,
+                        info.id
+                    );
+                }
+                let poll = settings.poll_interval;
+                tx(|| send::record_submitted(batch.id, &info, poll));
+                Ok(())
+            }
+            Landed::Polled(info) => self.finish_poll(&batch, info, settings),
+            Landed::Cancelled { why } => {
+                log!(
+                    "llmbatching: batch {} ({}): {why}; cancelled at the provider",
+                    batch.id,
+                    batch.provider_batch_id.as_deref().unwrap_or_default()
+                );
+                tx(|| send::record_cancel_sent(batch.id));
+                Ok(())
+            }
+            Landed::Downloaded {
+                refreshed,
+                files,
+                took,
+            } => self.finish_ingest(batch, refreshed, files, took, settings),
+            Landed::Deleted => {
+                tx(|| send::record_files_deleted(batch.id));
+                Ok(())
+            }
+        });
+        match finished {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => self.step_failed(&retry, step, e, settings),
+            Err(message) => {
+                self.step_failed(&retry, step, ProviderError::Database(message), settings)
+            }
+        }
+    }
+
+    /// Writes the input file from the batch's rows; the upload is the transfer. A batch whose
+    /// requests were all cancelled meanwhile is closed instead.
+    fn prepare_upload(
+        &mut self,
+        batch: &BatchRow,
+        settings: &Settings,
+    ) -> Option<(&'static str, Call)> {
         let path = self.staging.join(format!("batch-{}-input.jsonl", batch.id));
         let written = {
             let (batch, path) = (batch.clone(), path.clone());
             tx(move || send::write_input_file(&batch, &path))
         };
-        let (lines, bytes) = written.map_err(|e| ProviderError::Local(e.to_string()))?;
+        let (lines, bytes) = match written {
+            Ok(written) => written,
+            Err(e) => {
+                self.step_failed(
+                    batch,
+                    "upload",
+                    ProviderError::Local(e.to_string()),
+                    settings,
+                );
+                return None;
+            }
+        };
         if lines == 0 {
             let _ = std::fs::remove_file(&path);
             tx(|| ingest::close_batch(batch.id, "the batch held no requests", i32::MAX, false));
-            return Ok(());
+            return None;
         }
         let name = format!("llmbatching-{}-{}.jsonl", self.instance_tag(), batch.id);
-        let uploaded = self.provider().upload_batch_file(&path, &name);
-        let _ = std::fs::remove_file(&path);
-        let file_id = uploaded?;
-        tx(|| send::record_uploaded(batch.id, &file_id, bytes));
-        Ok(())
+        let call: Call = Box::new(move |provider| {
+            let uploaded = provider.upload_batch_file(&path, &name);
+            let _ = std::fs::remove_file(&path);
+            Ok(Landed::Uploaded {
+                file_id: uploaded?,
+                bytes,
+            })
+        });
+        Some(("upload", call))
     }
 
     fn instance_tag(&self) -> &str {
@@ -597,8 +771,13 @@ impl Worker {
         &id[..id.len().min(8)]
     }
 
-    fn create(&mut self, batch: &BatchRow, settings: &Settings) -> Result<(), ProviderError> {
-        let poll = settings.poll_interval;
+    /// Records that a create call is about to be made, so that a worker that dies before it
+    /// hears the answer searches the provider's batches for this one before creating again.
+    fn prepare_create(
+        &mut self,
+        batch: &BatchRow,
+        settings: &Settings,
+    ) -> Option<(&'static str, Call)> {
         if batch.cancel_requested {
             let (id, max_attempts) = (batch.id, settings.max_attempts);
             tx(move || {
@@ -610,78 +789,40 @@ impl Worker {
                 )
             });
             self.delete_files(batch, settings);
-            return Ok(());
+            return None;
         }
-        if batch.create_attempted {
-            if let Some(found) = self.find_created(batch)? {
-                log!(
-                    "llmbatching: batch {} was already created at the provider as {}",
-                    batch.id,
-                    found.id
-                );
-                tx(|| send::record_submitted(batch.id, &found, poll));
-                return Ok(());
-            }
-        }
+        let searched = batch.create_attempted;
         tx(|| send::record_create_attempt(batch.id));
-        let input_file_id = batch.input_file_id.as_deref().unwrap_or_default();
-        let request = NewBatch {
-            input_file_id,
-            endpoint: &batch.endpoint,
-            metadata: vec![
-                (META_BATCH_ID, batch.id.to_string()),
-                (META_INSTANCE, self.instance.clone().unwrap_or_default()),
-            ],
-        };
-        let created = self.provider().create_batch(&request)?;
-        tx(|| send::record_submitted(batch.id, &created, poll));
-        Ok(())
+        let tags = vec![
+            (META_BATCH_ID, batch.id.to_string()),
+            (META_INSTANCE, self.instance.clone().unwrap_or_default()),
+        ];
+        let input_file_id = batch.input_file_id.clone().unwrap_or_default();
+        let endpoint = batch.endpoint.clone();
+        let call: Call = Box::new(move |provider| {
+            if searched {
+                if let Some(info) = find_created(provider, &tags)? {
+                    return Ok(Landed::Created { info, found: true });
+                }
+            }
+            let request = NewBatch {
+                input_file_id: &input_file_id,
+                endpoint: &endpoint,
+                metadata: tags,
+            };
+            let info = provider.create_batch(&request)?;
+            Ok(Landed::Created { info, found: false })
+        });
+        Some(("batch creation", call))
     }
 
-    /// Looks through the provider's recent batches for one carrying this batch's tags.
-    fn find_created(&self, batch: &BatchRow) -> Result<Option<BatchInfo>, ProviderError> {
-        let (id, instance) = (
-            batch.id.to_string(),
-            self.instance.clone().unwrap_or_default(),
-        );
-        let ours = |b: &BatchInfo| {
-            b.metadata.get(META_BATCH_ID).and_then(|v| v.as_str()) == Some(id.as_str())
-                && b.metadata.get(META_INSTANCE).and_then(|v| v.as_str()) == Some(instance.as_str())
-        };
-        let mut after: Option<String> = None;
-        for _ in 0..RECONCILE_PAGES {
-            let page = self.provider().list_batches(after.as_deref(), 100)?;
-            if let Some(found) = page.batches.iter().find(|b| ours(b)) {
-                return Ok(Some(found.clone()));
-            }
-            match (page.has_more, page.batches.last()) {
-                (true, Some(last)) => after = Some(last.id.clone()),
-                _ => break,
-            }
-        }
-        Ok(None)
-    }
-
-    /// Cancels a batch at the provider (every request was cancelled, or it is past its deadline). A refusal means the
-    /// batch already ended, which the next poll will show.
-    fn cancel(&mut self, batch: &BatchRow, why: &str) -> Result<(), ProviderError> {
-        let provider_id = batch.provider_batch_id.as_deref().unwrap_or_default();
-        match self.provider().cancel_batch(provider_id) {
-            Ok(_) | Err(ProviderError::Rejected { .. }) => {
-                log!(
-                    "llmbatching: batch {} ({provider_id}): {why}; cancelled at the provider",
-                    batch.id
-                );
-                tx(|| send::record_cancel_sent(batch.id));
-                Ok(())
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    fn poll(&mut self, batch: &BatchRow, settings: &Settings) -> Result<(), ProviderError> {
-        let provider_id = batch.provider_batch_id.as_deref().unwrap_or_default();
-        let mut info = self.provider().get_batch(provider_id)?;
+    fn finish_poll(
+        &mut self,
+        batch: &BatchRow,
+        mut info: BatchInfo,
+        settings: &Settings,
+    ) -> Result<(), ProviderError> {
+        let provider_id = info.id.clone();
         for error in &mut info.errors {
             error.message = self.redact(&error.message);
         }
@@ -712,74 +853,69 @@ impl Worker {
         Ok(())
     }
 
-    /// Downloads and applies the output and error files, then settles what they left out.
-    fn ingest(&mut self, batch: &BatchRow, settings: &Settings) -> Result<(), ProviderError> {
-        // After a failed reading, ask the provider again: its file ids may have changed. (If
-        // that question fails too, the ids known are tried: it is only a chance to do better.)
-        let refreshed;
-        let batch = match &batch.provider_batch_id {
-            Some(provider_id) if batch.step_failures > 0 => {
-                if let Ok(info) = self.provider().get_batch(provider_id) {
-                    let id = batch.id;
-                    tx(|| send::record_result_files(id, &info));
+    /// Downloads the batch's output and error files to the staging directory. After a failed
+    /// reading the provider is asked again first: its file ids may have changed. (If that
+    /// question fails too, the ids known are tried: it is only a chance to do better.)
+    fn download_call(&self, batch: &BatchRow) -> (&'static str, Call) {
+        let refresh = batch
+            .provider_batch_id
+            .clone()
+            .filter(|_| batch.step_failures > 0);
+        let known = (batch.output_file_id.clone(), batch.error_file_id.clone());
+        let staging = self.staging.clone();
+        let id = batch.id;
+        let call: Call = Box::new(move |provider| {
+            let started = Instant::now();
+            let refreshed = refresh.and_then(|pid| provider.get_batch(&pid).ok());
+            let (output, error) = match &refreshed {
+                Some(info) => (info.output_file_id.clone(), info.error_file_id.clone()),
+                None => known,
+            };
+            let mut files = Vec::new();
+            for (kind, file_id) in [("output", output), ("error", error)] {
+                let Some(file_id) = file_id else { continue };
+                let path = staging.join(format!("batch-{id}-{kind}.jsonl"));
+                files.push(path.clone());
+                if let Err(e) = provider.download_file(&file_id, &path) {
+                    for written in &files {
+                        let _ = std::fs::remove_file(written);
+                    }
+                    return Err(e);
                 }
-                let id = batch.id;
-                refreshed = tx(move || state::batch(id)).unwrap_or_else(|| batch.clone());
-                &refreshed
             }
-            _ => batch,
-        };
-        let (mut lines, mut unread) = (0, 0);
-        // Until the window after the batch ended has passed, a reading that is not whole is
-        // tried again; on the last one, lines that still cannot be read fail their requests.
-        let last_read = !self.within_result_window(batch, settings);
-        let started = Instant::now();
-        let files = self.download_results(batch)?;
-        let downloading = started.elapsed();
-        let started = Instant::now();
-        let mut filter = results::LineFilter::default();
-        let read = files
-            .iter()
-            .try_for_each(|path| self.read_file(batch, path, |r| filter.note(&r)).map(|_| ()));
-        let read = read.and_then(|_| {
-            let named = filter.named();
-            let known = catching(move || tx(move || ingest::existing_ids(named)))
-                .map_err(ProviderError::Database)?;
-            let unknown = filter.forget_unknown(&known);
-            if unknown > 0 {
-                warning!(
-                    "llmbatching: batch {}: {unknown} result lines name no request of this database; they are ignored",
-                    batch.id
-                );
-            }
-            Ok(())
-        });
-        let applied = read.and_then(|_| {
-            files.iter().try_for_each(|path| {
-                let (_, left) =
-                    self.apply_file(batch, path, settings.max_attempts, last_read, &mut filter)?;
-                unread += left;
-                Ok(())
+            Ok(Landed::Downloaded {
+                refreshed,
+                files,
+                took: started.elapsed(),
             })
         });
+        ("download", call)
+    }
+
+    /// Applies the output and error files, then settles what they left out.
+    fn finish_ingest(
+        &mut self,
+        batch: BatchRow,
+        refreshed: Option<BatchInfo>,
+        files: Vec<PathBuf>,
+        downloading: Duration,
+        settings: &Settings,
+    ) -> Result<(), ProviderError> {
+        let batch = match refreshed {
+            Some(info) => {
+                let id = batch.id;
+                tx(|| send::record_result_files(id, &info));
+                tx(move || state::batch(id)).unwrap_or(batch)
+            }
+            None => batch,
+        };
+        let applied = self.apply_files(&batch, &files, settings);
         for path in &files {
             let _ = std::fs::remove_file(path);
         }
-        applied?;
-        lines += filter.requests_named();
-        if filter.duplicates() > 0 {
-            warning!(
-                "llmbatching: batch {}: {} result lines repeated a request already answered; the first answer is kept",
-                batch.id,
-                filter.duplicates()
-            );
-        }
-        let applying = started.elapsed();
-        if unread > 0 {
-            return Err(ProviderError::Malformed(format!(
-                "{unread} result lines could not be read; the files are read again"
-            )));
-        }
+        let (lines, applying) = applied?;
+        let batch = &batch;
+        let last_read = !self.within_result_window(batch, settings);
         // Fewer lines than the provider counted means a download was cut short: read the files
         // again rather than send the missing requests a second time. Applying them twice is
         // harmless. A provider that keeps delivering short files is believed in the end.
@@ -812,52 +948,89 @@ impl Worker {
         Ok(())
     }
 
+    /// Reads the result files twice: first to choose each request's line (see
+    /// [`results::LineFilter`]: the same choice however the files are chunked), then to apply
+    /// the chosen lines. Returns how many requests of this database the lines answered, and
+    /// how long applying took.
+    fn apply_files(
+        &self,
+        batch: &BatchRow,
+        files: &[PathBuf],
+        settings: &Settings,
+    ) -> Result<(i64, Duration), ProviderError> {
+        let started = Instant::now();
+        // Until the window after the batch ended has passed, a reading that is not whole is
+        // tried again; on the last one, lines that still cannot be read fail their requests.
+        let last_read = !self.within_result_window(batch, settings);
+        let mut filter = results::LineFilter::default();
+        for path in files {
+            self.read_file(batch, path, |r| filter.note(&r))?;
+        }
+        let named = filter.named();
+        let known = catching(move || tx(move || ingest::existing_ids(named)))
+            .map_err(ProviderError::Database)?;
+        let unknown = filter.forget_unknown(&known);
+        if unknown > 0 {
+            warning!(
+                "llmbatching: batch {}: {unknown} result lines name no request of this database; they are ignored",
+                batch.id
+            );
+        }
+        let mut unread = 0;
+        for path in files {
+            let (_, left) =
+                self.apply_file(batch, path, settings.max_attempts, last_read, &mut filter)?;
+            unread += left;
+        }
+        if filter.duplicates() > 0 {
+            warning!(
+                "llmbatching: batch {}: {} result lines repeated a request already answered; the first answer is kept",
+                batch.id,
+                filter.duplicates()
+            );
+        }
+        if unread > 0 {
+            return Err(ProviderError::Malformed(format!(
+                "{unread} result lines could not be read; the files are read again"
+            )));
+        }
+        Ok((filter.requests_named(), started.elapsed()))
+    }
+
     /// Deletes a finished batch's files at the provider, unless told to keep them. Best
     /// effort: a file left behind expires at the provider on its own.
     fn delete_files(&mut self, batch: &BatchRow, settings: &Settings) {
-        if !settings.delete_provider_files {
-            return;
-        }
-        let files = [
+        let files: Vec<String> = [
             &batch.input_file_id,
             &batch.output_file_id,
             &batch.error_file_id,
-        ];
-        for file_id in files.into_iter().flatten() {
-            if let Err(e) = self.provider().delete_file(file_id) {
-                warning!(
-                    "llmbatching: batch {}: could not delete file {file_id} at the provider: {}",
-                    batch.id,
-                    self.redact(&e.to_string())
-                );
-            }
+        ]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
+        if !settings.delete_provider_files || files.is_empty() || self.transfers.busy(batch.id) {
+            return;
         }
-        tx(|| send::record_files_deleted(batch.id));
+        let call: Call = Box::new(move |provider| {
+            let mut first_failure = None;
+            for file_id in files {
+                if let Err(e) = provider.delete_file(&file_id) {
+                    first_failure
+                        .get_or_insert(ProviderError::Local(format!("file {file_id}: {e}")));
+                }
+            }
+            first_failure.map_or(Ok(Landed::Deleted), Err)
+        });
+        self.start_transfer(batch.clone(), DELETE_STEP, call);
     }
 
-    /// Downloads the batch's output and error files to the staging directory; returns their
-    /// paths. A failed download removes what was written.
-    fn download_results(&self, batch: &BatchRow) -> Result<Vec<PathBuf>, ProviderError> {
-        let files = [
-            ("output", &batch.output_file_id),
-            ("error", &batch.error_file_id),
-        ];
-        let mut paths = Vec::new();
-        for (kind, file_id) in files {
-            let Some(file_id) = file_id else { continue };
-            let path = self
-                .staging
-                .join(format!("batch-{}-{kind}.jsonl", batch.id));
-            if let Err(e) = self.provider().download_file(file_id, &path) {
-                let _ = std::fs::remove_file(&path);
-                for written in &paths {
-                    let _ = std::fs::remove_file(written);
-                }
-                return Err(e);
-            }
-            paths.push(path);
-        }
-        Ok(paths)
+    fn warn_undeleted(&self, batch: &BatchRow, error: &ProviderError) {
+        warning!(
+            "llmbatching: batch {}: could not delete its files at the provider ({}); they expire there on their own",
+            batch.id,
+            self.redact(&error.to_string())
+        );
     }
 
     /// Reads a result file line by line, handing each line that names a request to `each`.
@@ -1054,6 +1227,80 @@ impl Worker {
         let id = batch.id;
         tx(move || send::record_step_failure(id, &message, delay));
     }
+}
+
+/// The provider client, shared with the transfers under way.
+type SharedProvider = Arc<dyn BatchProvider + Send + Sync>;
+
+/// The provider calls of a step, run beside the worker (see `transfers`).
+type Call = Box<dyn FnOnce(&dyn BatchProvider) -> ProviderResult<Landed> + Send>;
+
+/// What a step's provider calls brought back, for the worker to record.
+enum Landed {
+    Uploaded {
+        file_id: String,
+        bytes: u64,
+    },
+    /// `found`: the batch was created by an earlier call whose answer went unrecorded.
+    Created {
+        info: BatchInfo,
+        found: bool,
+    },
+    Polled(BatchInfo),
+    Cancelled {
+        why: &'static str,
+    },
+    /// The result files, downloaded; `refreshed`: the batch as the provider showed it first.
+    Downloaded {
+        refreshed: Option<BatchInfo>,
+        files: Vec<PathBuf>,
+        took: Duration,
+    },
+    Deleted,
+}
+
+/// The step that deletes a finished batch's files; its failure is only worth a warning.
+const DELETE_STEP: &str = "file deletion";
+
+fn poll_call(batch: &BatchRow) -> (&'static str, Call) {
+    let provider_id = batch.provider_batch_id.clone().unwrap_or_default();
+    let call: Call = Box::new(move |provider| provider.get_batch(&provider_id).map(Landed::Polled));
+    ("poll", call)
+}
+
+/// Cancels a batch at the provider (every request was cancelled, or it is past its deadline).
+/// A refusal means the batch already ended, which the next poll will show.
+fn cancel_call(batch: &BatchRow, why: &'static str) -> (&'static str, Call) {
+    let provider_id = batch.provider_batch_id.clone().unwrap_or_default();
+    let call: Call = Box::new(move |provider| match provider.cancel_batch(&provider_id) {
+        Ok(_) | Err(ProviderError::Rejected { .. }) => Ok(Landed::Cancelled { why }),
+        Err(e) => Err(e),
+    });
+    ("cancel", call)
+}
+
+/// Looks through the provider's recent batches for one carrying these tags.
+fn find_created(
+    provider: &dyn BatchProvider,
+    tags: &[(&str, String)],
+) -> ProviderResult<Option<BatchInfo>> {
+    let ours = |b: &BatchInfo| {
+        tags.iter().all(|(key, value)| {
+            b.metadata.get(*key).and_then(|v| v.as_str()) == Some(value.as_str())
+        })
+    };
+    let mut after: Option<String> = None;
+    for _ in 0..RECONCILE_PAGES {
+        let page = provider.list_batches(after.as_deref(), 100)?;
+        if let Some(found) = page.batches.iter().find(|b| ours(b)) {
+            return Ok(Some(found.clone()));
+        }
+        match (page.has_more, page.batches.last()) {
+            (true, Some(last)) => after = Some(last.id.clone()),
+            _ => break,
+        }
+    }
+    Ok(None)
 }
 
 /// The reason requests get when the provider refused their batch for good.

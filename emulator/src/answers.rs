@@ -92,6 +92,7 @@ pub fn run_request(endpoint: &str, custom_id: &str, body: &Value, seq: u64) -> L
         "/v1/completions" => completion(model, body, seq),
         "/v1/embeddings" => embeddings(model, body),
         "/v1/moderations" => moderation(model, seq),
+        "/v1/messages" => message(model, body, seq),
         _ => response(model, body, seq),
     })
 }
@@ -217,6 +218,55 @@ fn chat_completion(model: &str, body: &Value, seq: u64) -> Value {
                   "prompt_tokens_details": {"cached_tokens": prompt_tokens / 4},
                   "completion_tokens_details": {"reasoning_tokens": completion_tokens / 5},
                   "total_tokens": prompt_tokens + completion_tokens}
+    })
+}
+
+/// An Anthropic Messages answer. A request that forces a tool (`tool_choice` of type `tool`)
+/// is answered with that tool's call, its input built from the tool's `input_schema`; usage
+/// reports a quarter of the input tokens as read from the cache.
+fn message(model: &str, body: &Value, seq: u64) -> Value {
+    let prompt = last_user_text(body.get("messages").unwrap_or(&Value::Null));
+    let forced = body
+        .pointer("/tool_choice/name")
+        .and_then(Value::as_str)
+        .filter(|_| body.pointer("/tool_choice/type").and_then(Value::as_str) == Some("tool"));
+    let tool_schema = forced.and_then(|name| {
+        body.get("tools")?
+            .as_array()?
+            .iter()
+            .find(|t| t.get("name").and_then(Value::as_str) == Some(name))?
+            .get("input_schema")
+    });
+    let (content, answer_len, stop_reason) = match (forced, tool_schema) {
+        (Some(name), Some(schema)) => {
+            let prompt = if wants_nul(body) {
+                with_nul(&prompt)
+            } else {
+                prompt.clone()
+            };
+            let input = structured_answer(schema, &prompt);
+            let len = input.to_string();
+            (
+                json!([{"type": "tool_use", "id": format!("toolu_{seq:012}"), "name": name, "input": input}]),
+                len,
+                "tool_use",
+            )
+        }
+        _ => {
+            let answer = text_answer(model, body, &prompt);
+            (
+                json!([{"type": "text", "text": answer}]),
+                answer,
+                "end_turn",
+            )
+        }
+    };
+    let (input_tokens, output_tokens) = (tokens(&prompt), tokens(&answer_len));
+    json!({
+        "id": format!("msg_{seq:012}"), "type": "message", "role": "assistant", "model": model,
+        "content": content, "stop_reason": stop_reason, "stop_sequence": null,
+        "usage": {"input_tokens": input_tokens - input_tokens / 4, "cache_read_input_tokens": input_tokens / 4,
+                  "cache_creation_input_tokens": 0, "output_tokens": output_tokens}
     })
 }
 

@@ -126,6 +126,8 @@ pub struct Stats {
     pub files_uploaded: u64,
     pub files_deleted: u64,
     pub batches_created: u64,
+    /// Anthropic batches deleted (their results go with them).
+    pub batches_deleted: u64,
     pub faults_injected: u64,
     /// The most batches open (not yet ended) at once.
     pub max_open_batches: u64,
@@ -167,8 +169,17 @@ struct InputLine {
     body: Value,
 }
 
+/// The protocol a batch was created through, which decides the shape of its results.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    OpenAi,
+    /// Anthropic's Message Batches: requests inline, one results file behind `results_url`.
+    Anthropic,
+}
+
 pub struct Batch {
     id: String,
+    protocol: Protocol,
     endpoint: String,
     input_file_id: String,
     completion_window: String,
@@ -189,6 +200,8 @@ pub struct Batch {
     prompt_tokens: u64,
     /// Lookups answered since it completed, for [`Config::late_output_polls`].
     polls_after_end: u32,
+    /// Anthropic's request counts once it ended: succeeded, errored, canceled, expired.
+    result_types: [usize; 4],
 }
 
 /// Error answered to an API call: status code and OpenAI-shaped error body.
@@ -220,6 +233,8 @@ pub struct Provider {
     files: HashMap<String, StoredFile>,
     batches: Vec<Batch>,
     next_id: u64,
+    /// Where Anthropic's API is served (`.../anthropic/v1`), for the batches' `results_url`.
+    pub anthropic_base: String,
 }
 
 fn unix_now() -> u64 {
@@ -325,7 +340,13 @@ impl Provider {
             "/v1/completions",
             "/v1/moderations",
         ];
-        if !ENDPOINTS.contains(&endpoint.as_str()) {
+        // Azure OpenAI names the endpoints without the version: "/chat/completions".
+        let versioned = if endpoint.starts_with("/v1/") {
+            endpoint.clone()
+        } else {
+            format!("/v1{endpoint}")
+        };
+        if !ENDPOINTS.contains(&versioned.as_str()) {
             return Err(ApiError::new(
                 400,
                 format!("Unsupported endpoint '{endpoint}'"),
@@ -348,6 +369,7 @@ impl Provider {
         };
         let mut batch = Batch {
             id: self.new_id("batch"),
+            protocol: Protocol::OpenAi,
             endpoint,
             input_file_id,
             completion_window,
@@ -367,6 +389,7 @@ impl Provider {
             usage: None,
             prompt_tokens,
             polls_after_end: 0,
+            result_types: [0; 4],
         };
         if batch.validation_errors.is_empty() {
             if let Some(limit) = self.config.enqueued_token_limit {
@@ -497,7 +520,10 @@ impl Provider {
     /// Runs the first `ran` requests of batch `i`, writes its output and error files and sets
     /// its final status.
     fn finish(&mut self, i: usize, ended: Ending) {
-        let endpoint = self.batches[i].endpoint.clone();
+        let endpoint = match self.batches[i].endpoint.clone() {
+            e if e.starts_with("/v1/") => e,
+            e => format!("/v1{e}"),
+        };
         let (line_failure_rate, line_failure_status) = (
             self.config.line_failure_rate,
             self.config.line_failure_status,
@@ -517,6 +543,7 @@ impl Provider {
                 "This request was not executed because the batch was cancelled.",
             ),
         };
+        let protocol = self.batches[i].protocol;
         let mut output = Vec::new();
         let mut errors = Vec::new();
         let (mut input_tokens, mut output_tokens, mut cached_tokens, mut reasoning_tokens) =
@@ -524,6 +551,15 @@ impl Provider {
         for (n, line) in self.batches[i].lines.iter().enumerate() {
             let seq = self.next_id + n as u64;
             let request_id = format!("batch_req_{seq:012}");
+            if n >= ran && protocol == Protocol::Anthropic {
+                let kind = if not_run_code == "batch_expired" {
+                    "expired"
+                } else {
+                    "canceled"
+                };
+                errors.push(json!({"custom_id": line.custom_id, "result": {"type": kind}}));
+                continue;
+            }
             if n >= ran {
                 errors.push(
                     json!({"id": request_id, "custom_id": line.custom_id, "response": null,
@@ -541,6 +577,17 @@ impl Provider {
                 run_request(&endpoint, &line.custom_id, &line.body, seq)
             };
             match outcome {
+                LineResult::Ok(body) if protocol == Protocol::Anthropic => {
+                    *self.stats.runs_per_custom_id.entry(line.custom_id.clone()).or_default() += 1;
+                    output.push(json!({"custom_id": line.custom_id,
+                                       "result": {"type": "succeeded", "message": body}}));
+                }
+                LineResult::Rejected { status, body } if protocol == Protocol::Anthropic => {
+                    let kind = if status >= 500 { "api_error" } else { "invalid_request_error" };
+                    errors.push(json!({"custom_id": line.custom_id, "result": {"type": "errored",
+                        "error": {"type": "error", "error": {"type": kind,
+                                  "message": body.pointer("/error/message").cloned().unwrap_or_default()}}}}));
+                }
                 LineResult::Ok(body) => {
                     *self.stats.runs_per_custom_id.entry(line.custom_id.clone()).or_default() += 1;
                     let usage = &body["usage"];
@@ -560,7 +607,18 @@ impl Provider {
             }
         }
         self.next_id += self.batches[i].lines.len() as u64;
-        if self.config.noisy_results {
+        if self.config.noisy_results && protocol == Protocol::Anthropic {
+            self.stats.faults_injected += 1;
+            for answered in &output {
+                errors.push(json!({"custom_id": answered["custom_id"], "result": {"type": "errored",
+                    "error": {"type": "error", "error": {"type": "api_error", "message": "Emulated contradicting failure"}}}}));
+            }
+            errors.push(json!({"custom_id": "987654321", "result": {"type": "errored",
+                "error": {"type": "error", "error": {"type": "api_error", "message": "a request of no batch"}}}}));
+            if let Some(first) = output.first().cloned() {
+                output.push(first);
+            }
+        } else if self.config.noisy_results {
             self.stats.faults_injected += 1;
             for answered in &output {
                 errors.push(json!({"id": answered["id"], "custom_id": answered["custom_id"], "error": null,
@@ -573,8 +631,20 @@ impl Provider {
                 output.push(first);
             }
         }
-        let mut output: Vec<String> = output.iter().map(mangle).collect();
-        let mut errors: Vec<String> = errors.iter().map(mangle).collect();
+        let mut output: Vec<String> = output.iter().map(|l| mangle(l, protocol)).collect();
+        let mut errors: Vec<String> = errors.iter().map(|l| mangle(l, protocol)).collect();
+        let counted = (output.len(), errors.len());
+        let result_types = ["succeeded", "errored", "canceled", "expired"].map(|kind| {
+            output
+                .iter()
+                .chain(&errors)
+                .filter(|l| l.contains(&format!("\"type\":\"{kind}\"")))
+                .count()
+        });
+        if protocol == Protocol::Anthropic {
+            // One results file, behind the batch's results_url.
+            output.append(&mut errors);
+        }
         // The provider writes results in the order they finish, not the input order.
         let mut rng = rand::rng();
         output.shuffle(&mut rng);
@@ -602,12 +672,293 @@ impl Provider {
         );
         batch.output_file_id = output_file_id;
         batch.error_file_id = error_file_id;
-        batch.counts = (output.len(), errors.len());
+        batch.counts = counted;
+        batch.result_types = result_types;
         batch.usage = Some(
             json!({"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": cached_tokens},
             "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
             "total_tokens": input_tokens + output_tokens}),
         );
+    }
+}
+
+/// Most requests of one Anthropic message batch, and its largest size.
+pub const ANTHROPIC_MAX_REQUESTS: usize = 100_000;
+pub const ANTHROPIC_MAX_BYTES: usize = 256 * 1024 * 1024;
+
+/// Whether a custom_id is one Anthropic accepts.
+fn valid_anthropic_custom_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Unix seconds as RFC 3339 (UTC), as Anthropic writes its times.
+pub fn rfc3339(unix: u64) -> String {
+    let (days, secs) = ((unix / 86_400) as i64, unix % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+impl Provider {
+    /// Anthropic: creates a message batch from inline requests. A bad request refuses the
+    /// whole call (400), as Anthropic checks requests when the batch is created.
+    pub fn create_message_batch(
+        &mut self,
+        request: &Value,
+        size: usize,
+    ) -> Result<Value, ApiError> {
+        let requests = request
+            .get("requests")
+            .and_then(Value::as_array)
+            .ok_or_else(|| ApiError::new(400, "requests: Field required"))?;
+        if requests.is_empty() || requests.len() > ANTHROPIC_MAX_REQUESTS {
+            return Err(ApiError::new(
+                400,
+                format!("requests: a batch holds 1 to {ANTHROPIC_MAX_REQUESTS} requests"),
+            ));
+        }
+        if size > ANTHROPIC_MAX_BYTES {
+            return Err(ApiError::new(
+                413,
+                "Request exceeds the maximum size of 256 MB",
+            ));
+        }
+        let mut seen = HashSet::new();
+        let mut lines = Vec::with_capacity(requests.len());
+        for (n, item) in requests.iter().enumerate() {
+            let custom_id = item
+                .get("custom_id")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            if !valid_anthropic_custom_id(custom_id) {
+                return Err(ApiError::new(400, format!("requests.{n}.custom_id: String should match pattern '^[a-zA-Z0-9_-]{{1,64}}$'")));
+            }
+            if !seen.insert(custom_id.to_owned()) {
+                return Err(ApiError::new(
+                    400,
+                    format!("requests.{n}.custom_id: duplicate custom_id '{custom_id}'"),
+                ));
+            }
+            let params = item.get("params").cloned().unwrap_or(Value::Null);
+            for field in ["model", "max_tokens", "messages"] {
+                if params.get(field).is_none() {
+                    return Err(ApiError::new(
+                        400,
+                        format!("requests.{n}.params.{field}: Field required"),
+                    ));
+                }
+            }
+            if params.get("stream").and_then(Value::as_bool) == Some(true) {
+                return Err(ApiError::new(
+                    400,
+                    format!("requests.{n}.params.stream: streaming is not supported in batches"),
+                ));
+            }
+            lines.push(InputLine {
+                custom_id: custom_id.to_owned(),
+                body: params,
+            });
+        }
+        let model = lines
+            .first()
+            .and_then(|l| l.body.get("model"))
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let prompt_tokens = lines
+            .iter()
+            .map(|l| (l.body.to_string().len() as u64).div_ceil(4))
+            .sum();
+        let expire_fraction = if self.config.expire_next > 0 {
+            self.config.expire_next -= 1;
+            Some(self.config.expire_fraction)
+        } else {
+            None
+        };
+        let batch = Batch {
+            id: format!(
+                "msgbatch_{:06}{:08x}",
+                {
+                    self.next_id += 1;
+                    self.next_id
+                },
+                rand::random::<u32>()
+            ),
+            protocol: Protocol::Anthropic,
+            endpoint: "/v1/messages".into(),
+            input_file_id: String::new(),
+            completion_window: "24h".into(),
+            metadata: Value::Null,
+            model,
+            started: Instant::now(),
+            created_at: unix_now(),
+            lines,
+            validation_errors: Vec::new(),
+            expire_fraction,
+            cancel_requested: None,
+            status: "validating",
+            times: BTreeMap::new(),
+            output_file_id: None,
+            error_file_id: None,
+            counts: (0, 0),
+            usage: None,
+            prompt_tokens,
+            polls_after_end: 0,
+            result_types: [0; 4],
+        };
+        self.stats.batches_created += 1;
+        let object = batch.anthropic_object(&self.anthropic_base);
+        self.batches.push(batch);
+        self.advance();
+        let open = self.batches.iter().filter(|b| !b.is_terminal()).count() as u64;
+        self.stats.max_open_batches = self.stats.max_open_batches.max(open);
+        Ok(object)
+    }
+
+    fn message_batch_index(&self, id: &str) -> Result<usize, ApiError> {
+        self.batches
+            .iter()
+            .position(|b| b.id == id && b.protocol == Protocol::Anthropic)
+            .ok_or_else(|| ApiError::new(404, format!("message batch {id} not found")))
+    }
+
+    /// Anthropic: a message batch. With [`Config::late_output_polls`], an ended batch is first
+    /// shown without its `results_url`.
+    pub fn message_batch(&mut self, id: &str) -> Result<Value, ApiError> {
+        self.advance();
+        let i = self.message_batch_index(id)?;
+        let mut object = self.batches[i].anthropic_object(&self.anthropic_base);
+        let batch = &mut self.batches[i];
+        if batch.is_terminal() && batch.polls_after_end < self.config.late_output_polls {
+            batch.polls_after_end += 1;
+            self.stats.faults_injected += 1;
+            object["results_url"] = Value::Null;
+        }
+        Ok(object)
+    }
+
+    /// Anthropic: message batches, newest first, after `after_id`.
+    pub fn list_message_batches(
+        &mut self,
+        after_id: Option<&str>,
+        limit: usize,
+    ) -> Result<Value, ApiError> {
+        self.advance();
+        let newest_first: Vec<&Batch> = self
+            .batches
+            .iter()
+            .rev()
+            .filter(|b| b.protocol == Protocol::Anthropic)
+            .collect();
+        let start = match after_id {
+            Some(id) => newest_first
+                .iter()
+                .position(|b| b.id == id)
+                .map(|p| p + 1)
+                .unwrap_or(newest_first.len()),
+            None => 0,
+        };
+        let page: Vec<Value> = newest_first
+            .iter()
+            .skip(start)
+            .take(limit)
+            .map(|b| b.anthropic_object(&self.anthropic_base))
+            .collect();
+        let has_more = start + page.len() < newest_first.len();
+        Ok(json!({"data": page, "has_more": has_more,
+                  "first_id": page.first().map(|b| b["id"].clone()),
+                  "last_id": page.last().map(|b| b["id"].clone())}))
+    }
+
+    pub fn cancel_message_batch(&mut self, id: &str) -> Result<Value, ApiError> {
+        self.advance();
+        let i = self.message_batch_index(id)?;
+        let batch = &mut self.batches[i];
+        if !batch.is_terminal() && batch.cancel_requested.is_none() {
+            let ran = batch.lines_done(Instant::now(), &self.config);
+            batch.cancel_requested = Some((Instant::now(), ran as u64));
+            batch.status = "cancelling";
+            batch.times.insert("cancelling_at", unix_now());
+        }
+        Ok(self.batches[i].anthropic_object(&self.anthropic_base))
+    }
+
+    /// Anthropic: deletes an ended batch and its results.
+    pub fn delete_message_batch(&mut self, id: &str) -> Result<Value, ApiError> {
+        self.advance();
+        let i = self.message_batch_index(id)?;
+        if !self.batches[i].is_terminal() {
+            return Err(ApiError::new(
+                400,
+                "Batches can only be deleted once they have ended; cancel it first",
+            ));
+        }
+        let batch = self.batches.remove(i);
+        if let Some(file) = batch.output_file_id {
+            self.files.remove(&file);
+        }
+        self.stats.batches_deleted += 1;
+        Ok(json!({"id": id, "type": "message_batch_deleted"}))
+    }
+
+    /// Anthropic: the results of an ended batch (JSONL), subject to the content faults.
+    pub fn message_batch_results(&mut self, id: &str) -> Result<Result<Vec<u8>, String>, ApiError> {
+        self.advance();
+        let i = self.message_batch_index(id)?;
+        let file = self.batches[i]
+            .output_file_id
+            .clone()
+            .ok_or_else(|| ApiError::new(404, format!("message batch {id} has no results yet")))?;
+        self.file_content(&file)
+    }
+}
+
+impl Batch {
+    /// The batch as Anthropic's API shows it.
+    pub fn anthropic_object(&self, base: &str) -> Value {
+        let ended = self.is_terminal();
+        let processing_status = match self.status {
+            _ if ended => "ended",
+            "cancelling" => "canceling",
+            _ => "in_progress",
+        };
+        let ended_at = self
+            .times
+            .iter()
+            .find(|(k, _)| {
+                matches!(
+                    **k,
+                    "completed_at" | "expired_at" | "cancelled_at" | "failed_at"
+                )
+            })
+            .map(|(_, t)| rfc3339(*t));
+        let [succeeded, errored, canceled, expired] = self.result_types;
+        let processing = if ended { 0 } else { self.lines.len() };
+        json!({
+            "id": self.id, "type": "message_batch", "processing_status": processing_status,
+            "request_counts": {"processing": processing, "succeeded": succeeded, "errored": errored,
+                               "canceled": canceled, "expired": expired},
+            "ended_at": ended_at, "created_at": rfc3339(self.created_at),
+            "expires_at": rfc3339(self.created_at + 86_400), "archived_at": null,
+            "cancel_initiated_at": self.times.get("cancelling_at").map(|t| rfc3339(*t)),
+            "results_url": (ended && self.output_file_id.is_some())
+                .then(|| format!("{base}/messages/batches/{}/results", self.id)),
+        })
     }
 }
 
@@ -621,14 +972,17 @@ fn status_time_field(status: &str) -> &'static str {
 }
 
 /// Serializes a result line, spoiling it as its request asked (see the markers in `answers`).
-fn mangle(line: &Value) -> String {
+fn mangle(line: &Value, protocol: Protocol) -> String {
     let text = line.to_string();
     if text.contains(TRUNCATE_MARKER) {
         return text[..text.floor_char_boundary(text.len() / 2)].to_owned();
     }
     if text.contains(GARBLE_MARKER) {
         let mut garbled = line.clone();
-        garbled["response"]["body"] = json!("<html>Bad Gateway</html>");
+        match protocol {
+            Protocol::OpenAi => garbled["response"]["body"] = json!("<html>Bad Gateway</html>"),
+            Protocol::Anthropic => garbled["result"]["message"] = json!("<html>Bad Gateway</html>"),
+        }
         return garbled.to_string();
     }
     text

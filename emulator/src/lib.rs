@@ -14,6 +14,7 @@
 //! Use it in-process with [`Emulator::start`] or as the `llmbatching-emulator` binary.
 
 pub mod answers;
+pub mod anthropic;
 pub mod batches;
 
 pub use batches::{Config, Fault, Stats};
@@ -30,7 +31,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-type Shared = Arc<Mutex<Provider>>;
+pub(crate) type Shared = Arc<Mutex<Provider>>;
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -39,7 +40,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn lock(shared: &Shared) -> MutexGuard<'_, Provider> {
+pub(crate) fn lock(shared: &Shared) -> MutexGuard<'_, Provider> {
     shared
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -187,13 +188,23 @@ fn operation(method: &axum::http::Method, path: &str) -> &'static str {
         ("GET", ["batches"]) => "list",
         ("GET", ["batches", _]) => "get",
         ("POST", ["batches", _, "cancel"]) => "cancel",
+        ("POST", ["messages", "batches"]) => "create",
+        ("GET", ["messages", "batches"]) => "list",
+        ("GET", ["messages", "batches", _]) => "get",
+        ("POST", ["messages", "batches", _, "cancel"]) => "cancel",
+        ("DELETE", ["messages", "batches", _]) => "delete",
+        ("GET", ["messages", "batches", _, "results"]) => "content",
         _ => "other",
     }
 }
 
 /// Applies the configured faults of the call's operation: delay, error before the work, or
 /// a lost or truncated answer after it.
-async fn inject_faults(State(shared): State<Shared>, request: Request, next: Next) -> Response {
+pub(crate) async fn inject_faults(
+    State(shared): State<Shared>,
+    request: Request,
+    next: Next,
+) -> Response {
     let op = operation(request.method(), request.uri().path());
     let Some(fault) = lock(&shared).config.faults.get(op).cloned() else {
         return next.run(request).await;
@@ -315,18 +326,41 @@ async fn echo_credentials(
     next.run(request).await
 }
 
-/// Refuses `/v1` calls without a bearer token (or with the wrong one, when a key is set).
+/// How a protocol's calls carry the key.
+#[derive(Clone, Copy)]
+enum Auth {
+    /// OpenAI: `Authorization: Bearer <key>`.
+    Bearer,
+    /// Azure OpenAI: an `api-key` header, and an `api-version` query parameter on every call.
+    AzureKey,
+}
+
+/// Refuses calls without the key their protocol expects (or with the wrong one, when a key is set).
 async fn require_key(
-    State(shared): State<Shared>,
+    State((shared, auth)): State<(Shared, Auth)>,
     headers: HeaderMap,
     request: Request,
     next: Next,
 ) -> Response {
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+    let header_value = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    let given = match auth {
+        Auth::Bearer => header_value(header::AUTHORIZATION.as_str())
+            .strip_prefix("Bearer ")
+            .unwrap_or("")
+            .to_owned(),
+        Auth::AzureKey => header_value("api-key"),
+    };
+    if matches!(auth, Auth::AzureKey)
+        && !request.uri().query().unwrap_or("").contains("api-version=")
+    {
+        return ApiError::new(404, "Resource not found (no api-version given)").into_response();
+    }
     let expected = lock(&shared).config.api_key.clone();
     let accepted = !given.is_empty() && expected.as_deref().is_none_or(|k| k == given);
     if !accepted {
@@ -337,9 +371,9 @@ async fn require_key(
     next.run(request).await
 }
 
-/// The emulator's routes over shared provider state.
-pub fn router(shared: Arc<Mutex<Provider>>) -> Router {
-    let api = Router::new()
+/// The Files and Batches API, with the faults and the key check of `auth`.
+fn files_and_batches(shared: &Shared, auth: Auth) -> Router<Shared> {
+    Router::new()
         .route("/files", post(upload))
         .route("/files/{id}", get(file_object).delete(delete_file))
         .route("/files/{id}/content", get(file_content))
@@ -350,14 +384,25 @@ pub fn router(shared: Arc<Mutex<Provider>>) -> Router {
             shared.clone(),
             echo_credentials,
         ))
-        .layer(middleware::from_fn_with_state(shared.clone(), require_key))
+        .layer(middleware::from_fn_with_state(
+            (shared.clone(), auth),
+            require_key,
+        ))
         .layer(middleware::from_fn_with_state(
             shared.clone(),
             inject_faults,
         ))
-        .layer(DefaultBodyLimit::max(batches::MAX_FILE_BYTES + 1024 * 1024));
+        .layer(DefaultBodyLimit::max(batches::MAX_FILE_BYTES + 1024 * 1024))
+}
+
+/// The emulator's routes over shared provider state: OpenAI at `/v1`, Azure OpenAI at
+/// `/azure/openai` (its paths, `api-key` header and `api-version`), Anthropic's Message
+/// Batches at `/anthropic/v1`.
+pub fn router(shared: Arc<Mutex<Provider>>) -> Router {
     Router::new()
-        .nest("/v1", api)
+        .nest("/v1", files_and_batches(&shared, Auth::Bearer))
+        .nest("/azure/openai", files_and_batches(&shared, Auth::AzureKey))
+        .nest("/anthropic/v1", anthropic::routes(&shared))
         .route("/emulator/config", get(get_config).post(set_config))
         .route("/emulator/stats", get(get_stats))
         .with_state(shared)
@@ -367,6 +412,9 @@ pub fn router(shared: Arc<Mutex<Provider>>) -> Router {
 pub struct Emulator {
     /// The base URL to give llmbatching (`llmbatching.api_base`), ending in `/v1`.
     pub base_url: String,
+    /// The same API the Azure OpenAI way (a server of kind `azure`), and Anthropic's.
+    pub azure_base_url: String,
+    pub anthropic_base_url: String,
     shared: Shared,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -376,8 +424,11 @@ impl Emulator {
     pub fn start(config: Config) -> std::io::Result<Emulator> {
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         listener.set_nonblocking(true)?;
-        let base_url = format!("http://{}/v1", listener.local_addr()?);
-        let shared = Arc::new(Mutex::new(Provider::new(config)));
+        let root = format!("http://{}", listener.local_addr()?);
+        let base_url = format!("{root}/v1");
+        let mut provider = Provider::new(config);
+        provider.anthropic_base = format!("{root}/anthropic/v1");
+        let shared = Arc::new(Mutex::new(provider));
         let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
         let app = router(shared.clone());
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -395,6 +446,8 @@ impl Emulator {
             })
         });
         Ok(Emulator {
+            azure_base_url: format!("{root}/azure/openai"),
+            anthropic_base_url: format!("{root}/anthropic/v1"),
             base_url,
             shared,
             shutdown: Some(shutdown),

@@ -36,13 +36,11 @@ async fn main() -> std::io::Result<()> {
         ..Config::default()
     };
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
-    println!(
-        "llmbatching-emulator listening on http://{}/v1",
-        listener.local_addr()?
-    );
-    let shared = Arc::new(Mutex::new(llmbatching_emulator::batches::Provider::new(
-        config,
-    )));
+    let root = format!("http://{}", listener.local_addr()?);
+    println!("llmbatching-emulator listening: OpenAI at {root}/v1, Azure OpenAI at {root}/azure/openai, Anthropic at {root}/anthropic/v1");
+    let mut provider = llmbatching_emulator::batches::Provider::new(config);
+    provider.anthropic_base = format!("http://{}/anthropic/v1", listener.local_addr()?);
+    let shared = Arc::new(Mutex::new(provider));
     axum::serve(listener, router(shared))
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;

@@ -12,7 +12,17 @@ use tokio::runtime::Runtime;
 /// Longest JSON answer accepted for a control call (batch objects, lists); files are streamed.
 const MAX_JSON_BYTES: usize = 16 * 1024 * 1024;
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
-const TRANSFER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// A file transfer may take this long, plus a second per `SLOWEST_RATE` bytes of the file
+/// (the idle timeout catches a silent one much sooner).
+const TRANSFER_BASE: Duration = Duration::from_secs(10 * 60);
+const SLOWEST_RATE: u64 = 256 * 1024;
+/// The limit of a download whose size the provider does not say.
+const UNSIZED_TRANSFER: Duration = Duration::from_secs(2 * 3600);
+
+/// How long a transfer of `bytes` may take in all.
+fn transfer_limit(bytes: u64) -> Duration {
+    TRANSFER_BASE + Duration::from_secs(bytes / SLOWEST_RATE)
+}
 
 pub struct OpenAi {
     base_url: String,
@@ -37,7 +47,9 @@ impl OpenAi {
         should_stop: fn() -> bool,
     ) -> ProviderResult<OpenAi> {
         let local = |e: &dyn std::fmt::Display| ProviderError::Local(e.to_string());
-        // One thread: the worker waits on each call in turn, and a backend must not grow threads.
+        // No threads of its own: the worker's transfer threads drive it, each waiting on its
+        // call (a current-thread runtime takes callers from several threads, one at a time
+        // driving the network for all).
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -192,7 +204,7 @@ impl BatchProvider for OpenAi {
             let request = self
                 .authorized(self.client.post(self.url("/files")))
                 .multipart(form)
-                .timeout(TRANSFER_TIMEOUT);
+                .timeout(transfer_limit(length));
             let bytes = read_limited(send(request).await?, MAX_JSON_BYTES).await?;
             serde_json::from_slice::<Value>(&bytes)
                 .map_err(|e| ProviderError::Malformed(format!("invalid JSON ({e})")))
@@ -253,7 +265,8 @@ impl BatchProvider for OpenAi {
         self.run(async {
             let request = self
                 .authorized(self.client.get(self.url(&format!("/files/{id}/content"))))
-                .timeout(TRANSFER_TIMEOUT);
+                .timeout(UNSIZED_TRANSFER);
+            let started = tokio::time::Instant::now();
             let response = send(request).await?;
             // A gateway's error page answered with 200 is not the file.
             let html = response
@@ -268,10 +281,21 @@ impl BatchProvider for OpenAi {
                 });
             }
             let expected = response.content_length();
+            let limit = expected.map_or(UNSIZED_TRANSFER, transfer_limit);
             let mut file = tokio::fs::File::create(dest).await.map_err(local)?;
             let mut stream = response.bytes_stream();
             let mut written = 0u64;
-            while let Some(chunk) = stream.next().await {
+            let too_slow = || ProviderError::Transient {
+                message: format!(
+                    "the download of file {id} took longer than {}s",
+                    limit.as_secs()
+                ),
+                retry_after: None,
+            };
+            while let Some(chunk) = tokio::time::timeout_at(started + limit, stream.next())
+                .await
+                .map_err(|_| too_slow())?
+            {
                 let chunk = chunk.map_err(|e| ProviderError::Transient {
                     message: describe(&e),
                     retry_after: None,

@@ -70,14 +70,16 @@ pub fn purge_finished(retention: Duration) -> (i64, i64) {
     (requests.unwrap_or(0), batches.unwrap_or(0))
 }
 
-/// How long until a batch's next step or the end of a model's pause, whichever comes first.
+/// How long until the next step of a batch not in `busy` (its transfer under way) or the end of a model's pause, whichever comes first.
 /// (Queued groups' waits are known from [`queued_groups`].)
-pub fn next_step_due() -> Option<Duration> {
-    Spi::get_one::<f64>(
+pub fn next_step_due(busy: &[i64]) -> Option<Duration> {
+    Spi::get_one_with_args::<f64>(
         "SELECT extract(epoch FROM least(
-                    (SELECT pg_catalog.min(next_check_at) FROM llmbatching.batches WHERE state <> 'done'),
+                    (SELECT pg_catalog.min(next_check_at) FROM llmbatching.batches
+                      WHERE state <> 'done' AND id OPERATOR(pg_catalog.<>) ALL ($1)),
                     (SELECT pg_catalog.min(paused_until) FROM llmbatching.model_pauses WHERE paused_until > pg_catalog.now()))
                 - pg_catalog.clock_timestamp())::float8",
+        &[busy.to_vec().into()],
     )
     .unwrap_or_else(|e| fail("computing the next wake-up", e))
     .map(|secs| Duration::from_secs_f64(secs.max(0.0)))
