@@ -83,11 +83,7 @@ BEGIN
            round(coalesce(sum((r.body_bytes + 3) / 4 * p.batch_input), 0) / 1000000, 6)
       INTO requests_sent_again, estimated_input_tokens, estimated_cost
       FROM llmbatching.requests r
-      LEFT JOIN LATERAL (SELECT q.batch_input FROM llmbatching.prices q
-                          WHERE r.model = q.model
-                             OR (starts_with(r.model, q.model || '-')
-                                 AND substr(r.model, length(q.model) + 2) ~ '^([0-9]{4}-[0-9]{2}-[0-9]{2}|[0-9]{4})$')
-                          ORDER BY length(q.model) DESC LIMIT 1) p ON true
+      LEFT JOIN LATERAL llmbatching.price_of(r.provider, r.model) p ON true
      WHERE r.batch_id = b.id AND r.state = 'submitted';
     given_up := confirm;
     IF confirm THEN

@@ -30,7 +30,7 @@ BEGIN
     IF NEW.created_at <> now() THEN
         RETURN NEW;
     END IF;
-    NEW.request_hash := sha256(convert_to(NEW.endpoint || ' ' || NEW.body::text, 'UTF8'));
+    NEW.request_hash := sha256(convert_to(NEW.provider || ' ' || NEW.endpoint || ' ' || NEW.body::text, 'UTF8'));
     SELECT r.id INTO leader
       FROM llmbatching.requests r
      WHERE r.request_hash = NEW.request_hash AND r.submitted_by = NEW.submitted_by
@@ -69,15 +69,41 @@ $$;
 CREATE TRIGGER dedupe_request BEFORE INSERT ON llmbatching.requests
     FOR EACH ROW EXECUTE FUNCTION llmbatching.dedupe_request();
 
+-- The price row of a model sent through a provider (a server): a row for the server itself,
+-- else for its kind, else (Azure OpenAI) OpenAI's; for the model itself, else for the model a
+-- dated snapshot of it names ('gpt-4o-mini-2024-07-18', 'gpt-4-0613',
+-- 'claude-sonnet-4-5-20250929'). Nothing else: a misspelled model is unpriced, not priced as
+-- whatever its name starts with. Everything it calls is qualified: it is left without a pinned
+-- search_path so that the cost views can inline it.
+CREATE FUNCTION llmbatching.price_of(provider text, model text) RETURNS SETOF llmbatching.prices
+LANGUAGE sql STABLE
+AS $$
+    SELECT p.*
+      FROM (SELECT (SELECT pg_catalog.split_part(o, '=', 2)
+                      FROM pg_catalog.pg_foreign_server s, pg_catalog.unnest(s.srvoptions) o
+                     WHERE s.srvname OPERATOR(pg_catalog.=) price_of.provider
+                       AND o OPERATOR(pg_catalog.~~) 'kind=%'
+                     LIMIT 1) AS kind) k,
+           llmbatching.prices p
+     WHERE p.provider OPERATOR(pg_catalog.=) ANY (ARRAY[price_of.provider, k.kind,
+                CASE WHEN k.kind OPERATOR(pg_catalog.=) 'azure' THEN 'openai' END])
+       AND (p.model OPERATOR(pg_catalog.=) price_of.model
+            OR (pg_catalog.starts_with(price_of.model, p.model OPERATOR(pg_catalog.||) '-')
+                AND pg_catalog.substr(price_of.model, pg_catalog.length(p.model) OPERATOR(pg_catalog.+) 2)
+                    OPERATOR(pg_catalog.~) '^([0-9]{4}-[0-9]{2}-[0-9]{2}|[0-9]{8}|[0-9]{4})$'))
+     ORDER BY p.provider OPERATOR(pg_catalog.=) price_of.provider DESC,
+              p.provider OPERATOR(pg_catalog.=) k.kind DESC,
+              pg_catalog.length(p.model) DESC
+     LIMIT 1
+$$;
+
 -- The cost of every completed request: what it was billed through the batch API (nothing if its
 -- answer was reused), what the same request would have cost through the standard API, and the
 -- difference, in US dollars rounded to 10 decimal places. Token counts of reused answers are
--- those of the answer they reused. A model is priced by its own row in llmbatching.prices or,
--- for a dated snapshot of it ('gpt-4o-mini-2024-07-18', 'gpt-4-0613'), by the model's; nothing
--- else: a misspelled model is unpriced (priced_as NULL, counted in `unpriced`), not priced as
--- whatever its name starts with.
+-- those of the answer they reused. Prices come from llmbatching.price_of; a model without one
+-- is unpriced (priced_as NULL, counted in `unpriced`).
 CREATE VIEW llmbatching.request_costs AS
-SELECT r.id, r.job, r.model, r.endpoint, r.submitted_by, r.finished_at,
+SELECT r.id, r.job, r.provider, r.model, r.endpoint, r.submitted_by, r.finished_at,
        r.reused_from IS NOT NULL AS reused,
        coalesce(r.input_tokens, 0) AS input_tokens,
        coalesce(r.cached_tokens, 0) AS cached_tokens,
@@ -92,13 +118,7 @@ SELECT r.id, r.job, r.model, r.endpoint, r.submitted_by, r.finished_at,
               + coalesce(r.cached_tokens, 0) * coalesce(p.cached_input, p.input)
               + coalesce(r.output_tokens, 0) * p.output) / 1000000, 10) AS synchronous_cost
   FROM llmbatching.requests r
-  LEFT JOIN LATERAL (
-      SELECT * FROM llmbatching.prices p
-       WHERE r.model = p.model
-          OR (starts_with(r.model, p.model || '-')
-              AND substr(r.model, length(p.model) + 2) ~ '^([0-9]{4}-[0-9]{2}-[0-9]{2}|[0-9]{4})$')
-       ORDER BY length(p.model) DESC
-       LIMIT 1) p ON true
+  LEFT JOIN LATERAL llmbatching.price_of(r.provider, r.model) p ON true
  WHERE r.state = 'completed';
 COMMENT ON VIEW llmbatching.request_costs IS
     'Cost of each completed request in USD (batch price; 0 when reused) and what it would have cost synchronously';

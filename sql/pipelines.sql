@@ -422,8 +422,9 @@ COMMENT ON FUNCTION llm_write_back(bigint, regclass, name, jsonb) IS
 -- planted on that path can stand in for one.
 CREATE FUNCTION llm_classify(target regclass, target_column name, prompt text, model text,
                              instructions text DEFAULT NULL, options jsonb DEFAULT '{}',
-                             endpoint text DEFAULT '/v1/responses', job text DEFAULT NULL,
-                             labels text[] DEFAULT NULL, schema jsonb DEFAULT NULL, filter text DEFAULT NULL)
+                             endpoint text DEFAULT NULL, job text DEFAULT NULL,
+                             labels text[] DEFAULT NULL, schema jsonb DEFAULT NULL, filter text DEFAULT NULL,
+                             provider text DEFAULT NULL)
 RETURNS TABLE (job_name text, submitted bigint)
 LANGUAGE plpgsql
 AS $$
@@ -466,9 +467,9 @@ BEGIN
     SELECT pg_catalog.string_agg(pg_catalog.format('%L, t.%I', c::pg_catalog.text, c::pg_catalog.text), ', ')
       INTO key_sql FROM pg_catalog.unnest(key_cols) AS c;
     submit_sql := CASE
-        WHEN labels IS NOT NULL THEN '@extschema@.llm_submit_label($1, p.prompt, $5, $2, $3, $4, $6)'
-        WHEN schema IS NOT NULL THEN '@extschema@.llm_submit_json($1, p.prompt, $7, $2, $3, $4, $6)'
-        ELSE '@extschema@.llm_submit($1, p.prompt, $2, $3, $4, $6)'
+        WHEN labels IS NOT NULL THEN '@extschema@.llm_submit_label($1, p.prompt, $5, $2, $3, $4, $6, provider => $8)'
+        WHEN schema IS NOT NULL THEN '@extschema@.llm_submit_json($1, p.prompt, $7, $2, $3, $4, $6, provider => $8)'
+        ELSE '@extschema@.llm_submit($1, p.prompt, $2, $3, $4, $6, provider => $8)'
     END;
     -- Submit first, register the write-backs in a second statement: the write-back policy
     -- checks that each request belongs to the caller, which needs the new requests visible.
@@ -482,7 +483,7 @@ BEGIN
           FROM submitted s
         $sql$, key_sql, prompt, target::pg_catalog.text, coalesce(filter, 'true'), submit_sql)
     INTO ids, keys, skipped
-    USING model, instructions, options, endpoint, labels, job_name, schema;
+    USING model, instructions, options, endpoint, labels, job_name, schema, provider;
     -- Rows that already wait for an answer into this column: the new requests supersede those
     -- write-backs (the earlier requests are still sent unless cancelled).
     SELECT pg_catalog.count(*) INTO pending
@@ -504,5 +505,5 @@ BEGIN
     RETURN NEXT;
 END
 $$;
-COMMENT ON FUNCTION llm_classify(regclass, name, text, text, text, jsonb, text, text, text[], jsonb, text) IS
+COMMENT ON FUNCTION llm_classify(regclass, name, text, text, text, jsonb, text, text, text[], jsonb, text, text) IS
     'Submits a request for every row of a table and writes each answer back into a column of its row';

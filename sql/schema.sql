@@ -67,6 +67,10 @@ CREATE TRIGGER instance_restored BEFORE INSERT ON llmbatching.instance
 --   done       every request of the batch is answered, failed or queued again
 CREATE TABLE llmbatching.batches (
     id                  bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    -- The provider (a server of the llmbatching wrapper) and whose key it goes under (as in
+    -- requests): a batch carries requests of one of each.
+    provider            text NOT NULL DEFAULT 'openai',
+    account             text NOT NULL DEFAULT '',
     endpoint            text NOT NULL,
     model               text NOT NULL,
     state               text NOT NULL DEFAULT 'pending'
@@ -79,7 +83,8 @@ CREATE TABLE llmbatching.batches (
     estimated_tokens    bigint NOT NULL DEFAULT 0,
     input_bytes         bigint,
     input_file_id       text,
-    provider_batch_id   text UNIQUE,
+    provider_batch_id   text,
+    -- Where the provider keeps the results: file ids, or (Anthropic) the results_url.
     output_file_id      text,
     error_file_id       text,
     -- The provider's request counts (a request that did not run because the batch was
@@ -112,12 +117,19 @@ CREATE TABLE llmbatching.batches (
 );
 COMMENT ON TABLE llmbatching.batches IS 'Provider batches: state is llmbatching''s own step, provider_status the provider''s';
 CREATE INDEX batches_open ON llmbatching.batches (next_check_at) WHERE state <> 'done';
+CREATE UNIQUE INDEX batches_provider_batch ON llmbatching.batches (provider, provider_batch_id);
 CREATE INDEX batches_finished ON llmbatching.batches (finished_at) WHERE state = 'done';
 
 CREATE TABLE llmbatching.requests (
     id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     state           text NOT NULL DEFAULT 'queued'
                     CHECK (state IN ('queued', 'submitted', 'completed', 'failed', 'cancelled')),
+    -- The provider: a foreign server of the llmbatching wrapper (see sql/providers.sql).
+    provider        text NOT NULL DEFAULT 'openai',
+    -- Whose key pays, chosen when the request is queued: the submitting role, when it has a user
+    -- mapping of its own for the provider, else '' (the mapping FOR PUBLIC, or for the server
+    -- openai the server-wide key). Set by the insert trigger; no role picks it.
+    account         text NOT NULL DEFAULT '',
     endpoint        text NOT NULL,
     model           text NOT NULL,
     body            jsonb NOT NULL,
@@ -139,7 +151,7 @@ CREATE TABLE llmbatching.requests (
     cached_tokens   integer,
     output_tokens   integer,
     reasoning_tokens integer,
-    -- sha256 of the endpoint and the canonical (jsonb) body: identical requests share it.
+    -- sha256 of the provider, the endpoint and the canonical (jsonb) body: identical requests share it.
     request_hash    bytea,
     -- Whether an earlier identical answer may be reused: NULL follows llmbatching.reuse_answers.
     reuse           boolean,
@@ -153,10 +165,10 @@ CREATE TABLE llmbatching.requests (
     finished_at     timestamptz
 );
 COMMENT ON TABLE llmbatching.requests IS 'Every LLM request: its body, its state and, once answered, the response';
-CREATE INDEX requests_queue ON llmbatching.requests (endpoint, model, id)
+CREATE INDEX requests_queue ON llmbatching.requests (provider, account, endpoint, model, id)
     WHERE state = 'queued' AND reused_from IS NULL;
 -- The same queue by role, so that a batch takes requests of every waiting role in turn.
-CREATE INDEX requests_queue_by_role ON llmbatching.requests (endpoint, model, submitted_by, id)
+CREATE INDEX requests_queue_by_role ON llmbatching.requests (provider, account, endpoint, model, submitted_by, id)
     WHERE state = 'queued' AND reused_from IS NULL;
 -- Only ever searched for one hash: a hash index is smaller and cheaper to add to than a btree.
 CREATE INDEX requests_hash ON llmbatching.requests USING hash (request_hash);
@@ -223,11 +235,12 @@ CREATE INDEX writeback_queue_due ON llmbatching.writeback_queue (submitted_by, d
 COMMENT ON TABLE llmbatching.writeback_queue IS 'Answers waiting to be written back into their rows';
 
 -- Prices in US dollars per million tokens, for the standard (synchronous) API and the batch
--- API. Cached input tokens are billed at the cached price; reasoning tokens are output tokens.
--- A model without a row of its own is priced by the longest model name it starts with
--- ('gpt-4o-mini-2024-07-18' as 'gpt-4o-mini'). Edit freely: prices change.
+-- API, per provider: a row's provider is a kind ('openai', 'anthropic', 'azure') or a server's
+-- name, which takes precedence (see llmbatching.price_of). Cached input tokens are billed at
+-- the cached price; reasoning tokens are output tokens. A dated snapshot of a model is priced as
+-- the model ('gpt-4o-mini-2024-07-18' as 'gpt-4o-mini'). Edit freely: prices change.
 CREATE TABLE llmbatching.prices (
-    model               text PRIMARY KEY,
+    model               text NOT NULL,
     input               numeric NOT NULL CHECK (input >= 0),
     cached_input        numeric CHECK (cached_input >= 0),
     output              numeric NOT NULL CHECK (output >= 0),
@@ -235,7 +248,9 @@ CREATE TABLE llmbatching.prices (
     batch_cached_input  numeric CHECK (batch_cached_input >= 0),
     batch_output        numeric NOT NULL CHECK (batch_output >= 0),
     taken_on            date NOT NULL,
-    source              text
+    source              text,
+    provider            text NOT NULL DEFAULT 'openai',
+    PRIMARY KEY (provider, model)
 );
 COMMENT ON TABLE llmbatching.prices IS 'USD per million tokens, standard and batch; editable';
 
@@ -247,7 +262,7 @@ BEGIN
        SET input = NEW.input, cached_input = NEW.cached_input, output = NEW.output,
            batch_input = NEW.batch_input, batch_cached_input = NEW.batch_cached_input,
            batch_output = NEW.batch_output, taken_on = NEW.taken_on, source = NEW.source
-     WHERE p.model OPERATOR(pg_catalog.=) NEW.model;
+     WHERE p.provider OPERATOR(pg_catalog.=) NEW.provider AND p.model OPERATOR(pg_catalog.=) NEW.model;
     IF FOUND THEN
         RETURN NULL;
     END IF;
@@ -272,6 +287,16 @@ VALUES
     ('text-embedding-3-small', 0.02,  NULL,    0.00, 0.01,   NULL,    0.00, '2025-08-15', 'https://openai.com/api/pricing'),
     ('text-embedding-3-large', 0.13,  NULL,    0.00, 0.065,  NULL,    0.00, '2025-08-15', 'https://openai.com/api/pricing'),
     ('omni-moderation-latest', 0.00,  NULL,    0.00, 0.00,   NULL,    0.00, '2025-08-15', 'https://openai.com/api/pricing');
+-- Anthropic: batch prices are half the standard ones; cache reads are a tenth of input.
+INSERT INTO llmbatching.prices
+    (provider, model, input, cached_input, output, batch_input, batch_cached_input, batch_output, taken_on, source)
+VALUES
+    ('anthropic', 'claude-opus-4-5',   5.00, 0.50,  25.00, 2.50, 0.25,  12.50, '2025-11-24', 'https://docs.claude.com/en/docs/about-claude/pricing'),
+    ('anthropic', 'claude-opus-4-1',  15.00, 1.50,  75.00, 7.50, 0.75,  37.50, '2025-11-24', 'https://docs.claude.com/en/docs/about-claude/pricing'),
+    ('anthropic', 'claude-sonnet-4-5', 3.00, 0.30,  15.00, 1.50, 0.15,   7.50, '2025-11-24', 'https://docs.claude.com/en/docs/about-claude/pricing'),
+    ('anthropic', 'claude-sonnet-4',   3.00, 0.30,  15.00, 1.50, 0.15,   7.50, '2025-11-24', 'https://docs.claude.com/en/docs/about-claude/pricing'),
+    ('anthropic', 'claude-haiku-4-5',  1.00, 0.10,   5.00, 0.50, 0.05,   2.50, '2025-11-24', 'https://docs.claude.com/en/docs/about-claude/pricing'),
+    ('anthropic', 'claude-3-5-haiku',  0.80, 0.08,   4.00, 0.40, 0.04,   2.00, '2025-11-24', 'https://docs.claude.com/en/docs/about-claude/pricing');
 
 -- Every table's rows (and the id sequences) go into pg_dump's dumps: requests with their answers,
 -- batches in flight, write-backs, the administrator's limits, pauses and prices, and the

@@ -26,9 +26,14 @@ AS $$
 DECLARE
     problem text;
 BEGIN
-    -- Checked already, or restored from a dump (a restored row carries its original created_at;
-    -- a submission cannot set it).
-    IF llmbatching.insert_is_checked() OR NEW.created_at <> now() THEN
+    -- Restored from a dump: kept as it was (a restored row carries its original created_at; a
+    -- submission cannot set it).
+    IF NEW.created_at <> now() THEN
+        RETURN NEW;
+    END IF;
+    -- Whose key pays is the trigger's choice, never the inserting role's.
+    NEW.account := llmbatching.request_account(NEW.provider, NEW.endpoint);
+    IF llmbatching.insert_is_checked() THEN
         RETURN NEW;
     END IF;
     problem := llmbatching.request_problem(NEW.endpoint, NEW.model, NEW.body, NEW.answer_format, NEW.job);
@@ -102,14 +107,15 @@ BEGIN
                 AND p.pronamespace OPERATOR(pg_catalog.=) 'llmbatching'::pg_catalog.regnamespace
     LOOP
         EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f.signature::pg_catalog.text);
-        IF f.proname OPERATOR(pg_catalog.<>) 'llm_classify' AND f.proname::pg_catalog.text NOT LIKE 'llm\_submit%' THEN
+        IF f.proname OPERATOR(pg_catalog.<>) ALL (ARRAY['llm_classify', 'price_of']::pg_catalog.name[])
+           AND f.proname::pg_catalog.text NOT LIKE 'llm\_submit%' THEN
             EXECUTE pg_catalog.format('ALTER FUNCTION %s SET search_path = pg_catalog, pg_temp', f.signature::pg_catalog.text);
         END IF;
         IF f.proname OPERATOR(pg_catalog.=) ANY (ARRAY['llm_purge', 'purge_before', 'llm_adopt', 'llm_give_up_results']::pg_catalog.name[]) THEN
             EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO llmbatching_admin', f.signature::pg_catalog.text);
         ELSIF f.proname::pg_catalog.text LIKE 'llm\_%'
-              OR f.proname OPERATOR(pg_catalog.=) ANY (ARRAY['check_target', 'primary_key_columns', 'request_problem',
-                                                            'insert_is_checked', 'is_deterministic', 'worker_problem',
+              OR f.proname OPERATOR(pg_catalog.=) ANY (ARRAY['check_target', 'primary_key_columns', 'request_problem', 'request_account',
+                                                            'insert_is_checked', 'is_deterministic', 'worker_problem', 'price_of',
                                                             'copy_problem', 'current_home']::pg_catalog.name[]) THEN
             EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO llmbatching_user', f.signature::pg_catalog.text);
         END IF;
@@ -125,7 +131,11 @@ GRANT USAGE ON SCHEMA llmbatching TO llmbatching_user;
 -- above applies), read their own rows, and may only move their own unfinished requests to
 -- 'cancelled'.
 GRANT SELECT ON llmbatching.requests TO llmbatching_user;
-GRANT INSERT (endpoint, model, body, job, answer_format, reuse) ON llmbatching.requests TO llmbatching_user;
+GRANT INSERT (provider, endpoint, model, body, job, answer_format, reuse) ON llmbatching.requests TO llmbatching_user;
+-- Providers: every user may use the server openai; an administrator may create servers and
+-- grant their use (GRANT USAGE ON FOREIGN SERVER ... TO ...).
+GRANT USAGE ON FOREIGN SERVER openai TO llmbatching_user;
+GRANT USAGE ON FOREIGN DATA WRAPPER llmbatching TO llmbatching_admin;
 GRANT UPDATE (state, finished_at) ON llmbatching.requests TO llmbatching_user;
 GRANT DELETE ON llmbatching.requests TO llmbatching_admin;
 ALTER TABLE llmbatching.requests ENABLE ROW LEVEL SECURITY;

@@ -4,6 +4,7 @@
 //! The read side (`llm_status`, `llm_result`, …) is plain SQL in `sql/api.sql`.
 
 use crate::config;
+use crate::provider::servers::{self, Route};
 use crate::request::{self, AnswerFormat, Endpoint, RequestError};
 use crate::request_insert::{self, NewRequest};
 use crate::wakeup;
@@ -25,10 +26,43 @@ fn raise(err: RequestError) -> ! {
     }
 }
 
-fn endpoint_of(endpoint: Option<&str>) -> Endpoint {
-    let endpoint =
-        endpoint.unwrap_or_else(|| raise(RequestError::new("endpoint", "must not be NULL")));
-    Endpoint::parse(endpoint).unwrap_or_else(|e| raise(e))
+/// The endpoint a request of `route` goes to: the one named, if its provider batches it, else
+/// (NULL) the provider's first.
+fn endpoint_of(route: &Route, endpoint: Option<&str>) -> Endpoint {
+    let accepted = route.kind.endpoints();
+    let Some(endpoint) = endpoint else {
+        return accepted[0];
+    };
+    let endpoint = Endpoint::parse(endpoint).unwrap_or_else(|e| raise(e));
+    if !accepted.contains(&endpoint) {
+        let names: Vec<&str> = accepted.iter().map(|e| e.path()).collect();
+        raise(RequestError::new(
+            "endpoint",
+            format!(
+                "provider \"{}\" (kind {}) does not batch {}; it batches {}",
+                route.provider,
+                route.kind.name(),
+                endpoint.path(),
+                names.join(", ")
+            ),
+        ));
+    }
+    endpoint
+}
+
+/// The provider and endpoint of a submission (see [`servers::route_for_submit`]).
+fn route_of(provider: Option<&str>, endpoint: Option<&str>) -> (Route, Endpoint) {
+    let route = servers::route_for_submit(provider);
+    let endpoint = endpoint_of(&route, endpoint);
+    (route, endpoint)
+}
+
+/// The most bytes one request may have: what one batch of its provider may carry, and the
+/// setting.
+fn max_request_bytes(route: &Route) -> usize {
+    config::batch_limits()
+        .max_bytes
+        .min(route.kind.limits().max_bytes)
 }
 
 fn job_of(job: Option<&str>) -> Option<&str> {
@@ -39,8 +73,8 @@ fn job_of(job: Option<&str>) -> Option<&str> {
 }
 
 const INSERT_REQUEST_SQL: &str =
-    "INSERT INTO llmbatching.requests (endpoint, model, body, job, answer_format, reuse)
-     VALUES ($1, $2, $3, $4, $5, $6) RETURNING id";
+    "INSERT INTO llmbatching.requests (endpoint, model, body, job, answer_format, reuse, provider)
+     VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id";
 
 thread_local! {
     /// The insert's plan, prepared once per session.
@@ -72,6 +106,7 @@ impl Drop for CheckedInsert {
 #[allow(clippy::too_many_arguments)]
 fn enqueue(
     fcinfo: pg_sys::FunctionCallInfo,
+    route: &Route,
     endpoint: Endpoint,
     model: &str,
     body: Value,
@@ -80,12 +115,15 @@ fn enqueue(
     format: Option<AnswerFormat>,
     reuse: Option<bool>,
 ) -> i64 {
+    request::check_for_endpoint(endpoint, &body, argument).unwrap_or_else(|e| raise(e));
     let body_json = body.to_string();
-    let max_bytes = config::batch_limits().max_bytes;
-    request::check_size(body_json.len(), max_bytes, argument).unwrap_or_else(|e| raise(e));
+    request::check_size(body_json.len(), max_request_bytes(route), argument)
+        .unwrap_or_else(|e| raise(e));
     let job = job_of(job);
     let format_json = format.as_ref().map(|f| f.to_json().to_string());
     let new_request = NewRequest {
+        provider: &route.provider,
+        account: &route.account,
         endpoint: endpoint.path(),
         model,
         body_json: &body_json,
@@ -95,7 +133,7 @@ fn enqueue(
         reuse,
     };
     let id = request_insert::insert(fcinfo, &new_request)
-        .unwrap_or_else(|| insert_statement(endpoint, model, body, job, format, reuse));
+        .unwrap_or_else(|| insert_statement(route, endpoint, model, body, job, format, reuse));
     wakeup::wake_worker_at_commit();
     warn_once_if_no_worker();
     id
@@ -131,6 +169,7 @@ fn why_nothing_is_sent() -> Option<String> {
 
 /// Queues a checked body with an INSERT statement, so every trigger on the table runs.
 fn insert_statement(
+    route: &Route,
     endpoint: Endpoint,
     model: &str,
     body: Value,
@@ -145,6 +184,7 @@ fn insert_statement(
         job.into(),
         format.map(|f| JsonB(f.to_json())).into(),
         reuse.into(),
+        route.provider.as_str().into(),
     ];
     let _checked = CheckedInsert::begin();
     INSERT_REQUEST
@@ -160,6 +200,7 @@ fn insert_statement(
                             pg_sys::TEXTOID,
                             pg_sys::JSONBOID,
                             pg_sys::BOOLOID,
+                            pg_sys::TEXTOID,
                         ];
                         let types: Vec<PgOid> =
                             types.into_iter().map(PgOid::from_untagged).collect();
@@ -211,15 +252,17 @@ fn llm_submit(
     input: Option<&str>,
     instructions: default!(Option<&str>, "NULL"),
     options: default!(Option<JsonB>, "'{}'"),
-    endpoint: default!(Option<&str>, "'/v1/responses'"),
+    endpoint: default!(Option<&str>, "NULL"),
     job: default!(Option<&str>, "NULL"),
     reuse: default!(Option<bool>, "NULL"),
+    provider: default!(Option<&str>, "NULL"),
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> i64 {
-    let endpoint = endpoint_of(endpoint);
+    let (route, endpoint) = route_of(provider, endpoint);
     let body = built_body(endpoint, model, input, instructions, options);
     enqueue(
         fcinfo,
+        &route,
         endpoint,
         model.unwrap_or_default(),
         body,
@@ -240,18 +283,20 @@ fn llm_submit_json(
     schema: Option<JsonB>,
     instructions: default!(Option<&str>, "NULL"),
     options: default!(Option<JsonB>, "'{}'"),
-    endpoint: default!(Option<&str>, "'/v1/responses'"),
+    endpoint: default!(Option<&str>, "NULL"),
     job: default!(Option<&str>, "NULL"),
     reuse: default!(Option<bool>, "NULL"),
+    provider: default!(Option<&str>, "NULL"),
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> i64 {
-    let endpoint = endpoint_of(endpoint);
+    let (route, endpoint) = route_of(provider, endpoint);
     let schema = schema
         .map(|s| s.0)
         .unwrap_or_else(|| raise(RequestError::new("schema", "must not be NULL")));
     let body = built_body_with_schema(endpoint, model, input, instructions, options, &schema);
     enqueue(
         fcinfo,
+        &route,
         endpoint,
         model.unwrap_or_default(),
         body,
@@ -272,18 +317,20 @@ fn llm_submit_label(
     labels: Option<Vec<Option<String>>>,
     instructions: default!(Option<&str>, "NULL"),
     options: default!(Option<JsonB>, "'{}'"),
-    endpoint: default!(Option<&str>, "'/v1/responses'"),
+    endpoint: default!(Option<&str>, "NULL"),
     job: default!(Option<&str>, "NULL"),
     reuse: default!(Option<bool>, "NULL"),
+    provider: default!(Option<&str>, "NULL"),
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> i64 {
-    let endpoint = endpoint_of(endpoint);
+    let (route, endpoint) = route_of(provider, endpoint);
     let labels = labels.unwrap_or_else(|| raise(RequestError::new("labels", "must not be NULL")));
     let labels: Vec<Option<&str>> = labels.iter().map(Option::as_deref).collect();
     let (schema, labels) = request::label_schema(&labels).unwrap_or_else(|e| raise(e));
     let body = built_body_with_schema(endpoint, model, input, instructions, options, &schema);
     enqueue(
         fcinfo,
+        &route,
         endpoint,
         model.unwrap_or_default(),
         body,
@@ -298,19 +345,22 @@ fn llm_submit_label(
 #[pg_extern(volatile, parallel_unsafe)]
 fn llm_submit_body(
     body: Option<JsonB>,
-    endpoint: default!(Option<&str>, "'/v1/responses'"),
+    endpoint: default!(Option<&str>, "NULL"),
     job: default!(Option<&str>, "NULL"),
     reuse: default!(Option<bool>, "NULL"),
+    provider: default!(Option<&str>, "NULL"),
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> i64 {
-    let endpoint = endpoint_of(endpoint);
+    let (route, endpoint) = route_of(provider, endpoint);
     let body = body
         .map(|b| b.0)
         .unwrap_or_else(|| raise(RequestError::new("body", "must not be NULL")));
     let model = request::validate_body(&body, "body")
         .unwrap_or_else(|e| raise(e))
         .to_owned();
-    enqueue(fcinfo, endpoint, &model, body, "body", job, None, reuse)
+    enqueue(
+        fcinfo, &route, endpoint, &model, body, "body", job, None, reuse,
+    )
 }
 
 /// Cancels a request that has no answer yet; true if it was cancelled. A queued request is
@@ -387,6 +437,16 @@ mod internal {
         super::CHECKED_INSERT.with(|c| c.get())
     }
 
+    /// The account (see `servers::Route`) of a request row queued through `provider` to
+    /// `endpoint`; raises the ERROR `llm_submit` would when the provider cannot take it. The
+    /// insert trigger sets every new row's account with it, so no role can pick another's key.
+    #[pg_extern(stable, parallel_safe)]
+    fn request_account(provider: Option<&str>, endpoint: Option<&str>) -> String {
+        let route = crate::provider::servers::route_for_submit(provider);
+        super::endpoint_of(&route, endpoint);
+        route.account
+    }
+
     /// Why a request row may not be queued, or NULL if it may: the checks `llm_submit_body`
     /// makes, applied by a trigger to every row inserted into llmbatching.requests, so a direct
     /// INSERT cannot put a request in a batch that would fail it for everyone.
@@ -399,12 +459,13 @@ mod internal {
         job: Option<&str>,
     ) -> Option<String> {
         let problem = (|| {
-            Endpoint::parse(endpoint.unwrap_or_default())?;
+            let endpoint = Endpoint::parse(endpoint.unwrap_or_default())?;
             if let Some(job) = job {
                 request::check_job(job)?;
             }
             let body = body.map(|b| b.0).unwrap_or_default();
             let body_model = request::validate_body(&body, "body")?;
+            request::check_for_endpoint(endpoint, &body, "body")?;
             if Some(body_model) != model {
                 return Err(request::RequestError::new(
                     "model",

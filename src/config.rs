@@ -8,6 +8,8 @@ use std::time::Duration;
 static API_BASE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"https://api.openai.com/v1"));
 static API_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static DEFAULT_PROVIDER: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"openai"));
 static DATABASE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"postgres"));
 static BATCH_WAIT_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
@@ -58,9 +60,17 @@ pub fn register(preloading: bool) {
         );
     }
     GucRegistry::define_string_guc(
+        c"llmbatching.default_provider",
+        c"The provider (a foreign server of the llmbatching wrapper) a submit function uses when its provider argument is NULL.",
+        c"The extension creates the server openai; CREATE SERVER adds others.",
+        &DEFAULT_PROVIDER,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
         c"llmbatching.api_base",
-        c"Base URL of the provider's API.",
-        c"The worker sends Files and Batches calls here, for example https://api.openai.com/v1.",
+        c"Base URL of the API of the server openai, when the server does not name one.",
+        c"The worker sends that server's Files and Batches calls here, for example https://api.openai.com/v1.",
         &API_BASE,
         GucContext::Sighup,
         GucFlags::default(),
@@ -96,7 +106,7 @@ pub fn register(preloading: bool) {
     GucRegistry::define_int_guc(
         c"llmbatching.batch_max_requests",
         c"Most requests in one batch.",
-        c"The provider's own limit, 50000, is also the ceiling.",
+        c"Each provider's own limit applies too (OpenAI 50000, Azure OpenAI and Anthropic 100000).",
         &BATCH_MAX_REQUESTS,
         1,
         PROVIDER_MAX_REQUESTS as i32,
@@ -106,7 +116,7 @@ pub fn register(preloading: bool) {
     GucRegistry::define_int_guc(
         c"llmbatching.batch_max_bytes",
         c"Largest batch input file.",
-        c"The provider's own limit, 200MB, is also the ceiling. A request larger than this is refused at submit time.",
+        c"Each provider's own limit applies too (OpenAI and Azure OpenAI 200MB, Anthropic 256MB). A request larger than this is refused at submit time.",
         &BATCH_MAX_BYTES,
         1024,
         PROVIDER_MAX_BYTES as i32,
@@ -290,6 +300,16 @@ fn millis(setting: &GucSetting<i32>) -> Duration {
     Duration::from_millis(setting.get().max(0) as u64)
 }
 
+/// llmbatching.default_provider, as the current session has it.
+pub fn default_provider() -> String {
+    string(&DEFAULT_PROVIDER).unwrap_or_else(|| "openai".into())
+}
+
+/// llmbatching.api_base: where the server openai is, unless its options say.
+pub fn api_base() -> String {
+    string(&API_BASE).unwrap_or_default()
+}
+
 /// The database the worker connects to.
 pub fn database() -> String {
     string(&DATABASE).unwrap_or_else(|| "postgres".into())
@@ -298,7 +318,6 @@ pub fn database() -> String {
 /// The settings the worker acts on, read once per round so a reload applies between rounds.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    pub api_base: String,
     pub batch_wait: Duration,
     pub poll_interval: Duration,
     pub limits: BatchLimits,
@@ -325,7 +344,6 @@ pub struct Settings {
 impl Settings {
     pub fn current() -> Settings {
         Settings {
-            api_base: string(&API_BASE).unwrap_or_default(),
             batch_wait: millis(&BATCH_WAIT_MS),
             poll_interval: millis(&POLL_INTERVAL_MS),
             limits: batch_limits(),

@@ -22,9 +22,14 @@ pgrx::pg_module_magic!();
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
 extension_sql_file!("../sql/api.sql", name = "api", requires = ["schema"]);
 extension_sql_file!(
+    "../sql/providers.sql",
+    name = "providers",
+    requires = ["api", fdw_validator]
+);
+extension_sql_file!(
     "../sql/pipelines.sql",
     name = "pipelines",
-    requires = ["api", llm_submit, llm_submit_json, llm_submit_label]
+    requires = ["providers", llm_submit, llm_submit_json, llm_submit_label]
 );
 extension_sql_file!("../sql/costs.sql", name = "costs", requires = ["pipelines"]);
 extension_sql_file!("../sql/copies.sql", name = "copies", requires = ["costs"]);

@@ -11,9 +11,20 @@ pub struct BatchLimits {
     pub max_bytes: usize,
 }
 
-/// The provider's own ceilings, which no setting may raise.
-pub const PROVIDER_MAX_REQUESTS: usize = 50_000;
-pub const PROVIDER_MAX_BYTES: usize = 200 * 1024 * 1024;
+impl BatchLimits {
+    /// The tighter of two limits.
+    pub fn within(self, other: BatchLimits) -> BatchLimits {
+        BatchLimits {
+            max_requests: self.max_requests.min(other.max_requests),
+            max_bytes: self.max_bytes.min(other.max_bytes),
+        }
+    }
+}
+
+/// The highest ceilings of any provider, which no setting may raise (each provider's own limits
+/// apply below them; see `provider::Kind::limits`).
+pub const PROVIDER_MAX_REQUESTS: usize = 100_000;
+pub const PROVIDER_MAX_BYTES: usize = 256 * 1024 * 1024;
 
 /// A queued request as the planner sees it.
 #[derive(Clone, Copy, Debug)]

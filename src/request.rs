@@ -12,15 +12,18 @@ pub enum Endpoint {
     Embeddings,
     Completions,
     Moderations,
+    /// Anthropic's Messages API.
+    Messages,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 5] = [
+    pub const ALL: [Endpoint; 6] = [
         Endpoint::Responses,
         Endpoint::ChatCompletions,
         Endpoint::Embeddings,
         Endpoint::Completions,
         Endpoint::Moderations,
+        Endpoint::Messages,
     ];
 
     pub fn path(self) -> &'static str {
@@ -30,6 +33,7 @@ impl Endpoint {
             Endpoint::Embeddings => "/v1/embeddings",
             Endpoint::Completions => "/v1/completions",
             Endpoint::Moderations => "/v1/moderations",
+            Endpoint::Messages => "/v1/messages",
         }
     }
 
@@ -57,9 +61,14 @@ impl Endpoint {
             Endpoint::ChatCompletions => &["model", "messages"],
             Endpoint::Completions => &["model", "prompt"],
             Endpoint::Embeddings | Endpoint::Moderations => &["model", "input"],
+            Endpoint::Messages => &["model", "messages", "system"],
         }
     }
 }
+
+/// `max_tokens` of a Messages request built by `llm_submit`, unless `options` sets it: the
+/// Messages API requires it.
+pub const DEFAULT_MAX_TOKENS: u32 = 1024;
 
 /// A request that may not be queued, and which argument is at fault.
 #[derive(Debug, PartialEq, Eq)]
@@ -148,6 +157,14 @@ pub fn build_body(
             }
             json!({"model": model, "prompt": input})
         }
+        Endpoint::Messages => {
+            let mut body = json!({"model": model, "max_tokens": DEFAULT_MAX_TOKENS,
+                                  "messages": [{"role": "user", "content": input}]});
+            if let Some(i) = instructions {
+                body["system"] = json!(i);
+            }
+            body
+        }
         Endpoint::Embeddings | Endpoint::Moderations => {
             if instructions.is_some() {
                 return Err(RequestError::new(
@@ -162,7 +179,32 @@ pub fn build_body(
         map.extend(options);
     }
     validate_body(&body, "options")?;
+    check_for_endpoint(endpoint, &body, "options")?;
     Ok(body)
+}
+
+/// What an endpoint requires of a body beyond [`validate_body`]: Messages requests name
+/// `max_tokens` and their `messages`.
+pub fn check_for_endpoint(
+    endpoint: Endpoint,
+    body: &Value,
+    argument: &'static str,
+) -> Result<(), RequestError> {
+    if endpoint == Endpoint::Messages {
+        if !body.get("max_tokens").is_some_and(Value::is_u64) {
+            return Err(RequestError::new(
+                argument,
+                "must set \"max_tokens\" (a positive integer) for /v1/messages",
+            ));
+        }
+        if !body.get("messages").is_some_and(Value::is_array) {
+            return Err(RequestError::new(
+                argument,
+                "must hold \"messages\" (an array) for /v1/messages",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Checks a complete request body; returns its model. `argument` names the SQL argument the
@@ -228,7 +270,8 @@ impl AnswerFormat {
 }
 
 /// Asks for an answer following `schema`: `text.format` for Responses, `response_format` for
-/// Chat Completions.
+/// Chat Completions, and for Messages a tool whose input is the answer, which the model is made
+/// to call (the answer is then that call's input).
 pub fn with_json_schema(
     endpoint: Endpoint,
     mut body: Value,
@@ -246,11 +289,14 @@ pub fn with_json_schema(
         }
         Endpoint::ChatCompletions => json!({"response_format": {"type": "json_schema",
             "json_schema": {"name": "answer", "schema": schema, "strict": true}}}),
+        Endpoint::Messages => json!({
+            "tools": [{"name": "answer", "description": "Gives the answer.", "input_schema": schema}],
+            "tool_choice": {"type": "tool", "name": "answer"}}),
         other => {
             return Err(RequestError::new(
                 "endpoint",
                 format!(
-                    "structured answers need /v1/responses or /v1/chat/completions, not {}",
+                    "structured answers need /v1/responses, /v1/chat/completions or /v1/messages, not {}",
                     other.path()
                 ),
             ))
@@ -296,31 +342,6 @@ pub fn label_schema(labels: &[Option<&str>]) -> Result<(Value, Vec<String>), Req
     let schema = json!({"type": "object", "additionalProperties": false, "required": ["label"],
                         "properties": {"label": {"type": "string", "enum": list}}});
     Ok((schema, list))
-}
-
-#[derive(serde::Serialize)]
-struct BatchLine<'a> {
-    custom_id: &'a str,
-    method: &'static str,
-    url: &'a str,
-    body: &'a serde_json::value::RawValue,
-}
-
-/// One line of a batch input file, without its newline. The body is embedded as the JSON text
-/// it already is (checked to be valid JSON), and every other field is serialized by serde, so
-/// nothing inside a body can reach `custom_id`, `method`, `url` or the line's end.
-pub fn batch_line(
-    custom_id: &str,
-    url: &str,
-    body_json: &str,
-) -> Result<String, serde_json::Error> {
-    let body: &serde_json::value::RawValue = serde_json::from_str(body_json)?;
-    serde_json::to_string(&BatchLine {
-        custom_id,
-        method: "POST",
-        url,
-        body,
-    })
 }
 
 /// Checks that a body of `body_bytes` fits in one batch input file of at most `max_file_bytes`.
@@ -399,6 +420,7 @@ pub fn check_size(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::provider::openai::format::batch_line;
 
     #[test]
     fn determinism_follows_endpoint_and_temperature() {
@@ -604,6 +626,7 @@ mod tests {
 
     mod hostile_input {
         use super::super::*;
+        use crate::provider::openai::format::batch_line;
         use proptest::prelude::*;
 
         proptest! {

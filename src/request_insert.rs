@@ -22,6 +22,9 @@ use std::ffi::{CStr, CString};
 
 /// A request ready to be queued: checked, with its body serialized.
 pub struct NewRequest<'a> {
+    /// The provider (a server) and the account whose key it goes under (see `servers::Route`).
+    pub provider: &'a str,
+    pub account: &'a str,
     pub endpoint: &'a str,
     pub model: &'a str,
     pub body_json: &'a str,
@@ -52,6 +55,8 @@ macro_rules! columns {
 columns!(
     id,
     state,
+    provider,
+    account,
     endpoint,
     model,
     body,
@@ -97,7 +102,8 @@ const OWN_TRIGGERS: [&str; 2] = ["check_request", "dedupe_request"];
 const OWN_INSERT_POLICY: &str = "submit_own";
 
 /// Columns an INSERT by `llm_submit` names: the caller needs INSERT on each of them.
-const INSERTED_COLUMNS: [Col; 6] = [
+const INSERTED_COLUMNS: [Col; 7] = [
+    Col::provider,
     Col::endpoint,
     Col::model,
     Col::body,
@@ -375,6 +381,8 @@ impl Prepared {
             .expect("jsonb_out returns a value");
         let canonical = CStr::from_ptr(canonical.cast_mut_ptr::<std::ffi::c_char>()).to_bytes();
         let hash: Vec<u8> = Sha256::new()
+            .chain_update(request.provider.as_bytes())
+            .chain_update(b" ")
             .chain_update(request.endpoint.as_bytes())
             .chain_update(b" ")
             .chain_update(canonical)
@@ -398,6 +406,8 @@ impl Prepared {
         let id = next_id(self.sequence);
         set(Col::id, id.into_datum());
         set(Col::state, "queued".into_datum());
+        set(Col::provider, request.provider.into_datum());
+        set(Col::account, request.account.into_datum());
         set(Col::endpoint, request.endpoint.into_datum());
         set(Col::model, request.model.into_datum());
         set(Col::body, Some(body));

@@ -52,9 +52,9 @@ fn time_settings_take_units_and_limits_are_capped() {
         )
         .unwrap();
     let values: Vec<String> = (0..5).map(|i| row.get(i)).collect();
-    assert_eq!(values, ["5min", "100ms", "50000", "200MB", "postgres"]);
+    assert_eq!(values, ["5min", "100ms", "100000", "256MB", "postgres"]);
     let err = c
-        .batch_execute("ALTER SYSTEM SET llmbatching.batch_max_requests = 50001")
+        .batch_execute("ALTER SYSTEM SET llmbatching.batch_max_requests = 100001")
         .unwrap_err();
     assert!(
         err.to_string().contains("outside the valid range")

@@ -20,7 +20,7 @@ fn submitted_rows_match_inserted_rows_and_follow_each_other() {
     let rows = c
         .query(
             "SELECT id, state, reused_from, body_bytes = octet_length(body::text),
-                    request_hash = sha256(convert_to(endpoint || ' ' || body::text, 'UTF8')),
+                    request_hash = sha256(convert_to(provider || ' ' || endpoint || ' ' || body::text, 'UTF8')),
                     submitted_by = current_user, queued_at = created_at, attempts
                FROM llmbatching.requests ORDER BY id",
             &[],

@@ -106,6 +106,7 @@ async fn require_key(
     if given.is_empty() || expected.as_deref().is_some_and(|k| k != given) {
         return error_response(ApiError::new(401, "invalid x-api-key"));
     }
+    crate::count_create(&shared, &request, given);
     next.run(request).await
 }
 

@@ -128,6 +128,8 @@ pub struct Stats {
     pub batches_created: u64,
     /// Anthropic batches deleted (their results go with them).
     pub batches_deleted: u64,
+    /// Batch creations by the key they were made with (whoever is billed for them).
+    pub creates_per_key: BTreeMap<String, u64>,
     pub faults_injected: u64,
     /// The most batches open (not yet ended) at once.
     pub max_open_batches: u64,

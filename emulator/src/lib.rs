@@ -368,7 +368,19 @@ async fn require_key(
         err.code = Some("invalid_api_key");
         return err.into_response();
     }
+    count_create(&shared, &request, &given);
     next.run(request).await
+}
+
+/// Counts a batch creation under the key it was made with (see [`Stats::creates_per_key`]).
+pub(crate) fn count_create(shared: &Shared, request: &Request, key: &str) {
+    if operation(request.method(), request.uri().path()) == "create" {
+        *lock(shared)
+            .stats
+            .creates_per_key
+            .entry(key.to_owned())
+            .or_default() += 1;
+    }
 }
 
 /// The Files and Batches API, with the faults and the key check of `auth`.

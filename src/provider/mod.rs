@@ -1,12 +1,92 @@
-//! The provider's batch protocol behind one small trait. The worker speaks only
-//! [`BatchProvider`]; a second provider is a new module implementing it.
+//! Every batch provider behind one boundary. The worker, the planner and the state tables speak
+//! only the terms defined here: a [`Kind`] of provider says what it accepts and how its files
+//! read (no connection needed: submit-time checks and the worker's reading of result lines use
+//! it), and a [`BatchProvider`] is a connection to one server of that kind (stage the input,
+//! create, poll, cancel, read the results back, clean up). Each protocol lives in its own
+//! module; a new one is new files plus its line in [`KINDS`].
+//!
+//! Providers are configured the way PostgreSQL keeps credentials for outside services: each is a
+//! foreign server of the `llmbatching` wrapper (`kind`, `api_base` and the kind's own options),
+//! and its keys are user mappings (see `servers`).
 
+pub mod anthropic;
+mod http;
 pub mod openai;
 pub mod redact;
+pub mod servers;
 
+use crate::planner::BatchLimits;
+use crate::request::Endpoint;
+use crate::results::LineResult;
 use serde_json::Value;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
+
+/// Every kind of provider llmbatching speaks to, by the name `CREATE SERVER ... OPTIONS (kind
+/// '...')` gives it.
+pub const KINDS: &[&dyn Kind] = &[&openai::OPENAI, &openai::AZURE, &anthropic::ANTHROPIC];
+
+/// The kind of the given name.
+pub fn kind(name: &str) -> Option<&'static dyn Kind> {
+    KINDS.iter().copied().find(|k| k.name() == name)
+}
+
+/// A kind of provider: what it accepts and how its batch files read. Pure: no connection.
+pub trait Kind: Sync + std::panic::RefUnwindSafe {
+    /// Its name in a server's `kind` option.
+    fn name(&self) -> &'static str;
+    /// Where its API is when the server's `api_base` does not say.
+    fn default_api_base(&self) -> Option<&'static str>;
+    /// Server options it reads besides `kind` and `api_base` (the validator refuses others).
+    fn server_options(&self) -> &'static [&'static str] {
+        &[]
+    }
+    /// The endpoints it batches; the first is the default of the submit functions.
+    fn endpoints(&self) -> &'static [Endpoint];
+    /// Most requests and bytes one batch may carry.
+    fn limits(&self) -> BatchLimits;
+    /// Whether its batches carry our tags, by which a batch whose create answer was lost is
+    /// found again for sure. Without them, creates under one key go one at a time, and none
+    /// while an earlier one is in doubt (see `BatchProvider::find_created`).
+    fn tags_batches(&self) -> bool {
+        true
+    }
+    /// One line of a batch's staged input file: the request `body_json` under `custom_id`.
+    fn input_line(
+        &self,
+        custom_id: &str,
+        endpoint: Endpoint,
+        body_json: &str,
+    ) -> Result<String, serde_json::Error>;
+    /// Reads one result line. `Err`: the line names no request llmbatching sent (its text is
+    /// logged); a line that names one but cannot be read is [`crate::results::Outcome::Unreadable`].
+    fn parse_result_line(&self, endpoint: Endpoint, line: &str) -> Result<LineResult, String>;
+    /// A connection to a server of this kind.
+    fn connect(&self, server: &Server) -> ProviderResult<SharedProvider>;
+}
+
+/// One configured provider, as the worker connects to it: a server's options and the key of
+/// the user mapping its requests were queued under.
+pub struct Server {
+    pub api_base: String,
+    pub api_key: String,
+    /// The kind's own options (see [`Kind::server_options`]).
+    pub options: std::collections::BTreeMap<String, String>,
+    /// A call fails when no byte of it arrives for this long.
+    pub idle_timeout: Duration,
+    /// Asked every fraction of a second while a call waits: true ends it.
+    pub should_stop: fn() -> bool,
+}
+
+impl Server {
+    pub fn option(&self, name: &str) -> Option<&str> {
+        self.options.get(name).map(String::as_str)
+    }
+}
+
+/// A connection to a provider, shared by the transfers under way.
+pub type SharedProvider = Arc<dyn BatchProvider + Send + Sync>;
 
 /// Where a provider call went wrong, sorted by what the worker should do about it.
 #[derive(Debug, thiserror::Error)]
@@ -135,102 +215,7 @@ pub struct BatchInfo {
     pub reasoning_tokens: Option<i64>,
 }
 
-/// A page of the provider's batch list, newest first.
-#[derive(Debug)]
-pub struct BatchPage {
-    pub batches: Vec<BatchInfo>,
-    pub has_more: bool,
-}
-
-/// The request to create a batch.
-#[derive(Debug)]
-pub struct NewBatch<'a> {
-    pub input_file_id: &'a str,
-    pub endpoint: &'a str,
-    /// Our own tags, so a batch created just before a crash can be found again.
-    pub metadata: Vec<(&'a str, String)>,
-}
-
-/// The operations of a provider's batch API.
-pub trait BatchProvider {
-    /// Uploads a JSONL input file, streamed from disk; returns the provider's file id.
-    fn upload_batch_file(&self, path: &Path, filename: &str) -> ProviderResult<String>;
-    fn create_batch(&self, batch: &NewBatch<'_>) -> ProviderResult<BatchInfo>;
-    fn get_batch(&self, id: &str) -> ProviderResult<BatchInfo>;
-    /// One page of batches, newest first, starting after the batch `after`.
-    fn list_batches(&self, after: Option<&str>, limit: u32) -> ProviderResult<BatchPage>;
-    fn cancel_batch(&self, id: &str) -> ProviderResult<BatchInfo>;
-    /// Streams a file's content to `dest`; returns the number of bytes written.
-    fn download_file(&self, id: &str, dest: &Path) -> ProviderResult<u64>;
-    fn delete_file(&self, id: &str) -> ProviderResult<()>;
-}
-
-fn non_empty_string(v: Option<&Value>) -> Option<String> {
-    v.and_then(Value::as_str)
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
-}
-
 impl BatchInfo {
-    /// Reads a batch object. `error_file_id` and `output_file_id` given as `""` mean no file.
-    pub fn from_json(v: &Value) -> ProviderResult<BatchInfo> {
-        let malformed =
-            |what: &str| ProviderError::Malformed(format!("batch object without {what}"));
-        let id = non_empty_string(v.get("id")).ok_or_else(|| malformed("an id"))?;
-        let status = v
-            .get("status")
-            .and_then(Value::as_str)
-            .ok_or_else(|| malformed("a status"))?;
-        let count = |name: &str| {
-            v.pointer(&format!("/request_counts/{name}"))
-                .and_then(Value::as_i64)
-                .unwrap_or(0)
-        };
-        let errors = v
-            .pointer("/errors/data")
-            .and_then(Value::as_array)
-            .map(|list| {
-                list.iter()
-                    .map(|e| BatchError {
-                        code: e
-                            .get("code")
-                            .and_then(Value::as_str)
-                            .unwrap_or("unknown")
-                            .to_owned(),
-                        message: e
-                            .get("message")
-                            .and_then(Value::as_str)
-                            .unwrap_or("")
-                            .to_owned(),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        Ok(BatchInfo {
-            id,
-            status: BatchStatus::parse(status),
-            output_file_id: non_empty_string(v.get("output_file_id")),
-            error_file_id: non_empty_string(v.get("error_file_id")),
-            total: count("total"),
-            completed: count("completed"),
-            failed: count("failed"),
-            errors,
-            metadata: v
-                .get("metadata")
-                .and_then(Value::as_object)
-                .cloned()
-                .unwrap_or_default(),
-            input_tokens: v.pointer("/usage/input_tokens").and_then(Value::as_i64),
-            cached_tokens: v
-                .pointer("/usage/input_tokens_details/cached_tokens")
-                .and_then(Value::as_i64),
-            output_tokens: v.pointer("/usage/output_tokens").and_then(Value::as_i64),
-            reasoning_tokens: v
-                .pointer("/usage/output_tokens_details/reasoning_tokens")
-                .and_then(Value::as_i64),
-        })
-    }
-
     /// The validation errors as one line of text.
     pub fn errors_text(&self) -> Option<String> {
         (!self.errors.is_empty()).then(|| {
@@ -243,43 +228,49 @@ impl BatchInfo {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
+/// The request to create a batch.
+#[derive(Debug)]
+pub struct NewBatch<'a> {
+    /// The staged input file's id, for providers that stage it.
+    pub input_file_id: Option<&'a str>,
+    /// The input file itself, for providers that take the requests with the create call.
+    pub input_path: Option<&'a Path>,
+    pub endpoint: Endpoint,
+    /// Our own tags, so a batch created just before a crash can be found again.
+    pub metadata: Vec<(&'a str, String)>,
+    /// How many requests it carries.
+    pub request_count: i64,
+    /// When the first create call may have gone out (Unix seconds), for providers that find a
+    /// lost batch by its time and size.
+    pub attempted_at: Option<i64>,
+    /// Provider batch ids other batches here already hold: never this batch's.
+    pub taken: &'a [String],
+}
 
-    #[test]
-    fn empty_file_ids_mean_no_file() {
-        let b = BatchInfo::from_json(
-            &json!({"id": "batch_1", "status": "completed", "output_file_id": null,
-            "error_file_id": "", "request_counts": {"total": 3, "completed": 0, "failed": 3}}),
-        )
-        .unwrap();
-        assert_eq!((b.output_file_id, b.error_file_id), (None, None));
-        assert_eq!((b.total, b.failed), (3, 3));
-        assert!(b.status.is_terminal());
-    }
+/// The operations of a provider's batch API, in the worker's terms.
+pub trait BatchProvider {
+    /// Puts a batch's input file (JSONL of [`Kind::input_line`]s) where a batch can be created
+    /// from it; returns the provider's file id, or None for a provider that takes the requests
+    /// with the create call.
+    fn stage_input(&self, path: &Path, filename: &str) -> ProviderResult<Option<String>>;
+    fn create_batch(&self, batch: &NewBatch<'_>) -> ProviderResult<BatchInfo>;
+    /// Looks among the provider's recent batches for one that an earlier create call of this
+    /// batch made, its answer lost (a crash). Must never return another batch.
+    fn find_created(&self, batch: &NewBatch<'_>) -> ProviderResult<Option<BatchInfo>>;
+    fn get_batch(&self, id: &str) -> ProviderResult<BatchInfo>;
+    fn cancel_batch(&self, id: &str) -> ProviderResult<BatchInfo>;
+    /// Streams a result file (an id or an address from [`BatchInfo`]) to `dest`; returns the
+    /// number of bytes written.
+    fn download_results(&self, location: &str, dest: &Path) -> ProviderResult<u64>;
+    /// Deletes what a finished batch left at the provider. Best effort.
+    fn clean_up(&self, leftovers: &Leftovers) -> ProviderResult<()>;
+}
 
-    #[test]
-    fn validation_errors_are_read() {
-        let b = BatchInfo::from_json(&json!({"id": "b", "status": "failed",
-            "errors": {"data": [{"code": "token_limit_exceeded", "message": "too many"}]}}))
-        .unwrap();
-        assert_eq!(
-            b.errors_text().as_deref(),
-            Some("token_limit_exceeded: too many")
-        );
-    }
-
-    #[test]
-    fn a_batch_without_status_is_malformed() {
-        assert!(matches!(
-            BatchInfo::from_json(&json!({"id": "b"})),
-            Err(ProviderError::Malformed(_))
-        ));
-        assert!(matches!(
-            BatchInfo::from_json(&json!("x")),
-            Err(ProviderError::Malformed(_))
-        ));
-    }
+/// What a finished batch may have left at the provider.
+#[derive(Clone, Debug, Default)]
+pub struct Leftovers {
+    pub batch_id: Option<String>,
+    pub input_file_id: Option<String>,
+    pub output: Option<String>,
+    pub errors: Option<String>,
 }

@@ -7,8 +7,10 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiResult;
 use std::time::Duration;
 
-/// A group of queued requests that share one endpoint and model.
+/// A group of queued requests that share one provider, account, endpoint and model.
 pub struct Group {
+    pub provider: String,
+    pub account: String,
     pub endpoint: String,
     pub model: String,
     pub queued: QueuedGroup,
@@ -21,29 +23,32 @@ pub fn queued_groups(max_requests: usize) -> Vec<Group> {
     Spi::connect(|client| {
         let rows = client.select(
             "WITH RECURSIVE groups AS (
-                 (SELECT endpoint, model FROM llmbatching.requests
+                 (SELECT provider, account, endpoint, model FROM llmbatching.requests
                    WHERE state = 'queued' AND reused_from IS NULL
-                   ORDER BY endpoint, model LIMIT 1)
+                   ORDER BY provider, account, endpoint, model LIMIT 1)
                  UNION ALL
-                 SELECT next.endpoint, next.model
+                 SELECT next.provider, next.account, next.endpoint, next.model
                    FROM groups g
                   CROSS JOIN LATERAL (
-                      SELECT r.endpoint, r.model FROM llmbatching.requests r
+                      SELECT r.provider, r.account, r.endpoint, r.model FROM llmbatching.requests r
                        WHERE r.state = 'queued' AND r.reused_from IS NULL
-                         AND (r.endpoint, r.model) > (g.endpoint, g.model)
-                       ORDER BY r.endpoint, r.model LIMIT 1) next)
+                         AND (r.provider, r.account, r.endpoint, r.model) > (g.provider, g.account, g.endpoint, g.model)
+                       ORDER BY r.provider, r.account, r.endpoint, r.model LIMIT 1) next)
              SELECT g.endpoint, g.model, c.requests, c.body_bytes,
-                    extract(epoch FROM pg_catalog.clock_timestamp() - c.oldest)::float8
+                    extract(epoch FROM pg_catalog.clock_timestamp() - c.oldest)::float8,
+                    g.provider, g.account
                FROM groups g
               CROSS JOIN LATERAL (
                   SELECT pg_catalog.count(*) AS requests, pg_catalog.sum(first.body_bytes)::bigint AS body_bytes,
                          pg_catalog.min(first.queued_at) AS oldest
                     FROM (SELECT r.body_bytes, r.queued_at FROM llmbatching.requests r
                            WHERE r.state = 'queued' AND r.reused_from IS NULL
+                             AND r.provider = g.provider AND r.account = g.account
                              AND r.endpoint = g.endpoint AND r.model = g.model
                            ORDER BY r.id LIMIT $1) first) c
               WHERE NOT EXISTS (SELECT FROM llmbatching.model_pauses p
-                                 WHERE p.model = g.model AND p.paused_until > pg_catalog.now())",
+                                 WHERE p.model = g.model AND p.paused_until > pg_catalog.now())
+              ORDER BY g.provider, g.account, g.endpoint, g.model",
             None,
             &[(max_requests as i64).into()],
         )?;
@@ -58,6 +63,8 @@ pub fn queued_groups(max_requests: usize) -> Vec<Group> {
                         row.get::<f64>(5)?.unwrap_or(0.0).max(0.0),
                     ),
                 },
+                provider: row.get(6)?.unwrap_or_default(),
+                account: row.get(7)?.unwrap_or_default(),
             })
         })
         .collect::<SpiResult<Vec<_>>>()
@@ -73,13 +80,20 @@ pub fn open_batch_count() -> i64 {
 }
 
 /// The model's enqueued-token cap (its row in `model_limits`, else `default_cap`) and how
-/// much of it the model's open batches leave free. None: no cap.
-pub fn token_budget(model: &str, default_cap: Option<i64>) -> Option<TokenBudget> {
+/// much of it the model's open batches under the same provider and key leave free (the
+/// provider counts enqueued tokens per account). None: no cap.
+pub fn token_budget(group: &Group, default_cap: Option<i64>) -> Option<TokenBudget> {
     let (cap, used) = Spi::get_two_with_args::<i64, i64>(
         "SELECT coalesce((SELECT max_enqueued_tokens FROM llmbatching.model_limits WHERE model = $1), $2),
                 (SELECT coalesce(pg_catalog.sum(estimated_tokens), 0)::bigint FROM llmbatching.batches
-                  WHERE model = $1 AND state IN ('pending', 'uploaded', 'submitted'))",
-        &[model.into(), default_cap.into()],
+                  WHERE model = $1 AND provider = $3 AND account = $4
+                    AND state IN ('pending', 'uploaded', 'submitted'))",
+        &[
+            group.model.as_str().into(),
+            default_cap.into(),
+            group.provider.as_str().into(),
+            group.account.as_str().into(),
+        ],
     )
     .unwrap_or_else(|e| fail("reading the token budget", e));
     let cap = cap? as usize;
@@ -92,44 +106,43 @@ pub fn token_budget(model: &str, default_cap: Option<i64>) -> Option<TokenBudget
 /// The oldest queued requests of a group, up to `limit` of each role, each role's in turn (see
 /// [`planner::interleave_roles`]). Roles whose requests already ride in `per_role_cap` open
 /// batches (0: no cap) wait.
-fn claim_candidates(
-    endpoint: &str,
-    model: &str,
-    limit: usize,
-    per_role_cap: i64,
-) -> Vec<Candidate> {
+fn claim_candidates(group: &Group, limit: usize, per_role_cap: i64) -> Vec<Candidate> {
+    let same_group = "r.state = 'queued' AND r.reused_from IS NULL AND r.provider = $5
+                      AND r.account = $6 AND r.endpoint = $1 AND r.model = $2";
     let rows: Vec<(String, Candidate)> = Spi::connect(|client| {
         client
             .select(
-                "WITH RECURSIVE roles AS (
+                &format!(
+                    "WITH RECURSIVE roles AS (
                      (SELECT r.submitted_by FROM llmbatching.requests r
-                       WHERE r.state = 'queued' AND r.reused_from IS NULL AND r.endpoint = $1 AND r.model = $2
+                       WHERE {same_group}
                        ORDER BY r.submitted_by LIMIT 1)
                      UNION ALL
                      SELECT next.submitted_by
                        FROM roles g
                       CROSS JOIN LATERAL (
                           SELECT r.submitted_by FROM llmbatching.requests r
-                           WHERE r.state = 'queued' AND r.reused_from IS NULL AND r.endpoint = $1 AND r.model = $2
-                             AND r.submitted_by > g.submitted_by
+                           WHERE {same_group} AND r.submitted_by > g.submitted_by
                            ORDER BY r.submitted_by LIMIT 1) next)
                  SELECT g.submitted_by::text, c.id, c.body_bytes
                    FROM roles g
                   CROSS JOIN LATERAL (
                       SELECT r.id, r.body_bytes FROM llmbatching.requests r
-                       WHERE r.state = 'queued' AND r.reused_from IS NULL AND r.endpoint = $1 AND r.model = $2
-                         AND r.submitted_by = g.submitted_by
+                       WHERE {same_group} AND r.submitted_by = g.submitted_by
                        ORDER BY r.id LIMIT $3) c
                   WHERE $4 = 0
                      OR (SELECT pg_catalog.count(*) FROM llmbatching.batches b
                           WHERE b.state <> 'done' AND g.submitted_by = ANY (b.roles)) < $4
-                  ORDER BY g.submitted_by, c.id",
+                  ORDER BY g.submitted_by, c.id"
+                ),
                 None,
                 &[
-                    endpoint.into(),
-                    model.into(),
+                    group.endpoint.as_str().into(),
+                    group.model.as_str().into(),
                     (limit as i64).into(),
                     per_role_cap.into(),
+                    group.provider.as_str().into(),
+                    group.account.as_str().into(),
                 ],
             )?
             .map(|row| {
@@ -151,13 +164,12 @@ fn claim_candidates(
 /// `pending`); returns its id, or None when nothing could be claimed. Requests that could
 /// never fit are failed.
 pub fn claim_batch(
-    endpoint: &str,
-    model: &str,
+    group: &Group,
     limits: BatchLimits,
     budget: Option<TokenBudget>,
     per_role_cap: i64,
 ) -> Option<i64> {
-    let candidates = claim_candidates(endpoint, model, limits.max_requests, per_role_cap);
+    let candidates = claim_candidates(group, limits.max_requests, per_role_cap);
     let split = planner::take_batch(&candidates, limits, budget);
     if !split.too_many_bytes.is_empty() {
         run(
@@ -181,13 +193,15 @@ pub fn claim_batch(
         return None;
     }
     let batch_id = Spi::get_one_with_args::<i64>(
-        "INSERT INTO llmbatching.batches (endpoint, model, request_count, estimated_tokens)
-         VALUES ($1, $2, $3, $4) RETURNING id",
+        "INSERT INTO llmbatching.batches (endpoint, model, request_count, estimated_tokens, provider, account)
+         VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
         &[
-            endpoint.into(),
-            model.into(),
+            group.endpoint.as_str().into(),
+            group.model.as_str().into(),
             (split.batch.len() as i32).into(),
             (split.estimated_tokens as i64).into(),
+            group.provider.as_str().into(),
+            group.account.as_str().into(),
         ],
     )
     .unwrap_or_else(|e| fail("creating a batch", e))?;

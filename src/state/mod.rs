@@ -35,6 +35,9 @@ fn seconds(d: Duration) -> f64 {
 #[derive(Clone, Debug)]
 pub struct BatchRow {
     pub id: i64,
+    /// The provider (a server) and whose key it goes under.
+    pub provider: String,
+    pub account: String,
     pub endpoint: String,
     pub model: String,
     pub state: String,
@@ -58,12 +61,39 @@ pub struct BatchRow {
     pub submitted_ago: Duration,
     /// An administrator gave up waiting for its result files.
     pub results_given_up: bool,
+    /// When a create call was first about to be made (Unix seconds).
+    pub create_attempted_at: Option<i64>,
+    /// How many requests it carries.
+    pub request_count: i64,
 }
 
 impl BatchRow {
     pub fn endpoint(&self) -> Endpoint {
         Endpoint::parse(&self.endpoint).unwrap_or(Endpoint::Responses)
     }
+
+    /// The provider and account its requests go through.
+    pub fn route(&self) -> (String, String) {
+        (self.provider.clone(), self.account.clone())
+    }
+}
+
+/// The provider batch ids batches of `provider` here hold: a batch found at the provider after
+/// a lost create answer must be none of these.
+pub fn taken_provider_batches(provider: &str) -> Vec<String> {
+    Spi::connect(|client| {
+        client
+            .select(
+                "SELECT provider_batch_id FROM llmbatching.batches
+                  WHERE provider = $1 AND provider_batch_id IS NOT NULL
+                    AND created_at > pg_catalog.now() - interval '3 days'",
+                None,
+                &[provider.into()],
+            )?
+            .map(|row| row.get::<String>(1).map(Option::unwrap_or_default))
+            .collect::<SpiResult<Vec<_>>>()
+    })
+    .unwrap_or_else(|e| fail("reading the provider batch ids", e))
 }
 
 const BATCH_COLUMNS: &str = "id, endpoint, state, provider_status, provider_errors, input_file_id, provider_batch_id,
@@ -72,7 +102,8 @@ const BATCH_COLUMNS: &str = "id, endpoint, state, provider_status, provider_erro
      answer_formats > 0,
      extract(epoch FROM pg_catalog.clock_timestamp() - coalesce(ended_at, pg_catalog.clock_timestamp()))::float8,
      extract(epoch FROM pg_catalog.clock_timestamp() - coalesce(submitted_at, pg_catalog.clock_timestamp()))::float8,
-     results_given_up_at IS NOT NULL";
+     results_given_up_at IS NOT NULL, provider, account,
+     extract(epoch FROM create_attempted_at)::bigint, request_count::bigint";
 
 fn batch_rows(
     client: &SpiClient<'_>,
@@ -102,6 +133,10 @@ fn batch_rows(
                 ended_ago: Duration::from_secs_f64(row.get::<f64>(17)?.unwrap_or(0.0).max(0.0)),
                 submitted_ago: Duration::from_secs_f64(row.get::<f64>(18)?.unwrap_or(0.0).max(0.0)),
                 results_given_up: row.get(19)?.unwrap_or(false),
+                provider: row.get(20)?.unwrap_or_default(),
+                account: row.get(21)?.unwrap_or_default(),
+                create_attempted_at: row.get(22)?,
+                request_count: row.get(23)?.unwrap_or(0),
             })
         })
         .collect()

@@ -3,7 +3,7 @@
 
 use super::{fail, run, seconds, BatchRow};
 use crate::provider::BatchInfo;
-use crate::request::batch_line;
+use crate::provider::Kind;
 use crate::results::custom_id;
 use pgrx::prelude::*;
 use pgrx::PgMemoryContexts;
@@ -11,9 +11,15 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
-/// Writes a batch's input file, one JSONL line per request, reading the requests through a
-/// cursor so the file is never held in memory whole. Returns (lines, bytes).
-pub fn write_input_file(batch: &BatchRow, path: &Path) -> std::io::Result<(usize, u64)> {
+/// Writes a batch's input file, one JSONL line per request in its provider's format, reading
+/// the requests through a cursor so the file is never held in memory whole. Returns (lines,
+/// bytes).
+pub fn write_input_file(
+    batch: &BatchRow,
+    kind: &dyn Kind,
+    path: &Path,
+) -> std::io::Result<(usize, u64)> {
+    let endpoint = batch.endpoint();
     let file = std::fs::File::create(path)?;
     let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
     let mut lines = 0usize;
@@ -44,7 +50,8 @@ pub fn write_input_file(batch: &BatchRow, path: &Path) -> std::io::Result<(usize
                             .get(2)
                             .unwrap_or_else(|e| fail("reading a request body", e))
                             .unwrap_or_default();
-                        let line = batch_line(&custom_id(id), &batch.endpoint, &body)
+                        let line = kind
+                            .input_line(&custom_id(id), endpoint, &body)
                             .map_err(std::io::Error::other)?;
                         out.write_all(line.as_bytes())?;
                         out.write_all(b"\n")?;
@@ -66,7 +73,8 @@ pub fn write_input_file(batch: &BatchRow, path: &Path) -> std::io::Result<(usize
     Ok((lines, bytes))
 }
 
-pub fn record_uploaded(batch_id: i64, file_id: &str, bytes: u64) {
+/// The input is staged (`file_id`: where, for providers that keep a file of it).
+pub fn record_uploaded(batch_id: i64, file_id: Option<&str>, bytes: u64) {
     run(
         "UPDATE llmbatching.batches SET state = 'uploaded', input_file_id = $2, input_bytes = $3,
                 step_failures = 0, last_error = NULL, next_check_at = pg_catalog.now()
@@ -79,9 +87,22 @@ pub fn record_uploaded(batch_id: i64, file_id: &str, bytes: u64) {
 /// the batch at the provider before creating it again.
 pub fn record_create_attempt(batch_id: i64) {
     run(
-        "UPDATE llmbatching.batches SET create_attempted_at = pg_catalog.now() WHERE id = $1",
+        "UPDATE llmbatching.batches SET create_attempted_at = coalesce(create_attempted_at, pg_catalog.now()) WHERE id = $1",
         &[batch_id.into()],
     );
+}
+
+/// The batch of a route whose create call may have gone out unanswered, the earliest if several
+/// (see `Kind::tags_batches`).
+pub fn create_in_doubt(provider: &str, account: &str) -> Option<i64> {
+    Spi::get_one_with_args::<i64>(
+        "SELECT (SELECT id FROM llmbatching.batches
+                  WHERE state = 'uploaded' AND create_attempted_at IS NOT NULL
+                    AND provider = $1 AND account = $2
+                  ORDER BY create_attempted_at, id LIMIT 1)",
+        &[provider.into(), account.into()],
+    )
+    .unwrap_or_else(|e| fail("looking for a create in doubt", e))
 }
 
 pub fn record_submitted(batch_id: i64, info: &BatchInfo, poll_interval: Duration) {

@@ -15,24 +15,26 @@
 
 use crate::config::{self, Settings};
 use crate::planner;
-use crate::provider::openai::OpenAi;
+mod connections;
+
 use crate::provider::redact::{redact, redact_json};
 use crate::provider::{
-    BatchInfo, BatchProvider, BatchStatus, NewBatch, ProviderError, ProviderResult,
+    BatchInfo, BatchProvider, BatchStatus, Kind, Leftovers, NewBatch, ProviderError,
+    ProviderResult, SharedProvider,
 };
 use crate::restricted::Failure;
 use crate::results::{self, LineRead, LineResult, Outcome};
 use crate::session;
 use crate::state::write_back::{self, Written};
 use crate::state::{self, claim, housekeeping, ingest, send, BatchRow};
-use crate::transfers::{self, Transfers};
+use crate::transfers::Transfers;
 use crate::wakeup;
+use connections::Connections;
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How many roles' worth of write-back time (`write_back_timeout` each) one round may spend.
@@ -43,8 +45,6 @@ const STAGING_DIR: &str = "pg_llmbatching";
 /// once, so memory stays flat whatever the size of the answers.
 const INGEST_CHUNK: usize = 1000;
 const INGEST_CHUNK_BYTES: usize = 8 * 1024 * 1024;
-/// Pages of the provider's batch list searched for a batch whose create call went unrecorded.
-const RECONCILE_PAGES: usize = 20;
 /// A refused step (4xx) that may be a passing glitch, such as "file not found" just after an
 /// upload, is tried this many times before it is taken as final.
 const REFUSALS_BEFORE_GIVING_UP: i32 = 5;
@@ -233,16 +233,13 @@ pub extern "C-unwind" fn llmbatching_worker_main(_arg: pg_sys::Datum) {
 }
 
 struct Worker {
-    provider: Option<SharedProvider>,
+    /// The connections to the providers, by route.
+    connections: Connections,
     /// The provider calls under way, and the batch each belongs to as it was when they started.
     transfers: Transfers<ProviderResult<Landed>>,
     in_flight: HashMap<i64, BatchRow>,
-    /// The base URL, key and idle timeout the provider was built with; a change rebuilds it.
-    provider_for: Option<(String, String, Duration)>,
     staging: PathBuf,
     instance: Option<String>,
-    /// The last key problem warned about, so it is logged once rather than every round.
-    key_problem: Option<String>,
     last_purge: Option<std::time::Instant>,
     /// Rounds in a row that ended in an error, for the pause before the next.
     failed_rounds: u32,
@@ -277,13 +274,11 @@ impl Worker {
             warning!("llmbatching: cannot create {}: {e}", staging.display());
         }
         Worker {
-            provider: None,
+            connections: Connections::default(),
             transfers: Transfers::new(),
             in_flight: HashMap::new(),
-            provider_for: None,
             staging,
             instance: None,
-            key_problem: None,
             last_purge: None,
             failed_rounds: 0,
             said_copy: false,
@@ -374,14 +369,18 @@ impl Worker {
         }
     }
 
-    /// The key the provider client uses (empty before there is one), to redact it.
-    fn key(&self) -> &str {
-        self.provider_for.as_ref().map_or("", |(_, key, _)| key)
+    /// A provider's text without any key in use or any echoed credential, bounded.
+    fn redact(&self, text: &str) -> String {
+        self.connections
+            .keys()
+            .fold(redact(text, ""), |text, key| redact(&text, key))
     }
 
-    /// A provider's text without the key or any echoed credential, bounded.
-    fn redact(&self, text: &str) -> String {
-        redact(text, self.key())
+    /// [`Self::redact`] for a JSON text kept whole.
+    fn redact_json(&self, text: &str) -> String {
+        self.connections
+            .keys()
+            .fold(redact_json(text, ""), |text, key| redact_json(&text, key))
     }
 
     /// Does everything that is due; returns how long to sleep before the next round.
@@ -406,9 +405,7 @@ impl Worker {
         // Read every round: llm_adopt(as_copy => true) gives the installation a new identity.
         self.instance = Some(tx(housekeeping::instance_id));
         self.purge_if_due(&settings);
-        if !self.ensure_provider(&settings) {
-            return idle;
-        }
+        self.connections.new_round();
         tx(housekeeping::promote_orphaned_duplicates);
         let next_group_due = self.form_batches(&settings);
         tx(housekeeping::flag_cancelled_batches);
@@ -423,46 +420,6 @@ impl Worker {
             .min()
             .unwrap_or(idle)
             .clamp(Duration::from_millis(10), idle)
-    }
-
-    /// Builds the provider client, or rebuilds it after the base URL or key changed.
-    fn ensure_provider(&mut self, settings: &Settings) -> bool {
-        let key = match config::api_key() {
-            Ok(Some(key)) => key,
-            Ok(None) => return self.key_problem(
-                "no API key; name a key file in llmbatching.api_key_file, or set OPENAI_API_KEY in the server's environment",
-            ),
-            Err(problem) => return self.key_problem(&problem),
-        };
-        self.key_problem = None;
-        let wanted = (
-            settings.api_base.clone(),
-            key,
-            settings.transfer_idle_timeout,
-        );
-        if self.provider_for.as_ref() != Some(&wanted) {
-            match OpenAi::new(&wanted.0, &wanted.1, wanted.2, transfers::should_stop) {
-                Ok(client) => {
-                    // Transfers under way finish with the client they started with.
-                    self.provider = Some(Arc::new(client));
-                    self.provider_for = Some(wanted);
-                }
-                Err(e) => {
-                    warning!("llmbatching: cannot set up the HTTP client: {e}");
-                    return false;
-                }
-            }
-        }
-        true
-    }
-
-    /// Warns once about a missing or unusable key; requests stay queued meanwhile.
-    fn key_problem(&mut self, problem: &str) -> bool {
-        if self.key_problem.as_deref() != Some(problem) {
-            warning!("llmbatching: {problem}. Requests stay queued.");
-            self.key_problem = Some(problem.to_owned());
-        }
-        false
     }
 
     /// Deletes finished rows older than `llmbatching.retention`, at most once a minute.
@@ -494,33 +451,31 @@ impl Worker {
             settings.max_batches_per_role,
         );
         loop {
-            let (claimed, next_due) = tx(move || {
-                let (mut claimed, mut next_due) = (0, None::<Duration>);
-                for group in claim::queued_groups(limits.max_requests) {
-                    if !planner::group_is_due(&group.queued, limits, wait) {
-                        let due_in = planner::due_in(&group.queued, limits, wait);
-                        next_due = Some(next_due.map_or(due_in, |d| d.min(due_in)));
-                        continue;
-                    }
+            let groups = tx(move || claim::queued_groups(limits.max_requests));
+            let (mut claimed, mut next_due) = (0, None::<Duration>);
+            for group in groups {
+                // A provider that cannot be used now (no key, dropped) leaves its requests queued.
+                let route = (group.provider.clone(), group.account.clone());
+                let Some((kind, _)) = self.connections.get(&route, settings.transfer_idle_timeout)
+                else {
+                    continue;
+                };
+                let limits = limits.within(kind.limits());
+                if !planner::group_is_due(&group.queued, limits, wait) {
+                    let due_in = planner::due_in(&group.queued, limits, wait);
+                    next_due = Some(next_due.map_or(due_in, |d| d.min(due_in)));
+                    continue;
+                }
+                let taken = tx(move || {
                     // A due group that cannot go now waits for a batch to end: a batch step.
                     if claim::open_batch_count() >= max_open {
-                        continue;
+                        return false;
                     }
-                    let budget = claim::token_budget(&group.model, default_token_cap);
-                    if claim::claim_batch(
-                        &group.endpoint,
-                        &group.model,
-                        limits,
-                        budget,
-                        per_role_cap,
-                    )
-                    .is_some()
-                    {
-                        claimed += 1;
-                    }
-                }
-                (claimed, next_due)
-            });
+                    let budget = claim::token_budget(&group, default_token_cap);
+                    claim::claim_batch(&group, limits, budget, per_role_cap).is_some()
+                });
+                claimed += usize::from(taken);
+            }
             if claimed == 0 || shutdown_requested() {
                 return next_due;
             }
@@ -590,6 +545,15 @@ impl Worker {
             if self.transfers.busy(batch.id) {
                 continue;
             }
+            let Some((kind, client)) = self
+                .connections
+                .get(&batch.route(), settings.transfer_idle_timeout)
+            else {
+                continue;
+            };
+            if !kind.tags_batches() && self.must_wait_to_create(&batch) {
+                continue;
+            }
             report_activity(&format!(
                 "llmbatching: batch {} ({})",
                 batch.id, batch.state
@@ -597,7 +561,7 @@ impl Worker {
             let retry = batch.clone();
             // An error in the database on the way is the batch's own failed step (retried with
             // backoff, visible in `last_error`), never the worker's.
-            if let Err(message) = catching(|| self.start_step(batch, settings)) {
+            if let Err(message) = catching(|| self.start_step(batch, kind, client, settings)) {
                 self.step_failed(
                     &retry,
                     "a database step",
@@ -608,11 +572,39 @@ impl Worker {
         }
     }
 
+    /// Whether a batch must wait before its create call, for a provider whose batches carry no
+    /// tags: creates under one route go one at a time, and none while another batch's create is
+    /// in doubt, so that a batch found again after a lost answer (see `find_created`) can only
+    /// be that one's.
+    fn must_wait_to_create(&self, batch: &BatchRow) -> bool {
+        if batch.state != "uploaded" {
+            return false;
+        }
+        let creating = self.in_flight.values().any(|other| {
+            other.id != batch.id
+                && other.state == "uploaded"
+                && other.provider == batch.provider
+                && other.account == batch.account
+        });
+        if creating {
+            return true;
+        }
+        let (provider, account) = batch.route();
+        let in_doubt = tx(move || send::create_in_doubt(&provider, &account));
+        in_doubt.is_some_and(|other| other != batch.id)
+    }
+
     /// Prepares a batch's next step and starts its provider calls.
-    fn start_step(&mut self, batch: BatchRow, settings: &Settings) {
+    fn start_step(
+        &mut self,
+        batch: BatchRow,
+        kind: &'static dyn Kind,
+        client: SharedProvider,
+        settings: &Settings,
+    ) {
         let call = match batch.state.as_str() {
-            "pending" => self.prepare_upload(&batch, settings),
-            "uploaded" => self.prepare_create(&batch, settings),
+            "pending" => self.prepare_upload(&batch, kind, settings),
+            "uploaded" => self.prepare_create(&batch, kind, settings),
             "submitted" if batch.cancel_requested && !batch.cancel_sent => {
                 Some(cancel_call(&batch, "every request was cancelled"))
             }
@@ -626,17 +618,20 @@ impl Worker {
             _ => None,
         };
         if let Some((step, call)) = call {
-            self.start_transfer(batch, step, call);
+            self.start_transfer(batch, step, call, client);
         }
     }
 
     /// Runs a step's provider calls beside the worker; the batch waits for them to land.
-    fn start_transfer(&mut self, batch: BatchRow, step: &'static str, call: Call) {
-        let Some(provider) = self.provider.clone() else {
-            return;
-        };
+    fn start_transfer(
+        &mut self,
+        batch: BatchRow,
+        step: &'static str,
+        call: Call,
+        client: SharedProvider,
+    ) {
         let id = batch.id;
-        match self.transfers.start(id, step, move || call(&*provider)) {
+        match self.transfers.start(id, step, move || call(&*client)) {
             Ok(()) => {
                 self.in_flight.insert(id, batch);
             }
@@ -681,7 +676,7 @@ impl Worker {
         let retry = batch.clone();
         let finished = catching(|| match landed {
             Landed::Uploaded { file_id, bytes } => {
-                tx(|| send::record_uploaded(batch.id, &file_id, bytes));
+                tx(|| send::record_uploaded(batch.id, file_id.as_deref(), bytes));
                 Ok(())
             }
             Landed::Created { info, found } => {
@@ -730,22 +725,14 @@ impl Worker {
     fn prepare_upload(
         &mut self,
         batch: &BatchRow,
+        kind: &'static dyn Kind,
         settings: &Settings,
     ) -> Option<(&'static str, Call)> {
-        let path = self.staging.join(format!("batch-{}-input.jsonl", batch.id));
-        let written = {
-            let (batch, path) = (batch.clone(), path.clone());
-            tx(move || send::write_input_file(&batch, &path))
-        };
-        let (lines, bytes) = match written {
+        let path = self.input_path(batch);
+        let (lines, bytes) = match self.write_input(batch, kind, &path) {
             Ok(written) => written,
             Err(e) => {
-                self.step_failed(
-                    batch,
-                    "upload",
-                    ProviderError::Local(e.to_string()),
-                    settings,
-                );
+                self.step_failed(batch, "upload", ProviderError::Local(e), settings);
                 return None;
             }
         };
@@ -756,14 +743,29 @@ impl Worker {
         }
         let name = format!("llmbatching-{}-{}.jsonl", self.instance_tag(), batch.id);
         let call: Call = Box::new(move |provider| {
-            let uploaded = provider.upload_batch_file(&path, &name);
+            let staged = provider.stage_input(&path, &name);
             let _ = std::fs::remove_file(&path);
             Ok(Landed::Uploaded {
-                file_id: uploaded?,
+                file_id: staged?,
                 bytes,
             })
         });
         Some(("upload", call))
+    }
+
+    fn input_path(&self, batch: &BatchRow) -> PathBuf {
+        self.staging.join(format!("batch-{}-input.jsonl", batch.id))
+    }
+
+    /// Writes the batch's input file from its rows; returns (lines, bytes).
+    fn write_input(
+        &self,
+        batch: &BatchRow,
+        kind: &'static dyn Kind,
+        path: &std::path::Path,
+    ) -> Result<(usize, u64), String> {
+        let (batch, path) = (batch.clone(), path.to_owned());
+        tx(move || send::write_input_file(&batch, kind, &path)).map_err(|e| e.to_string())
     }
 
     fn instance_tag(&self) -> &str {
@@ -773,9 +775,11 @@ impl Worker {
 
     /// Records that a create call is about to be made, so that a worker that dies before it
     /// hears the answer searches the provider's batches for this one before creating again.
+    /// A provider that takes the requests with the call gets the input file written again.
     fn prepare_create(
         &mut self,
         batch: &BatchRow,
+        kind: &'static dyn Kind,
         settings: &Settings,
     ) -> Option<(&'static str, Call)> {
         if batch.cancel_requested {
@@ -791,27 +795,67 @@ impl Worker {
             self.delete_files(batch, settings);
             return None;
         }
+        // The lines sent: a provider without metadata finds a lost batch again by their number.
+        let (input_path, request_count) = match batch.input_file_id {
+            Some(_) => (None, batch.request_count),
+            None => {
+                let path = self.input_path(batch);
+                match self.write_input(batch, kind, &path) {
+                    Ok((lines, _)) => (Some(path), lines as i64),
+                    Err(e) => {
+                        self.step_failed(
+                            batch,
+                            "batch creation",
+                            ProviderError::Local(e),
+                            settings,
+                        );
+                        return None;
+                    }
+                }
+            }
+        };
         let searched = batch.create_attempted;
+        let taken = if searched {
+            let provider = batch.provider.clone();
+            tx(move || state::taken_provider_batches(&provider))
+        } else {
+            Vec::new()
+        };
         tx(|| send::record_create_attempt(batch.id));
+        let id = batch.id;
+        let attempted_at = match batch.create_attempted_at {
+            Some(at) => Some(at),
+            None => tx(move || state::batch(id)).and_then(|b| b.create_attempted_at),
+        };
         let tags = vec![
             (META_BATCH_ID, batch.id.to_string()),
             (META_INSTANCE, self.instance.clone().unwrap_or_default()),
         ];
-        let input_file_id = batch.input_file_id.clone().unwrap_or_default();
-        let endpoint = batch.endpoint.clone();
+        let input_file_id = batch.input_file_id.clone();
+        let endpoint = batch.endpoint();
         let call: Call = Box::new(move |provider| {
-            if searched {
-                if let Some(info) = find_created(provider, &tags)? {
-                    return Ok(Landed::Created { info, found: true });
-                }
-            }
             let request = NewBatch {
-                input_file_id: &input_file_id,
-                endpoint: &endpoint,
+                input_file_id: input_file_id.as_deref(),
+                input_path: input_path.as_deref(),
+                endpoint,
                 metadata: tags,
+                request_count,
+                attempted_at,
+                taken: &taken,
             };
-            let info = provider.create_batch(&request)?;
-            Ok(Landed::Created { info, found: false })
+            let outcome = (|| {
+                if searched {
+                    if let Some(info) = provider.find_created(&request)? {
+                        return Ok(Landed::Created { info, found: true });
+                    }
+                }
+                let info = provider.create_batch(&request)?;
+                Ok(Landed::Created { info, found: false })
+            })();
+            if let Some(path) = &input_path {
+                let _ = std::fs::remove_file(path);
+            }
+            outcome
         });
         Some(("batch creation", call))
     }
@@ -876,7 +920,7 @@ impl Worker {
                 let Some(file_id) = file_id else { continue };
                 let path = staging.join(format!("batch-{id}-{kind}.jsonl"));
                 files.push(path.clone());
-                if let Err(e) = provider.download_file(&file_id, &path) {
+                if let Err(e) = provider.download_results(&file_id, &path) {
                     for written in &files {
                         let _ = std::fs::remove_file(written);
                     }
@@ -1000,29 +1044,25 @@ impl Worker {
     /// Deletes a finished batch's files at the provider, unless told to keep them. Best
     /// effort: a file left behind expires at the provider on its own.
     fn delete_files(&mut self, batch: &BatchRow, settings: &Settings) {
-        let files: Vec<String> = [
-            &batch.input_file_id,
-            &batch.output_file_id,
-            &batch.error_file_id,
-        ]
-        .into_iter()
-        .flatten()
-        .cloned()
-        .collect();
-        if !settings.delete_provider_files || files.is_empty() || self.transfers.busy(batch.id) {
+        let leftovers = Leftovers {
+            batch_id: batch.provider_batch_id.clone(),
+            input_file_id: batch.input_file_id.clone(),
+            output: batch.output_file_id.clone(),
+            errors: batch.error_file_id.clone(),
+        };
+        let nothing_left = leftovers.batch_id.is_none() && leftovers.input_file_id.is_none();
+        if !settings.delete_provider_files || nothing_left || self.transfers.busy(batch.id) {
             return;
         }
-        let call: Call = Box::new(move |provider| {
-            let mut first_failure = None;
-            for file_id in files {
-                if let Err(e) = provider.delete_file(&file_id) {
-                    first_failure
-                        .get_or_insert(ProviderError::Local(format!("file {file_id}: {e}")));
-                }
-            }
-            first_failure.map_or(Ok(Landed::Deleted), Err)
-        });
-        self.start_transfer(batch.clone(), DELETE_STEP, call);
+        let Some((_, client)) = self
+            .connections
+            .get(&batch.route(), settings.transfer_idle_timeout)
+        else {
+            return;
+        };
+        let call: Call =
+            Box::new(move |provider| provider.clean_up(&leftovers).map(|_| Landed::Deleted));
+        self.start_transfer(batch.clone(), DELETE_STEP, call, client);
     }
 
     fn warn_undeleted(&self, batch: &BatchRow, error: &ProviderError) {
@@ -1044,6 +1084,12 @@ impl Worker {
         let local = |e: std::io::Error| ProviderError::Local(format!("{}: {e}", path.display()));
         let mut reader = std::io::BufReader::new(std::fs::File::open(path).map_err(local)?);
         let endpoint = batch.endpoint();
+        let kind = self.connections.kind_of(&batch.route()).ok_or_else(|| {
+            ProviderError::Local(format!(
+                "provider \"{}\" cannot be used now",
+                batch.provider
+            ))
+        })?;
         let mut line = Vec::new();
         let (mut unattributed, mut first_problem) = (0usize, None);
         loop {
@@ -1055,7 +1101,7 @@ impl Worker {
                     if text.trim().is_empty() {
                         continue;
                     }
-                    match results::parse_line(endpoint, text.trim_end()) {
+                    match kind.parse_result_line(endpoint, text.trim_end()) {
                         Ok(result) => each(result),
                         Err(why) => {
                             unattributed += 1;
@@ -1125,19 +1171,18 @@ impl Worker {
 
     /// A provider's error texts in a result, redacted (see [`redact`]).
     fn redacted(&self, mut result: LineResult) -> LineResult {
-        let key = self.key();
         match &mut result.outcome {
             Outcome::Failed { message, response } => {
-                *message = redact(message, key);
+                *message = self.redact(message);
                 // The provider's error body is kept for its request's role to read.
                 if let Some(body) = response {
-                    *body = redact_json(body, key);
+                    *body = self.redact_json(body);
                 }
             }
-            Outcome::Retry { reason } => *reason = redact(reason, key),
+            Outcome::Retry { reason } => *reason = self.redact(reason),
             Outcome::Unreadable { reason, line } => {
-                *reason = redact(reason, key);
-                *line = redact_json(line, key);
+                *reason = self.redact(reason);
+                *line = self.redact_json(line);
             }
             Outcome::Completed { .. } => {}
         }
@@ -1229,16 +1274,14 @@ impl Worker {
     }
 }
 
-/// The provider client, shared with the transfers under way.
-type SharedProvider = Arc<dyn BatchProvider + Send + Sync>;
-
 /// The provider calls of a step, run beside the worker (see `transfers`).
 type Call = Box<dyn FnOnce(&dyn BatchProvider) -> ProviderResult<Landed> + Send>;
 
 /// What a step's provider calls brought back, for the worker to record.
 enum Landed {
+    /// `file_id`: where the provider keeps the input, if it keeps a file of it.
     Uploaded {
-        file_id: String,
+        file_id: Option<String>,
         bytes: u64,
     },
     /// `found`: the batch was created by an earlier call whose answer went unrecorded.
@@ -1277,30 +1320,6 @@ fn cancel_call(batch: &BatchRow, why: &'static str) -> (&'static str, Call) {
         Err(e) => Err(e),
     });
     ("cancel", call)
-}
-
-/// Looks through the provider's recent batches for one carrying these tags.
-fn find_created(
-    provider: &dyn BatchProvider,
-    tags: &[(&str, String)],
-) -> ProviderResult<Option<BatchInfo>> {
-    let ours = |b: &BatchInfo| {
-        tags.iter().all(|(key, value)| {
-            b.metadata.get(*key).and_then(|v| v.as_str()) == Some(value.as_str())
-        })
-    };
-    let mut after: Option<String> = None;
-    for _ in 0..RECONCILE_PAGES {
-        let page = provider.list_batches(after.as_deref(), 100)?;
-        if let Some(found) = page.batches.iter().find(|b| ours(b)) {
-            return Ok(Some(found.clone()));
-        }
-        match (page.has_more, page.batches.last()) {
-            (true, Some(last)) => after = Some(last.id.clone()),
-            _ => break,
-        }
-    }
-    Ok(None)
 }
 
 /// The reason requests get when the provider refused their batch for good.
