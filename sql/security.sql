@@ -13,6 +13,11 @@ BEGIN
     IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'llmbatching_admin') THEN
         CREATE ROLE llmbatching_admin NOLOGIN;
     END IF;
+    -- The gateway's login is a member: it may become the role of a gateway key (each key's role
+    -- is granted to it), and holds none of their privileges meanwhile (NOINHERIT).
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'llmbatching_gateway') THEN
+        CREATE ROLE llmbatching_gateway NOLOGIN NOINHERIT;
+    END IF;
 END
 $$;
 GRANT llmbatching_user TO llmbatching_admin;
@@ -111,11 +116,14 @@ BEGIN
            AND f.proname::pg_catalog.text NOT LIKE 'llm\_submit%' THEN
             EXECUTE pg_catalog.format('ALTER FUNCTION %s SET search_path = pg_catalog, pg_temp', f.signature::pg_catalog.text);
         END IF;
-        IF f.proname OPERATOR(pg_catalog.=) ANY (ARRAY['llm_purge', 'purge_before', 'llm_adopt', 'llm_give_up_results']::pg_catalog.name[]) THEN
+        IF f.proname OPERATOR(pg_catalog.=) ANY (ARRAY['llm_purge', 'purge_before', 'llm_adopt', 'llm_give_up_results',
+                                                       'llm_gateway_key_create', 'llm_gateway_keys',
+                                                       'llm_gateway_key_revoke']::pg_catalog.name[]) THEN
             EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO llmbatching_admin', f.signature::pg_catalog.text);
         ELSIF f.proname::pg_catalog.text LIKE 'llm\_%'
               OR f.proname OPERATOR(pg_catalog.=) ANY (ARRAY['check_target', 'primary_key_columns', 'request_problem', 'request_account',
                                                             'insert_is_checked', 'is_deterministic', 'worker_problem', 'price_of',
+                                                            'gateway_request', 'gateway_answer',
                                                             'copy_problem', 'current_home']::pg_catalog.name[]) THEN
             EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO llmbatching_user', f.signature::pg_catalog.text);
         END IF;
@@ -123,7 +131,14 @@ BEGIN
 END
 $$;
 
+GRANT EXECUTE ON FUNCTION llmbatching.gateway_key_role(text) TO llmbatching_gateway;
+
 REVOKE ALL ON SCHEMA llmbatching FROM PUBLIC;
+GRANT USAGE ON SCHEMA llmbatching TO llmbatching_gateway;
+-- Gateway keys are read and written only through the functions above; a role's idempotency
+-- keys are its own (row-level security).
+REVOKE ALL ON llmbatching.gateway_keys, llmbatching.gateway_calls FROM PUBLIC;
+GRANT SELECT, INSERT (idempotency_key, request_id) ON llmbatching.gateway_calls TO llmbatching_user;
 REVOKE ALL ON ALL TABLES IN SCHEMA llmbatching FROM PUBLIC;
 GRANT USAGE ON SCHEMA llmbatching TO llmbatching_user;
 

@@ -34,9 +34,14 @@ extension_sql_file!(
 extension_sql_file!("../sql/costs.sql", name = "costs", requires = ["pipelines"]);
 extension_sql_file!("../sql/copies.sql", name = "copies", requires = ["costs"]);
 extension_sql_file!(
+    "../sql/gateway.sql",
+    name = "gateway",
+    requires = ["copies", llm_submit_body]
+);
+extension_sql_file!(
     "../sql/drop_guard.sql",
     name = "drop_guard",
-    requires = ["copies"]
+    requires = ["gateway"]
 );
 extension_sql_file!("../sql/security.sql", name = "security", finalize);
 

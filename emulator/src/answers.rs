@@ -3,7 +3,8 @@
 //!
 //! - Responses, Chat Completions and Completions answer `"[<model>] <prompt>"`, where the prompt
 //!   is the last user text of the request.
-//! - Embeddings answer an 8-dimensional vector computed from the bytes of each input.
+//! - Embeddings answer an 8-dimensional vector computed from the bytes of each input (as
+//!   base64 of little-endian float32 values when the request asks `encoding_format: "base64"`).
 //! - Moderations answer `flagged: false`.
 //! - Usage counts about four characters a token; a quarter of the input tokens are reported as
 //!   cached and a fifth of the output tokens as reasoning, so every usage field is exercised.
@@ -289,10 +290,23 @@ fn embeddings(model: &str, body: &Value) -> Value {
         None => vec![],
     };
     let prompt_tokens: u64 = inputs.iter().map(|s| tokens(s)).sum();
+    // As OpenAI does, `encoding_format: "base64"` (what the official SDKs ask for) gives each
+    // vector as base64 of its little-endian float32 values.
+    let base64 = body.get("encoding_format").and_then(Value::as_str) == Some("base64");
     let data: Vec<Value> = inputs
         .iter()
         .enumerate()
-        .map(|(i, s)| json!({"object": "embedding", "index": i, "embedding": embedding_of(s)}))
+        .map(|(i, s)| {
+            let vector = embedding_of(s);
+            let embedding = if base64 {
+                use base64::Engine;
+                let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(vector)
+            };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
         .collect();
     json!({"object": "list", "data": data, "model": model,
            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}})
