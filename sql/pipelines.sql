@@ -70,7 +70,8 @@ SELECT b.id, b.endpoint, b.model, b.state, b.provider_status,
        count(*) FILTER (WHERE r.state = 'cancelled') AS cancelled,
        coalesce(sum(r.input_tokens), 0) AS input_tokens,
        coalesce(sum(r.output_tokens), 0) AS output_tokens,
-       b.created_at, b.submitted_at, b.ended_at, b.finished_at
+       b.created_at, b.submitted_at, b.ended_at, b.finished_at,
+       b.provider
   FROM llmbatching.requests r
   JOIN llmbatching.batches b ON b.id = r.batch_id
  WHERE r.submitted_by = CURRENT_USER

@@ -49,10 +49,15 @@ extension_sql_file!("../sql/security.sql", name = "security", finalize);
 pub extern "C-unwind" fn _PG_init() {
     let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
     config::register(preloading);
-    // The worker and its wake-up slot need the library loaded at server start.
+    // The worker and its wake-up slot need the library loaded at server start. A server that
+    // pg_upgrade runs (binary-upgrade mode) gets no worker: it would hold a connection to the
+    // database pg_upgrade drops and restores.
     if preloading {
         wakeup::init_shared_memory();
-        worker::register();
+        // SAFETY: a flag the postmaster sets from its command line before loading libraries.
+        if !unsafe { pg_sys::IsBinaryUpgrade } {
+            worker::register();
+        }
     }
 }
 

@@ -126,10 +126,22 @@ struct Scope {
     command_id: pg_sys::CommandId,
 }
 
+/// This backend's local transaction id (a field that moved in PostgreSQL 17).
+unsafe fn local_transaction_id() -> pg_sys::LocalTransactionId {
+    #[cfg(any(feature = "pg15", feature = "pg16"))]
+    {
+        (*pg_sys::MyProc).lxid
+    }
+    #[cfg(not(any(feature = "pg15", feature = "pg16")))]
+    {
+        (*pg_sys::MyProc).vxid.lxid
+    }
+}
+
 impl Scope {
     unsafe fn current() -> Scope {
         Scope {
-            local_xid: (*pg_sys::MyProc).lxid,
+            local_xid: local_transaction_id(),
             subtransaction: pg_sys::GetCurrentSubTransactionId(),
             command_id: pg_sys::GetCurrentCommandId(false),
         }
@@ -280,8 +292,12 @@ impl Prepared {
         let tupdesc = pg_sys::CreateTupleDescCopy((*rel).rd_att);
         let natts = (*tupdesc).natts as usize;
         let mut attnums = [0i16; COLUMNS.len()];
+        // Attributes are read through pgrx, which knows where each version keeps them.
+        let attributes = pgrx::PgTupleDesc::from_pg_unchecked(tupdesc);
         for i in 0..natts {
-            let att = (*tupdesc).attrs.as_slice(natts)[i];
+            let Some(att) = attributes.get(i) else {
+                return None;
+            };
             if att.attisdropped {
                 continue;
             }
@@ -297,7 +313,12 @@ impl Prepared {
         if attnums.contains(&0) || !may_insert((*rel).rd_id, &attnums) {
             return None;
         }
+        // The identity column's sequence: asked by relation oid up to PostgreSQL 16, by relation
+        // from 17 on.
+        #[cfg(any(feature = "pg15", feature = "pg16"))]
         let sequence = pg_sys::getIdentitySequence((*rel).rd_id, attnums[Col::id as usize], false);
+        #[cfg(not(any(feature = "pg15", feature = "pg16")))]
+        let sequence = pg_sys::getIdentitySequence(rel, attnums[Col::id as usize], false);
 
         let estate = pg_sys::CreateExecutorState();
         pg_sys::MakePerTupleExprContext(estate);
@@ -460,6 +481,8 @@ impl Prepared {
             std::ptr::null_mut(),
         );
         (*slot).tts_tid = (*tuple).t_self;
+        // PostgreSQL 16 added `onlySummarizing` (false: every index gets its entry).
+        #[cfg(feature = "pg15")]
         pg_sys::ExecInsertIndexTuples(
             self.result_rel,
             slot,
@@ -468,6 +491,17 @@ impl Prepared {
             false,
             std::ptr::null_mut(),
             std::ptr::null_mut(),
+        );
+        #[cfg(not(feature = "pg15"))]
+        pg_sys::ExecInsertIndexTuples(
+            self.result_rel,
+            slot,
+            self.estate,
+            false,
+            false,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            false,
         );
         clear_slot(slot);
         id
@@ -502,7 +536,18 @@ impl Prepared {
             pg_sys::Oid::from(pg_sys::F_BYTEAEQ),
             hash,
         );
+        // PostgreSQL 18 added the scan's instrumentation (none here).
+        #[cfg(not(feature = "pg18"))]
         let scan = pg_sys::index_beginscan(rel, index, &raw mut pg_sys::SnapshotSelfData, 1, 0);
+        #[cfg(feature = "pg18")]
+        let scan = pg_sys::index_beginscan(
+            rel,
+            index,
+            &raw mut pg_sys::SnapshotSelfData,
+            std::ptr::null_mut(),
+            1,
+            0,
+        );
         pg_sys::index_rescan(scan, &mut key, 1, std::ptr::null_mut(), 0);
         let oldest_reusable = now - config::reuse_max_age().as_micros() as i64;
         let slot = self.scan_slot;

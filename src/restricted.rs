@@ -18,8 +18,12 @@ use std::time::Duration;
 
 /// timeout.h's `TimeoutId`, whose first members have kept their numbers since PostgreSQL 9.3.
 const STATEMENT_TIMEOUT: u32 = 3;
-/// timeout.h's first user-definable `TimeoutId` in PostgreSQL 15.
+/// timeout.h's first user-definable `TimeoutId`: 12 up to PostgreSQL 16, 13 from 17 on (which
+/// added TRANSACTION_TIMEOUT before it).
+#[cfg(any(feature = "pg15", feature = "pg16"))]
 const USER_TIMEOUT: u32 = 12;
+#[cfg(not(any(feature = "pg15", feature = "pg16")))]
+const USER_TIMEOUT: u32 = 13;
 
 unsafe extern "C-unwind" {
     // Not in pgrx's bindings (utils/timeout.h).

@@ -108,7 +108,12 @@ pub extern "C-unwind" fn llmbatching_launcher_main(_arg: pg_sys::Datum) {
 /// database, would be gone until the next server restart.
 fn exit_to_be_restarted() -> ! {
     // SAFETY: PostgreSQL's own way out of a process, running its exit callbacks.
-    unsafe { pg_sys::proc_exit(1) }
+    unsafe { pg_sys::proc_exit(1) };
+    // (PostgreSQL 18's bindings do not say that it does not return.)
+    #[allow(unreachable_code)]
+    {
+        unreachable!("proc_exit returned")
+    }
 }
 
 /// Whether the database exists, read from the shared catalog pg_database by a plain scan (as

@@ -44,7 +44,7 @@ fn pkglibdir() -> PathBuf {
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
-fn running_as_root() -> bool {
+pub fn running_as_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()
@@ -53,7 +53,7 @@ fn running_as_root() -> bool {
 }
 
 /// Runs a server tool, as `postgres` when we are root.
-fn pg_command(tool: &str) -> Command {
+pub fn pg_command(tool: &str) -> Command {
     let path = pg_bin().join(tool);
     if running_as_root() {
         let mut c = Command::new("sudo");
@@ -175,7 +175,7 @@ impl Cluster {
         cluster
     }
 
-    fn data(&self) -> PathBuf {
+    pub fn data(&self) -> PathBuf {
         self.dir.join("data")
     }
 
@@ -345,7 +345,7 @@ impl Cluster {
     }
 }
 
-fn append_as_owner(path: &Path, text: &str) {
+pub fn append_as_owner(path: &Path, text: &str) {
     if running_as_root() {
         let mut c = Command::new("sudo");
         c.args(["-u", "postgres", "--", "sh", "-c"])
