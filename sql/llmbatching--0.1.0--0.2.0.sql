@@ -18,3 +18,57 @@ SELECT b.id, b.endpoint, b.model, b.state, b.provider_status,
   JOIN llmbatching.batches b ON b.id = r.batch_id
  WHERE r.submitted_by = CURRENT_USER
  GROUP BY b.id;
+
+-- Operations: this database's worker can be started without preloading, restarted, and the
+-- workers' state read (for administrators).
+CREATE FUNCTION llmbatching.llm_worker_start() RETURNS integer
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'llm_worker_start_wrapper';
+CREATE FUNCTION llmbatching.start_worker_if_needed() RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'start_worker_if_needed_wrapper';
+
+-- The workers, for administrators: which run, where, doing what (see also llm_worker_start,
+-- in Rust). A worker serves one database; the launcher starts the one of llmbatching.database,
+-- CREATE EXTENSION or llm_worker_start() the one of any other.
+CREATE FUNCTION llmbatching.llm_worker_status()
+RETURNS TABLE (pid integer, database name, started_at timestamptz, state text, doing text,
+               batches_in_flight bigint, last_error text)
+LANGUAGE sql STABLE SECURITY DEFINER
+AS $$
+    SELECT a.pid, a.datname, a.backend_start, a.state, NULLIF(a.query, ''),
+           CASE WHEN a.datname OPERATOR(pg_catalog.=) pg_catalog.current_database() THEN
+               (SELECT pg_catalog.count(*) FROM llmbatching.batches b WHERE b.state OPERATOR(pg_catalog.<>) 'done') END,
+           CASE WHEN a.datname OPERATOR(pg_catalog.=) pg_catalog.current_database() THEN
+               (SELECT b.last_error FROM llmbatching.batches b
+                 WHERE b.last_error IS NOT NULL AND b.state OPERATOR(pg_catalog.<>) 'done'
+                 ORDER BY b.id DESC LIMIT 1) END
+      FROM pg_catalog.pg_stat_activity a
+     WHERE a.backend_type OPERATOR(pg_catalog.=) 'llmbatching worker'
+     ORDER BY a.datname, a.pid
+$$;
+COMMENT ON FUNCTION llmbatching.llm_worker_status() IS 'The llmbatching workers of the cluster: pid, database, what each is doing; batches in flight and the last error for this database';
+
+-- Stops this database's worker; it is started again within seconds (by the launcher, or by the
+-- postmaster for one started by llm_worker_start). True if one was running.
+CREATE FUNCTION llmbatching.llm_worker_restart() RETURNS boolean
+LANGUAGE sql VOLATILE SECURITY DEFINER
+AS $$
+    SELECT coalesce(pg_catalog.bool_or(pg_catalog.pg_terminate_backend(a.pid)), false)
+      FROM pg_catalog.pg_stat_activity a
+     WHERE a.backend_type OPERATOR(pg_catalog.=) 'llmbatching worker'
+       AND a.datname OPERATOR(pg_catalog.=) pg_catalog.current_database()
+$$;
+COMMENT ON FUNCTION llmbatching.llm_worker_restart() IS 'Restarts this database''s llmbatching worker';
+
+REVOKE ALL ON FUNCTION llmbatching.llm_worker_start(), llmbatching.start_worker_if_needed(),
+    llmbatching.llm_worker_status(), llmbatching.llm_worker_restart() FROM PUBLIC;
+ALTER FUNCTION llmbatching.llm_worker_start() SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION llmbatching.start_worker_if_needed() SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION llmbatching.llm_worker_status() SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION llmbatching.llm_worker_restart() SET search_path = pg_catalog, pg_temp;
+GRANT EXECUTE ON FUNCTION llmbatching.llm_worker_start(), llmbatching.llm_worker_status(),
+    llmbatching.llm_worker_restart() TO llmbatching_admin;
+

@@ -118,7 +118,8 @@ BEGIN
         END IF;
         IF f.proname OPERATOR(pg_catalog.=) ANY (ARRAY['llm_purge', 'purge_before', 'llm_adopt', 'llm_give_up_results',
                                                        'llm_gateway_key_create', 'llm_gateway_keys',
-                                                       'llm_gateway_key_revoke']::pg_catalog.name[]) THEN
+                                                       'llm_gateway_key_revoke', 'llm_worker_status',
+                                                       'llm_worker_restart', 'llm_worker_start']::pg_catalog.name[]) THEN
             EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO llmbatching_admin', f.signature::pg_catalog.text);
         ELSIF f.proname::pg_catalog.text LIKE 'llm\_%'
               OR f.proname OPERATOR(pg_catalog.=) ANY (ARRAY['check_target', 'primary_key_columns', 'request_problem', 'request_account',
@@ -205,3 +206,6 @@ ALTER VIEW llmbatching.cost_by_model SET (security_invoker = true);
 ALTER VIEW llmbatching.cost_by_day SET (security_invoker = true);
 GRANT SELECT ON llmbatching.request_costs, llmbatching.cost_totals, llmbatching.cost_by_job, llmbatching.cost_by_model, llmbatching.cost_by_day
     TO llmbatching_user;
+
+-- This database's worker: started now unless the launcher serves this database (or one runs).
+SELECT llmbatching.start_worker_if_needed();

@@ -395,6 +395,18 @@ fn llm_cancel(id: i64) -> bool {
     }
 }
 
+/// Starts this database's worker as a dynamic background worker, unless one runs; returns its
+/// pid, or NULL when one runs already. Needed where no worker is started otherwise: without
+/// the library in shared_preload_libraries after a server restart (CREATE EXTENSION starts
+/// one the first time). For llmbatching_admin.
+#[pg_extern(volatile, parallel_unsafe)]
+fn llm_worker_start() -> Option<i32> {
+    if crate::wakeup::worker_runs_here() {
+        return None;
+    }
+    Some(crate::worker::start_for_this_database().unwrap_or_else(|e| error!("llmbatching: {e}")))
+}
+
 /// Internal functions, for the extension's own SQL (in its schema, like everything else).
 mod internal {
     use crate::config;
@@ -420,6 +432,19 @@ mod internal {
                 pg_sys::GetSystemIdentifier(),
                 pg_sys::MyDatabaseId.to_u32()
             )
+        }
+    }
+
+    /// Starts this database's worker when nothing else will (CREATE EXTENSION calls it): the
+    /// library is not preloaded, or the launcher serves another database. A worker that cannot
+    /// be started is a warning, not a failed CREATE EXTENSION.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn start_worker_if_needed() {
+        if crate::wakeup::launcher_serves_here() || crate::wakeup::worker_runs_here() {
+            return;
+        }
+        if let Err(e) = crate::worker::start_for_this_database() {
+            warning!("llmbatching: {e}; start it later with SELECT llmbatching.llm_worker_start()");
         }
     }
 

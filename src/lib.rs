@@ -39,9 +39,14 @@ extension_sql_file!(
     requires = ["copies", llm_submit_body]
 );
 extension_sql_file!(
+    "../sql/operations.sql",
+    name = "operations",
+    requires = ["gateway"]
+);
+extension_sql_file!(
     "../sql/drop_guard.sql",
     name = "drop_guard",
-    requires = ["gateway"]
+    requires = ["operations"]
 );
 extension_sql_file!("../sql/security.sql", name = "security", finalize);
 

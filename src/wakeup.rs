@@ -20,6 +20,11 @@ pub fn init_shared_memory() {
     SHARED_MEMORY_READY.store(true, Ordering::Relaxed);
 }
 
+/// Whether the library was preloaded, with the shared memory of the commit-time wake-up.
+pub fn preloaded() -> bool {
+    SHARED_MEMORY_READY.load(Ordering::Relaxed)
+}
+
 /// Publishes the running worker's pid (0 when it stops).
 pub fn publish_worker_pid(pid: i32) {
     WORKER_PID.get().store(pid, Ordering::SeqCst);
@@ -40,32 +45,52 @@ pub fn wake_worker_at_commit() {
     });
 }
 
-/// Why no worker will pick up what this database queues, if none will: the library was not
-/// preloaded (no worker runs at all), or the worker serves another database.
-pub fn no_worker_reason() -> Option<String> {
-    if !SHARED_MEMORY_READY.load(Ordering::Relaxed) {
-        return Some(
-            "no llmbatching worker runs: the library is not in shared_preload_libraries; add 'llmbatching' there \
-             and restart the server (requests stay queued meanwhile)"
-                .into(),
-        );
-    }
-    let served = crate::config::database();
+/// Whether a worker serving this database runs now (any role may see that in
+/// pg_stat_activity).
+pub fn worker_runs_here() -> bool {
+    Spi::get_one::<bool>(
+        "SELECT EXISTS (SELECT FROM pg_catalog.pg_stat_activity a
+                         WHERE a.backend_type OPERATOR(pg_catalog.=) 'llmbatching worker'
+                           AND a.datname OPERATOR(pg_catalog.=) pg_catalog.current_database())",
+    )
+    .unwrap_or_else(|e| error!("llmbatching: looking for the worker: {e}"))
+    .unwrap_or(false)
+}
+
+/// Whether the launcher serves this database: the library is preloaded and
+/// `llmbatching.database` names it.
+pub fn launcher_serves_here() -> bool {
+    preloaded() && crate::config::database() == this_database()
+}
+
+fn this_database() -> String {
     // SAFETY: the name of the database this backend is connected to, from the catalog.
-    let here = unsafe {
+    unsafe {
         let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
         if name.is_null() {
-            return None;
+            return String::new();
         }
         std::ffi::CStr::from_ptr(name)
             .to_string_lossy()
             .into_owned()
-    };
-    (served != here).then(|| {
+    }
+}
+
+/// Why no worker will pick up what this database queues, if none will: none runs for it, and
+/// the launcher will not start one (the library is not preloaded, or serves another database).
+pub fn no_worker_reason() -> Option<String> {
+    if launcher_serves_here() || worker_runs_here() {
+        return None;
+    }
+    let how = "an administrator starts one with SELECT llmbatching.llm_worker_start() (requests stay queued meanwhile)";
+    Some(if preloaded() {
         format!(
-            "no llmbatching worker serves database \"{here}\": llmbatching.database is \"{served}\" \
-             (set it and restart the server; requests stay queued meanwhile)"
+            "no llmbatching worker serves database \"{}\": llmbatching.database is \"{}\"; {how}",
+            this_database(),
+            crate::config::database()
         )
+    } else {
+        format!("no llmbatching worker runs for database \"{}\" (the library is not in shared_preload_libraries, and none was started since the server started); {how}", this_database())
     })
 }
 

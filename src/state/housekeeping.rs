@@ -84,3 +84,19 @@ pub fn next_step_due(busy: &[i64]) -> Option<Duration> {
     .unwrap_or_else(|e| fail("computing the next wake-up", e))
     .map(|secs| Duration::from_secs_f64(secs.max(0.0)))
 }
+
+/// Another worker serving this database, started before this one (by start time, then pid),
+/// if there is one. `pg_stat_activity`'s backend type is the process's own: no role can
+/// pose as a worker.
+pub fn other_worker() -> Option<i32> {
+    Spi::get_one::<i32>(
+        "SELECT (SELECT a.pid FROM pg_catalog.pg_stat_activity a, pg_catalog.pg_stat_activity me
+                  WHERE me.pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid()
+                    AND a.backend_type OPERATOR(pg_catalog.=) 'llmbatching worker'
+                    AND a.datid OPERATOR(pg_catalog.=) me.datid
+                    AND a.pid OPERATOR(pg_catalog.<>) me.pid
+                    AND (a.backend_start, a.pid) OPERATOR(pg_catalog.<) (me.backend_start, me.pid)
+                  ORDER BY a.backend_start LIMIT 1)",
+    )
+    .unwrap_or_else(|e| fail("looking for another worker", e))
+}

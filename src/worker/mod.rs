@@ -52,6 +52,8 @@ const REFUSALS_BEFORE_GIVING_UP: i32 = 5;
 const PURGE_EVERY: Duration = Duration::from_secs(60);
 /// The batch error code of the provider's enqueued-token limit.
 const TOKEN_LIMIT_CODE: &str = "token_limit_exceeded";
+/// How often a worker that no commit wakes looks for new work.
+const UNWOKEN_POLL: Duration = Duration::from_secs(1);
 /// How often the worker looks for ended transfers while some are under way.
 const LANDING_CHECK: Duration = Duration::from_millis(20);
 /// How long a stopping worker waits for its transfers to end.
@@ -196,6 +198,41 @@ fn shutdown_requested() -> bool {
     unsafe { std::ptr::read_volatile(&raw const pg_sys::ShutdownRequestPending) != 0 }
 }
 
+/// The name of the database this process is connected to (a catalog lookup: in a transaction).
+fn current_database() -> String {
+    // SAFETY: the catalog's name of this backend's database, copied.
+    unsafe {
+        let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
+        if name.is_null() {
+            return String::new();
+        }
+        std::ffi::CStr::from_ptr(name)
+            .to_string_lossy()
+            .into_owned()
+    }
+}
+
+/// Starts a worker for this database as a dynamic background worker (started again by the
+/// postmaster if it exits with an error); returns its pid. Needs no preloading; after a server
+/// restart it is gone until started again.
+pub fn start_for_this_database() -> Result<i32, String> {
+    let worker = pgrx::bgworkers::BackgroundWorkerBuilder::new("llmbatching worker")
+        .set_type("llmbatching worker")
+        .set_library("llmbatching")
+        .set_function("llmbatching_worker_main")
+        .set_argument(Some(pg_sys::Datum::from(
+            unsafe { pg_sys::MyDatabaseId }.to_u32() as usize,
+        )))
+        .enable_spi_access()
+        .set_notify_pid(unsafe { pg_sys::MyProcPid })
+        .set_restart_time(Some(RELAUNCH_PAUSE))
+        .load_dynamic()
+        .map_err(|_| "could not start a worker (max_worker_processes reached?)".to_string())?;
+    worker
+        .wait_for_startup()
+        .map_err(|status| format!("the worker did not start ({status:?})"))
+}
+
 /// Shows what the worker is doing in `pg_stat_activity.query`.
 fn report_activity(what: &str) {
     let text = CString::new(what).unwrap_or_default();
@@ -209,30 +246,55 @@ fn report_activity(what: &str) {
 
 #[pg_guard]
 #[unsafe(no_mangle)]
-pub extern "C-unwind" fn llmbatching_worker_main(_arg: pg_sys::Datum) {
+pub extern "C-unwind" fn llmbatching_worker_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let database = config::database();
-    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    // The launcher's worker serves `llmbatching.database`; one started by llm_worker_start()
+    // serves the database whose oid it was given.
+    let started_for = pg_sys::Oid::from(arg.value() as u32);
+    let by_launcher = started_for == pg_sys::InvalidOid;
+    if by_launcher {
+        BackgroundWorker::connect_worker_to_spi(Some(&config::database()), None);
+    } else {
+        BackgroundWorker::connect_worker_to_spi_by_oid(Some(started_for), None);
+    }
     // The worker runs as a superuser: its settings are its own, whatever the database's or a
     // role's settings say (see `session`).
     session::pin();
-    wakeup::publish_worker_pid(unsafe { pg_sys::MyProcPid });
+    let database = tx(current_database);
+    if let Some(other) = tx(housekeeping::other_worker) {
+        // Two workers of one database would both send its batches: the later one goes, for
+        // good (exit code 0: not started again).
+        log!("llmbatching: worker {other} already serves database \"{database}\"; this one stops");
+        unsafe { pg_sys::proc_exit(0) };
+    }
+    if by_launcher {
+        wakeup::publish_worker_pid(unsafe { pg_sys::MyProcPid });
+    }
     log!("llmbatching worker started for database \"{database}\"");
 
     let mut worker = Worker::new();
+    // Only the launcher's worker is woken at commit (its pid is in shared memory); another
+    // looks for new work every second instead.
+    let longest_sleep = if by_launcher && wakeup::preloaded() {
+        Duration::MAX
+    } else {
+        UNWOKEN_POLL
+    };
     loop {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
         session::pin();
-        let sleep = worker.run_round_catching();
+        let sleep = worker.run_round_catching().min(longest_sleep);
         report_activity(&worker.idle_status());
         if !worker.wait(sleep) {
             break;
         }
     }
     worker.stop();
-    wakeup::publish_worker_pid(0);
+    if by_launcher {
+        wakeup::publish_worker_pid(0);
+    }
     log!("llmbatching worker stopped");
     exit_to_be_restarted();
 }
@@ -272,7 +334,9 @@ fn catching<R>(f: impl FnOnce() -> R) -> Result<R, String> {
 
 impl Worker {
     fn new() -> Worker {
-        let staging = PathBuf::from(STAGING_DIR);
+        // One directory per database: each database's worker clears its own at start.
+        let staging =
+            PathBuf::from(STAGING_DIR).join(unsafe { pg_sys::MyDatabaseId }.to_u32().to_string());
         // Files left by an earlier run are stale: every step rebuilds or re-downloads its file.
         let _ = std::fs::remove_dir_all(&staging);
         if let Err(e) = std::fs::create_dir_all(&staging) {

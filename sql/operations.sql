@@ -1,0 +1,32 @@
+-- The workers, for administrators: which run, where, doing what (see also llm_worker_start,
+-- in Rust). A worker serves one database; the launcher starts the one of llmbatching.database,
+-- CREATE EXTENSION or llm_worker_start() the one of any other.
+CREATE FUNCTION llm_worker_status()
+RETURNS TABLE (pid integer, database name, started_at timestamptz, state text, doing text,
+               batches_in_flight bigint, last_error text)
+LANGUAGE sql STABLE SECURITY DEFINER
+AS $$
+    SELECT a.pid, a.datname, a.backend_start, a.state, NULLIF(a.query, ''),
+           CASE WHEN a.datname OPERATOR(pg_catalog.=) pg_catalog.current_database() THEN
+               (SELECT pg_catalog.count(*) FROM llmbatching.batches b WHERE b.state OPERATOR(pg_catalog.<>) 'done') END,
+           CASE WHEN a.datname OPERATOR(pg_catalog.=) pg_catalog.current_database() THEN
+               (SELECT b.last_error FROM llmbatching.batches b
+                 WHERE b.last_error IS NOT NULL AND b.state OPERATOR(pg_catalog.<>) 'done'
+                 ORDER BY b.id DESC LIMIT 1) END
+      FROM pg_catalog.pg_stat_activity a
+     WHERE a.backend_type OPERATOR(pg_catalog.=) 'llmbatching worker'
+     ORDER BY a.datname, a.pid
+$$;
+COMMENT ON FUNCTION llm_worker_status() IS 'The llmbatching workers of the cluster: pid, database, what each is doing; batches in flight and the last error for this database';
+
+-- Stops this database's worker; it is started again within seconds (by the launcher, or by the
+-- postmaster for one started by llm_worker_start). True if one was running.
+CREATE FUNCTION llm_worker_restart() RETURNS boolean
+LANGUAGE sql VOLATILE SECURITY DEFINER
+AS $$
+    SELECT coalesce(pg_catalog.bool_or(pg_catalog.pg_terminate_backend(a.pid)), false)
+      FROM pg_catalog.pg_stat_activity a
+     WHERE a.backend_type OPERATOR(pg_catalog.=) 'llmbatching worker'
+       AND a.datname OPERATOR(pg_catalog.=) pg_catalog.current_database()
+$$;
+COMMENT ON FUNCTION llm_worker_restart() IS 'Restarts this database''s llmbatching worker';
