@@ -51,15 +51,22 @@ AS $$
 $$;
 COMMENT ON FUNCTION llmbatching.llm_worker_status() IS 'The llmbatching workers of the cluster: pid, database, what each is doing; batches in flight and the last error for this database';
 
--- Stops this database's worker; it is started again within seconds (by the launcher, or by the
--- postmaster for one started by llm_worker_start). True if one was running.
+-- Restarts this database's worker: stops it (waiting up to 10 seconds), then the launcher
+-- starts it again, or, where the launcher does not serve this database, this function does.
+-- True if one was running.
 CREATE FUNCTION llmbatching.llm_worker_restart() RETURNS boolean
-LANGUAGE sql VOLATILE SECURITY DEFINER
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 AS $$
-    SELECT coalesce(pg_catalog.bool_or(pg_catalog.pg_terminate_backend(a.pid)), false)
+DECLARE
+    stopped boolean;
+BEGIN
+    SELECT coalesce(pg_catalog.bool_or(pg_catalog.pg_terminate_backend(a.pid, 10000)), false) INTO stopped
       FROM pg_catalog.pg_stat_activity a
      WHERE a.backend_type OPERATOR(pg_catalog.=) 'llmbatching worker'
-       AND a.datname OPERATOR(pg_catalog.=) pg_catalog.current_database()
+       AND a.datname OPERATOR(pg_catalog.=) pg_catalog.current_database();
+    PERFORM llmbatching.start_worker_if_needed();
+    RETURN stopped;
+END
 $$;
 COMMENT ON FUNCTION llmbatching.llm_worker_restart() IS 'Restarts this database''s llmbatching worker';
 

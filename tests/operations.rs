@@ -108,6 +108,16 @@ fn each_database_gets_its_own_worker_and_never_two() {
     cluster.wait_for("the answers after the restart", SETTLE, || {
         completed(&mut second) == 8
     });
+    // A database dropped under its worker: the worker goes, and is not started again.
+    drop(second);
+    main.batch_execute("DROP DATABASE second WITH (FORCE)")
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(7));
+    assert!(
+        !cluster.log().contains("does not exist"),
+        "a worker was started again for the dropped database"
+    );
+    assert_eq!(workers(&mut main).len(), 1);
     // Only administrators operate the workers.
     main.batch_execute("CREATE ROLE alice LOGIN IN ROLE llmbatching_user")
         .unwrap();

@@ -212,9 +212,10 @@ fn current_database() -> String {
     }
 }
 
-/// Starts a worker for this database as a dynamic background worker (started again by the
-/// postmaster if it exits with an error); returns its pid. Needs no preloading; after a server
-/// restart it is gone until started again.
+/// Starts a worker for this database as a dynamic background worker; returns its pid. Needs no
+/// preloading. It is not started again when it exits (its database may be gone: a worker
+/// started for a dropped database would fail and be started again forever), nor after a
+/// server restart: llm_worker_start() and llm_worker_restart() start it.
 pub fn start_for_this_database() -> Result<i32, String> {
     let worker = pgrx::bgworkers::BackgroundWorkerBuilder::new("llmbatching worker")
         .set_type("llmbatching worker")
@@ -225,7 +226,7 @@ pub fn start_for_this_database() -> Result<i32, String> {
         )))
         .enable_spi_access()
         .set_notify_pid(unsafe { pg_sys::MyProcPid })
-        .set_restart_time(Some(RELAUNCH_PAUSE))
+        .set_restart_time(None)
         .load_dynamic()
         .map_err(|_| "could not start a worker (max_worker_processes reached?)".to_string())?;
     worker
