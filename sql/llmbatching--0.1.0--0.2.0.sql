@@ -47,6 +47,7 @@ AS $$
                  ORDER BY b.id DESC LIMIT 1) END
       FROM pg_catalog.pg_stat_activity a
      WHERE a.backend_type OPERATOR(pg_catalog.=) 'llmbatching worker'
+       AND a.datname IS NOT NULL  -- (a worker still starting serves no database yet)
      ORDER BY a.datname, a.pid
 $$;
 COMMENT ON FUNCTION llmbatching.llm_worker_status() IS 'The llmbatching workers of the cluster: pid, database, what each is doing; batches in flight and the last error for this database';
