@@ -475,3 +475,43 @@ fn an_expired_or_cancelled_anthropic_batch_keeps_what_ran_and_frees_its_slot() {
         1
     );
 }
+
+#[test]
+fn the_enqueued_token_cap_is_counted_per_provider_and_key() {
+    // The cap leaves room for one batch of the model at a time under each key.
+    let cluster = three_providers(
+        EmulatorConfig {
+            in_progress_ms: 2000,
+            ..quick()
+        },
+        &[
+            ("llmbatching.batch_max_requests", "10"),
+            ("llmbatching.max_enqueued_tokens", "250"),
+        ],
+    );
+    let mut alice = cluster.client_as("alice");
+    alice
+        .batch_execute(
+            "SELECT llm_submit('shared-model', 'o' || g, endpoint => '/v1/chat/completions') FROM generate_series(1, 20) g;
+             SELECT llm_submit('shared-model', 'a' || g, endpoint => '/v1/chat/completions', provider => 'azure')
+               FROM generate_series(1, 10) g;",
+        )
+        .unwrap();
+    cluster.wait_until_settled(SETTLE);
+    assert_eq!(
+        cluster.count("SELECT count(*) FROM llmbatching.requests WHERE state = 'completed'"),
+        30
+    );
+    assert!(cluster.count("SELECT max(estimated_tokens) FROM llmbatching.batches") <= 250);
+    // An Azure batch and an OpenAI batch (under different keys) were at the provider at once
+    // with more tokens together than one cap: each key's batches count against its own.
+    assert!(
+        cluster.count(
+            "SELECT count(*) FROM llmbatching.batches a, llmbatching.batches o
+              WHERE a.provider = 'azure' AND o.provider = 'openai'
+                AND a.estimated_tokens + o.estimated_tokens > 250
+                AND a.submitted_at < o.ended_at AND o.submitted_at < a.ended_at"
+        ) > 0
+    );
+    assert!(cluster.emulator.stats().ran_more_than_once().is_empty());
+}
