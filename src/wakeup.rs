@@ -63,7 +63,9 @@ pub fn launcher_serves_here() -> bool {
     preloaded() && crate::config::database() == this_database()
 }
 
-fn this_database() -> String {
+/// The name of the database this process is connected to (a catalog lookup: call it in a
+/// transaction).
+pub fn this_database() -> String {
     // SAFETY: the name of the database this backend is connected to, from the catalog.
     unsafe {
         let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);

@@ -250,12 +250,7 @@ fn look_up_route(name: &str) -> Route {
         .and_then(|k| kind(k))
         .unwrap_or_else(|| error!("llmbatching: provider \"{name}\" has no valid kind"));
     let account = if own {
-        // SAFETY: the current user's name, copied.
-        unsafe {
-            std::ffi::CStr::from_ptr(pg_sys::GetUserNameFromId(pg_sys::GetUserId(), false))
-                .to_string_lossy()
-                .into_owned()
-        }
+        current_user()
     } else if public || name == BUILT_IN_SERVER {
         String::new()
     } else {

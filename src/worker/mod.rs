@@ -198,20 +198,6 @@ fn shutdown_requested() -> bool {
     unsafe { std::ptr::read_volatile(&raw const pg_sys::ShutdownRequestPending) != 0 }
 }
 
-/// The name of the database this process is connected to (a catalog lookup: in a transaction).
-fn current_database() -> String {
-    // SAFETY: the catalog's name of this backend's database, copied.
-    unsafe {
-        let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
-        if name.is_null() {
-            return String::new();
-        }
-        std::ffi::CStr::from_ptr(name)
-            .to_string_lossy()
-            .into_owned()
-    }
-}
-
 /// Starts a worker for this database as a dynamic background worker; returns its pid. Needs no
 /// preloading. It is not started again when it exits (its database may be gone: a worker
 /// started for a dropped database would fail and be started again forever), nor after a
@@ -261,7 +247,8 @@ pub extern "C-unwind" fn llmbatching_worker_main(arg: pg_sys::Datum) {
     // The worker runs as a superuser: its settings are its own, whatever the database's or a
     // role's settings say (see `session`).
     session::pin();
-    let database = tx(current_database);
+    // (A catalog lookup: in a transaction.)
+    let database = tx(wakeup::this_database);
     if let Some(other) = tx(housekeeping::other_worker) {
         // Two workers of one database would both send its batches: the later one goes, for
         // good (exit code 0: not started again).
