@@ -1,6 +1,7 @@
 -- The workers, for administrators: which run, where, doing what (see also llm_worker_start,
--- in Rust). A worker serves one database; the launcher starts the one of llmbatching.database,
--- CREATE EXTENSION or llm_worker_start() the one of any other.
+-- in Rust). A worker serves one database; the launcher starts one for each database with the
+-- extension (that llmbatching.database names, if set); without preloading, CREATE EXTENSION
+-- or llm_worker_start() starts it.
 CREATE FUNCTION llm_worker_status()
 RETURNS TABLE (pid integer, database name, started_at timestamptz, state text, doing text,
                batches_in_flight bigint, last_error text)
@@ -20,9 +21,9 @@ AS $$
 $$;
 COMMENT ON FUNCTION llm_worker_status() IS 'The llmbatching workers of the cluster: pid, database, what each is doing; batches in flight and the last error for this database';
 
--- Restarts this database's worker: stops it (waiting up to 10 seconds), then the launcher
--- starts it again, or, where the launcher does not serve this database, this function does.
--- True if one was running.
+-- Restarts this database's worker: stops it (waiting up to 10 seconds); when this transaction
+-- commits, the launcher starts it again, or, where the launcher does not serve this database,
+-- a dynamic background worker starts. True if one was running.
 CREATE FUNCTION llm_worker_restart() RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 AS $$

@@ -404,7 +404,27 @@ fn llm_worker_start() -> Option<i32> {
     if crate::wakeup::worker_runs_here() {
         return None;
     }
+    if crate::wakeup::launcher_serves_here() {
+        return Some(start_by_launcher());
+    }
     Some(crate::worker::start_for_this_database().unwrap_or_else(|e| error!("llmbatching: {e}")))
+}
+
+/// Asks the launcher for this database's worker and waits until it runs; returns its pid.
+fn start_by_launcher() -> i32 {
+    let database = unsafe { pg_sys::MyDatabaseId };
+    crate::registry::request_worker(database);
+    let patience = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::time::Instant::now() < patience {
+        if let Some(pid) = crate::registry::running_worker(database) {
+            return pid;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        pg_sys::check_for_interrupts!();
+    }
+    error!(
+        "llmbatching: the launcher did not start the worker within 10 seconds; see the server log"
+    )
 }
 
 /// Internal functions, for the extension's own SQL (in its schema, like everything else).
@@ -435,17 +455,14 @@ mod internal {
         }
     }
 
-    /// Starts this database's worker when nothing else will (CREATE EXTENSION calls it): the
-    /// library is not preloaded, or the launcher serves another database. A worker that cannot
-    /// be started is a warning, not a failed CREATE EXTENSION.
+    /// Has this database's worker started when the current transaction commits (CREATE
+    /// EXTENSION and llm_worker_restart() call it), unless one runs: by the launcher where it
+    /// serves this database, else as a dynamic background worker. A worker that cannot be
+    /// started is a warning, not a failed CREATE EXTENSION.
     #[pg_extern(volatile, parallel_unsafe)]
     fn start_worker_if_needed() {
-        if crate::wakeup::launcher_serves_here() || crate::wakeup::worker_runs_here() {
-            return;
-        }
-        if let Err(e) = crate::worker::start_for_this_database() {
-            warning!("llmbatching: {e}; start it later with SELECT llmbatching.llm_worker_start()");
-        }
+        // (A worker started while one runs ends at once; so does the launcher's request.)
+        crate::wakeup::start_worker_at_commit();
     }
 
     /// Wakes the worker when the current transaction commits (the extension's triggers call it

@@ -10,8 +10,7 @@ static API_BASE: GucSetting<Option<CString>> =
 static API_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static DEFAULT_PROVIDER: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"openai"));
-static DATABASE: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static BATCH_WAIT_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
 static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
 static BATCH_MAX_REQUESTS: GucSetting<i32> = GucSetting::<i32>::new(PROVIDER_MAX_REQUESTS as i32);
@@ -46,16 +45,19 @@ pub enum ReuseAnswers {
     Always,
 }
 
-/// Registers the settings. `preloading`: the library is being loaded at server start, the only
-/// time a setting fixed for the server's lifetime (`llmbatching.database`) may be defined.
+/// Registers the settings. `preloading`: the library is being loaded at server start; the
+/// launcher's setting (`llmbatching.database`) means something only then.
+///
+/// The worker's settings are `SUSET`: besides postgresql.conf, a superuser may set them for one
+/// database (`ALTER DATABASE … SET`), which that database's worker reads when it starts.
 pub fn register(preloading: bool) {
     if preloading {
         GucRegistry::define_string_guc(
             c"llmbatching.database",
-            c"Database the background worker serves.",
-            c"The worker processes the requests of the llmbatching extension installed in this database.",
+            c"Databases the launcher starts workers for: a comma-separated list of names, or empty for every database.",
+            c"The launcher starts a worker for each database that has the extension installed, allows connections and is no template; this setting leaves out the databases it does not name.",
             &DATABASE,
-            GucContext::Postmaster,
+            GucContext::Sighup,
             GucFlags::default(),
         );
     }
@@ -90,7 +92,7 @@ pub fn register(preloading: bool) {
         &BATCH_WAIT_MS,
         0,
         i32::MAX,
-        GucContext::Sighup,
+        GucContext::Suset,
         GucFlags::UNIT_MS,
     );
     GucRegistry::define_int_guc(
@@ -100,7 +102,7 @@ pub fn register(preloading: bool) {
         &POLL_INTERVAL_MS,
         10,
         i32::MAX,
-        GucContext::Sighup,
+        GucContext::Suset,
         GucFlags::UNIT_MS,
     );
     GucRegistry::define_int_guc(
@@ -110,7 +112,7 @@ pub fn register(preloading: bool) {
         &BATCH_MAX_REQUESTS,
         1,
         PROVIDER_MAX_REQUESTS as i32,
-        GucContext::Sighup,
+        GucContext::Suset,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(
@@ -120,7 +122,7 @@ pub fn register(preloading: bool) {
         &BATCH_MAX_BYTES,
         1024,
         PROVIDER_MAX_BYTES as i32,
-        GucContext::Sighup,
+        GucContext::Suset,
         GucFlags::UNIT_BYTE,
     );
     GucRegistry::define_int_guc(
@@ -130,7 +132,7 @@ pub fn register(preloading: bool) {
         &MAX_ATTEMPTS,
         1,
         100,
-        GucContext::Sighup,
+        GucContext::Suset,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(
@@ -140,7 +142,7 @@ pub fn register(preloading: bool) {
         &MAX_BATCHES_IN_FLIGHT,
         1,
         100_000,
-        GucContext::Sighup,
+        GucContext::Suset,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(
@@ -150,7 +152,7 @@ pub fn register(preloading: bool) {
         &MAX_BATCHES_PER_ROLE,
         0,
         100_000,
-        GucContext::Sighup,
+        GucContext::Suset,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(
@@ -160,7 +162,7 @@ pub fn register(preloading: bool) {
         &WRITE_BACK_LOCK_TIMEOUT_MS,
         1,
         i32::MAX,
-        GucContext::Sighup,
+        GucContext::Suset,
         GucFlags::UNIT_MS,
     );
     GucRegistry::define_int_guc(
@@ -170,7 +172,7 @@ pub fn register(preloading: bool) {
         &WRITE_BACK_TIMEOUT_MS,
         1,
         i32::MAX,
-        GucContext::Sighup,
+        GucContext::Suset,
         GucFlags::UNIT_MS,
     );
     GucRegistry::define_int_guc(
@@ -180,7 +182,7 @@ pub fn register(preloading: bool) {
         &TRANSFER_IDLE_TIMEOUT_MS,
         100,
         i32::MAX,
-        GucContext::Sighup,
+        GucContext::Suset,
         GucFlags::UNIT_MS,
     );
     GucRegistry::define_int_guc(
@@ -190,7 +192,7 @@ pub fn register(preloading: bool) {
         &MAX_CONCURRENT_TRANSFERS,
         1,
         64,
-        GucContext::Sighup,
+        GucContext::Suset,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(
@@ -200,7 +202,7 @@ pub fn register(preloading: bool) {
         &BATCH_DEADLINE_S,
         1,
         i32::MAX,
-        GucContext::Sighup,
+        GucContext::Suset,
         GucFlags::UNIT_S,
     );
     GucRegistry::define_int_guc(
@@ -210,7 +212,7 @@ pub fn register(preloading: bool) {
         &RESULT_RETRY_WINDOW_S,
         0,
         i32::MAX,
-        GucContext::Sighup,
+        GucContext::Suset,
         GucFlags::UNIT_S,
     );
     GucRegistry::define_int_guc(
@@ -220,7 +222,7 @@ pub fn register(preloading: bool) {
         &MAX_ENQUEUED_TOKENS,
         0,
         i32::MAX,
-        GucContext::Sighup,
+        GucContext::Suset,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(
@@ -230,7 +232,7 @@ pub fn register(preloading: bool) {
         &TOKEN_LIMIT_PAUSE_MS,
         0,
         i32::MAX,
-        GucContext::Sighup,
+        GucContext::Suset,
         GucFlags::UNIT_MS,
     );
     GucRegistry::define_bool_guc(
@@ -238,7 +240,7 @@ pub fn register(preloading: bool) {
         c"Delete a batch's input, output and error files at the provider once it is read back.",
         c"Turn off to keep them (the provider deletes them after 30 days by default).",
         &DELETE_PROVIDER_FILES,
-        GucContext::Sighup,
+        GucContext::Suset,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(
@@ -248,7 +250,7 @@ pub fn register(preloading: bool) {
         &RETENTION_S,
         0,
         i32::MAX,
-        GucContext::Sighup,
+        GucContext::Suset,
         GucFlags::UNIT_S,
     );
     GucRegistry::define_enum_guc(
@@ -310,9 +312,24 @@ pub fn api_base() -> String {
     string(&API_BASE).unwrap_or_default()
 }
 
-/// The database the worker connects to.
+/// llmbatching.database as written (empty: every database).
 pub fn database() -> String {
-    string(&DATABASE).unwrap_or_else(|| "postgres".into())
+    string(&DATABASE).unwrap_or_default()
+}
+
+/// The databases `llmbatching.database` names, or None for every database.
+pub fn database_restriction() -> Option<Vec<String>> {
+    let names: Vec<String> = database()
+        .split(',')
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .collect();
+    (!names.is_empty()).then_some(names)
+}
+
+/// Whether the launcher may serve the database of this name.
+pub fn serves_database(name: &str) -> bool {
+    database_restriction().is_none_or(|names| names.iter().any(|n| n == name))
 }
 
 /// The settings the worker acts on, read once per round so a reload applies between rounds.

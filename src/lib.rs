@@ -7,6 +7,7 @@ mod api;
 mod config;
 mod planner;
 mod provider;
+mod registry;
 mod request;
 mod request_insert;
 mod restricted;
@@ -58,10 +59,10 @@ pub extern "C-unwind" fn _PG_init() {
     // pg_upgrade runs (binary-upgrade mode) gets no worker: it would hold a connection to the
     // database pg_upgrade drops and restores.
     if preloading {
-        wakeup::init_shared_memory();
+        registry::init_shared_memory();
         // SAFETY: a flag the postmaster sets from its command line before loading libraries.
         if !unsafe { pg_sys::IsBinaryUpgrade } {
-            worker::register();
+            worker::launcher::register();
         }
     }
 }

@@ -1,47 +1,47 @@
-//! How a submitting session wakes the worker: the worker publishes its pid in shared memory,
-//! and a transaction that queued requests sets the worker's latch when it commits. The worker
-//! then sees the new rows at once instead of after its next timeout.
+//! How sessions reach the worker of their database: a transaction that queued requests sets
+//! the worker's latch when it commits (its pid is in shared memory, see `registry`), so the
+//! worker sees the new rows at once instead of after its next timeout; CREATE EXTENSION has the
+//! worker started when it commits.
 
+use crate::registry;
 use pgrx::prelude::*;
-use pgrx::{pg_shmem_init, register_xact_callback, PgAtomic, PgXactCallbackEvent};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-
-static WORKER_PID: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"llmbatching_worker_pid") };
-
-/// Set in the postmaster when the library is preloaded; inherited by every backend it forks.
-static SHARED_MEMORY_READY: AtomicBool = AtomicBool::new(false);
+use pgrx::{register_xact_callback, PgXactCallbackEvent};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Whether this backend's current transaction already has a wake-up registered.
 static WAKE_REGISTERED: AtomicBool = AtomicBool::new(false);
 
-/// Reserves the shared memory; call from `_PG_init` while preloading.
-pub fn init_shared_memory() {
-    pg_shmem_init!(WORKER_PID = AtomicI32::new(0));
-    SHARED_MEMORY_READY.store(true, Ordering::Relaxed);
-}
-
-/// Whether the library was preloaded, with the shared memory of the commit-time wake-up.
-pub fn preloaded() -> bool {
-    SHARED_MEMORY_READY.load(Ordering::Relaxed)
-}
-
-/// Publishes the running worker's pid (0 when it stops).
-pub fn publish_worker_pid(pid: i32) {
-    WORKER_PID.get().store(pid, Ordering::SeqCst);
-}
-
 /// Arranges for the worker to be woken when the current transaction commits.
 pub fn wake_worker_at_commit() {
-    if !SHARED_MEMORY_READY.load(Ordering::Relaxed) || WAKE_REGISTERED.swap(true, Ordering::Relaxed)
-    {
+    if !registry::preloaded() || WAKE_REGISTERED.swap(true, Ordering::Relaxed) {
         return;
     }
     register_xact_callback(PgXactCallbackEvent::Commit, || {
         WAKE_REGISTERED.store(false, Ordering::Relaxed);
-        wake_worker();
+        registry::wake_worker_here();
     });
     register_xact_callback(PgXactCallbackEvent::Abort, || {
         WAKE_REGISTERED.store(false, Ordering::Relaxed)
+    });
+}
+
+/// Arranges for this database's worker to be started when the current transaction commits
+/// (CREATE EXTENSION): by the launcher where it serves this database; as a dynamic background
+/// worker where the library is not preloaded; not at all where `llmbatching.database` leaves
+/// this database out. Not before the commit: a worker that finds no extension ends at once.
+pub fn start_worker_at_commit() {
+    let database = unsafe { pg_sys::MyDatabaseId };
+    let by_launcher = launcher_serves_here();
+    if registry::preloaded() && !by_launcher {
+        return;
+    }
+    register_xact_callback(PgXactCallbackEvent::Commit, move || {
+        if by_launcher {
+            registry::request_worker(database);
+        } else if let Err(e) = crate::worker::launch_for(database) {
+            // (No ERROR here: the transaction has committed.)
+            warning!("llmbatching: {e}; start it with SELECT llmbatching.llm_worker_start()");
+        }
     });
 }
 
@@ -58,9 +58,9 @@ pub fn worker_runs_here() -> bool {
 }
 
 /// Whether the launcher serves this database: the library is preloaded and
-/// `llmbatching.database` names it.
+/// `llmbatching.database` is empty or names it.
 pub fn launcher_serves_here() -> bool {
-    preloaded() && crate::config::database() == this_database()
+    registry::preloaded() && crate::config::serves_database(&this_database())
 }
 
 /// The name of the database this process is connected to (a catalog lookup: call it in a
@@ -85,7 +85,7 @@ pub fn no_worker_reason() -> Option<String> {
         return None;
     }
     let how = "an administrator starts one with SELECT llmbatching.llm_worker_start() (requests stay queued meanwhile)";
-    Some(if preloaded() {
+    Some(if registry::preloaded() {
         format!(
             "no llmbatching worker serves database \"{}\": llmbatching.database is \"{}\"; {how}",
             this_database(),
@@ -94,19 +94,4 @@ pub fn no_worker_reason() -> Option<String> {
     } else {
         format!("no llmbatching worker runs for database \"{}\" (the library is not in shared_preload_libraries, and none was started since the server started); {how}", this_database())
     })
-}
-
-fn wake_worker() {
-    let pid = WORKER_PID.get().load(Ordering::SeqCst);
-    if pid == 0 {
-        return;
-    }
-    // SAFETY: the PGPROC array lives in shared memory for the server's lifetime; setting the
-    // latch of a process that has since exited only wakes whoever holds that slot now.
-    unsafe {
-        let proc = pg_sys::BackendPidGetProc(pid);
-        if !proc.is_null() {
-            pg_sys::SetLatch(&raw mut (*proc).procLatch);
-        }
-    }
 }

@@ -403,9 +403,9 @@ fn malformed_provider_responses_never_crash_the_worker_and_the_requests_record_t
             ("llmbatching.result_retry_window", "2s"),
         ],
     );
-    let worker = cluster.worker_pid();
     let mut c = cluster.client();
     c.batch_execute("CREATE EXTENSION llmbatching").unwrap();
+    let worker = cluster.worker_pid();
     let ok: i64 = c
         .query_one("SELECT llm_submit('m', 'fine')", &[])
         .unwrap()

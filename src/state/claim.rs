@@ -79,6 +79,43 @@ pub fn open_batch_count() -> i64 {
         .unwrap_or(0)
 }
 
+/// What the open batches hold, per provider, account and model: how many are open, and their
+/// estimated tokens still enqueued at the provider (shared with other databases' workers, see
+/// `registry`).
+pub fn open_usage() -> Vec<OpenUsage> {
+    Spi::connect(|client| {
+        client
+            .select(
+                "SELECT provider, account, model, pg_catalog.count(*),
+                        coalesce(pg_catalog.sum(estimated_tokens) FILTER (WHERE state IN ('pending', 'uploaded', 'submitted')), 0)::bigint
+                   FROM llmbatching.batches WHERE state <> 'done'
+                  GROUP BY provider, account, model",
+                None,
+                &[],
+            )?
+            .map(|row| {
+                Ok(OpenUsage {
+                    provider: row.get(1)?.unwrap_or_default(),
+                    account: row.get(2)?.unwrap_or_default(),
+                    model: row.get(3)?.unwrap_or_default(),
+                    open_batches: row.get::<i64>(4)?.unwrap_or(0),
+                    enqueued_tokens: row.get::<i64>(5)?.unwrap_or(0),
+                })
+            })
+            .collect::<SpiResult<Vec<_>>>()
+    })
+    .unwrap_or_else(|e| fail("reading the open batches' usage", e))
+}
+
+/// One line of [`open_usage`].
+pub struct OpenUsage {
+    pub provider: String,
+    pub account: String,
+    pub model: String,
+    pub open_batches: i64,
+    pub enqueued_tokens: i64,
+}
+
 /// The model's enqueued-token cap (its row in `model_limits`, else `default_cap`) and how
 /// much of it the model's open batches under the same provider and key leave free (the
 /// provider counts enqueued tokens per account). None: no cap.

@@ -81,6 +81,25 @@ impl Connections {
         self.open.get(route).map(|c| c.kind)
     }
 
+    /// Who the provider counts a route's batches against, the same in every database: the
+    /// kind, address and key of its connection (hashed). None for a route not connected.
+    pub fn account_identity(&self, route: &Route) -> Option<u64> {
+        let made = &self.open.get(route)?.made;
+        Some(crate::registry::short_hash(&[
+            made.kind,
+            &made.api_base,
+            &made.api_key,
+        ]))
+    }
+
+    /// [`Self::account_identity`] of every connected route.
+    pub fn identities(&self) -> HashMap<Route, u64> {
+        self.open
+            .keys()
+            .filter_map(|route| Some((route.clone(), self.account_identity(route)?)))
+            .collect()
+    }
+
     /// Every key in use, to keep them out of what is stored and logged.
     pub fn keys(&self) -> impl Iterator<Item = &str> {
         self.open.values().map(|c| c.made.api_key.as_str())

@@ -13,15 +13,17 @@
 //!
 //! Network calls happen between transactions, never inside one.
 
-use crate::config::{self, Settings};
-use crate::planner;
+use crate::config::Settings;
+use crate::planner::{self, TokenBudget};
 mod connections;
+pub mod launcher;
 
 use crate::provider::redact::{redact, redact_json};
 use crate::provider::{
     BatchInfo, BatchProvider, BatchStatus, Kind, Leftovers, NewBatch, ProviderError,
     ProviderResult, SharedProvider,
 };
+use crate::registry::{self, Exit};
 use crate::restricted::Failure;
 use crate::results::{self, LineRead, LineResult, Outcome};
 use crate::session;
@@ -30,7 +32,7 @@ use crate::state::{self, claim, housekeeping, ingest, send, BatchRow};
 use crate::transfers::Transfers;
 use crate::wakeup;
 use connections::Connections;
-use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
+use pgrx::bgworkers::{BackgroundWorker, DynamicBackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -54,6 +56,9 @@ const PURGE_EVERY: Duration = Duration::from_secs(60);
 const TOKEN_LIMIT_CODE: &str = "token_limit_exceeded";
 /// How often a worker that no commit wakes looks for new work.
 const UNWOKEN_POLL: Duration = Duration::from_secs(1);
+/// How often a sleeping worker looks whether a command needs its database to itself (such a
+/// command waits 5 seconds for the sessions connected to the database to leave).
+const YIELD_CHECK: Duration = Duration::from_secs(1);
 /// How often the worker looks for ended transfers while some are under way.
 const LANDING_CHECK: Duration = Duration::from_millis(20);
 /// How long a stopping worker waits for its transfers to end.
@@ -61,123 +66,6 @@ const STOP_PATIENCE: Duration = Duration::from_secs(2);
 /// Metadata keys that tag each batch with its row here.
 const META_BATCH_ID: &str = "llmbatching_batch_id";
 const META_INSTANCE: &str = "llmbatching_instance";
-
-/// Registers the launcher, which starts the worker once its database exists (and again after
-/// the worker exits).
-pub fn register() {
-    pgrx::bgworkers::BackgroundWorkerBuilder::new("llmbatching launcher")
-        .set_type("llmbatching launcher")
-        .set_library("llmbatching")
-        .set_function("llmbatching_launcher_main")
-        .enable_spi_access()
-        .set_restart_time(Some(Duration::from_secs(5)))
-        .load();
-}
-
-/// How long the launcher waits before starting the worker again after it exited, and between
-/// looks for a database that does not exist yet.
-const RELAUNCH_PAUSE: Duration = Duration::from_secs(5);
-
-/// The launcher: connected to no database (it reads only the shared catalog of databases), it
-/// waits for `llmbatching.database` to exist, then runs the worker as a dynamic background
-/// worker and waits for it to exit. A worker connecting to a database that is missing would
-/// end with FATAL, be restarted and end again every few seconds.
-#[pg_guard]
-#[unsafe(no_mangle)]
-pub extern "C-unwind" fn llmbatching_launcher_main(_arg: pg_sys::Datum) {
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    BackgroundWorker::connect_worker_to_spi(None, None);
-    let database = config::database();
-    let mut said_missing = false;
-    while !shutdown_requested() {
-        if database_exists(&database) {
-            said_missing = false;
-            run_worker();
-        } else if !said_missing {
-            log!("llmbatching: database \"{database}\" does not exist; the worker starts once it is created");
-            said_missing = true;
-        }
-        if shutdown_requested() || !BackgroundWorker::wait_latch(Some(RELAUNCH_PAUSE)) {
-            break;
-        }
-    }
-    exit_to_be_restarted();
-}
-
-/// Ends the process with exit code 1, which the postmaster answers by starting it again (after
-/// its restart time), unless the server is shutting down. Code 0 would mean "never again": a
-/// worker or launcher ended by pg_terminate_backend, or a script terminating every backend of a
-/// database, would be gone until the next server restart.
-fn exit_to_be_restarted() -> ! {
-    // SAFETY: PostgreSQL's own way out of a process, running its exit callbacks.
-    unsafe { pg_sys::proc_exit(1) };
-    // (PostgreSQL 18's bindings do not say that it does not return.)
-    #[allow(unreachable_code)]
-    {
-        unreachable!("proc_exit returned")
-    }
-}
-
-/// Whether the database exists, read from the shared catalog pg_database by a plain scan (as
-/// the autovacuum launcher reads it): with no database selected, no index may be opened.
-fn database_exists(name: &str) -> bool {
-    let name = name.to_owned();
-    // SAFETY: a catalog scan inside a transaction, closed on the way out.
-    BackgroundWorker::transaction(move || unsafe {
-        let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
-        let rel = pg_sys::table_open(pg_sys::DatabaseRelationId, lock);
-        let scan = pg_sys::table_beginscan_catalog(rel, 0, std::ptr::null_mut());
-        let mut found = false;
-        loop {
-            let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
-            if tuple.is_null() {
-                break;
-            }
-            let form = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_database>(tuple);
-            if std::ffi::CStr::from_ptr((*form).datname.data.as_ptr()).to_bytes() == name.as_bytes()
-            {
-                found = true;
-                break;
-            }
-        }
-        pg_sys::table_endscan(scan);
-        pg_sys::table_close(rel, lock);
-        found
-    })
-}
-
-/// Starts the worker and waits until it exits.
-fn run_worker() {
-    let started = pgrx::bgworkers::BackgroundWorkerBuilder::new("llmbatching worker")
-        .set_type("llmbatching worker")
-        .set_library("llmbatching")
-        .set_function("llmbatching_worker_main")
-        .enable_spi_access()
-        .set_notify_pid(unsafe { pg_sys::MyProcPid })
-        .set_restart_time(None)
-        .load_dynamic();
-    match started {
-        Ok(worker) => loop {
-            if matches!(
-                worker.pid(),
-                Err(pgrx::bgworkers::BackgroundWorkerStatus::Stopped
-                    | pgrx::bgworkers::BackgroundWorkerStatus::PostmasterDied)
-            ) {
-                return;
-            }
-            if shutdown_requested() || !BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
-                // The launcher is told to stop (terminated, or the server shuts down): its worker
-                // goes with it, so that the launcher started again never finds two.
-                let _ = worker.terminate().wait_for_shutdown();
-                return;
-            }
-        },
-        Err(_) => warning!(
-            "llmbatching: could not start the worker (max_worker_processes reached?); trying again in {}s",
-            RELAUNCH_PAUSE.as_secs()
-        ),
-    }
-}
 
 /// Waits on the latch for at most `timeout`; true when it was set.
 fn wait_latch(timeout: Duration) -> bool {
@@ -198,24 +86,25 @@ fn shutdown_requested() -> bool {
     unsafe { std::ptr::read_volatile(&raw const pg_sys::ShutdownRequestPending) != 0 }
 }
 
-/// Starts a worker for this database as a dynamic background worker; returns its pid. Needs no
-/// preloading. It is not started again when it exits (its database may be gone: a worker
-/// started for a dropped database would fail and be started again forever), nor after a
-/// server restart: llm_worker_start() and llm_worker_restart() start it.
-pub fn start_for_this_database() -> Result<i32, String> {
-    let worker = pgrx::bgworkers::BackgroundWorkerBuilder::new("llmbatching worker")
+/// Starts a worker for the database as a dynamic background worker. The postmaster does not
+/// start it again when it ends: the launcher does (and knows whether the database is still
+/// there), or, without preloading, llm_worker_start() and llm_worker_restart().
+pub fn launch_for(database: pg_sys::Oid) -> Result<DynamicBackgroundWorker, String> {
+    pgrx::bgworkers::BackgroundWorkerBuilder::new("llmbatching worker")
         .set_type("llmbatching worker")
         .set_library("llmbatching")
         .set_function("llmbatching_worker_main")
-        .set_argument(Some(pg_sys::Datum::from(
-            unsafe { pg_sys::MyDatabaseId }.to_u32() as usize,
-        )))
+        .set_argument(Some(pg_sys::Datum::from(database.to_u32() as usize)))
         .enable_spi_access()
         .set_notify_pid(unsafe { pg_sys::MyProcPid })
         .set_restart_time(None)
         .load_dynamic()
-        .map_err(|_| "could not start a worker (max_worker_processes reached?)".to_string())?;
-    worker
+        .map_err(|_| "could not start a worker (max_worker_processes reached?)".to_string())
+}
+
+/// Starts this database's worker and waits until it runs; returns its pid.
+pub fn start_for_this_database() -> Result<i32, String> {
+    launch_for(unsafe { pg_sys::MyDatabaseId })?
         .wait_for_startup()
         .map_err(|status| format!("the worker did not start ({status:?})"))
 }
@@ -235,56 +124,69 @@ fn report_activity(what: &str) {
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn llmbatching_worker_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    // The launcher's worker serves `llmbatching.database`; one started by llm_worker_start()
-    // serves the database whose oid it was given.
-    let started_for = pg_sys::Oid::from(arg.value() as u32);
-    let by_launcher = started_for == pg_sys::InvalidOid;
-    if by_launcher {
-        BackgroundWorker::connect_worker_to_spi(Some(&config::database()), None);
-    } else {
-        BackgroundWorker::connect_worker_to_spi_by_oid(Some(started_for), None);
-    }
+    let database = pg_sys::Oid::from(arg.value() as u32);
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(database), None);
     // The worker runs as a superuser: its settings are its own, whatever the database's or a
     // role's settings say (see `session`).
     session::pin();
     // (A catalog lookup: in a transaction.)
-    let database = tx(wakeup::this_database);
+    let name = tx(wakeup::this_database);
     if let Some(other) = tx(housekeeping::other_worker) {
-        // Two workers of one database would both send its batches: the later one goes, for
-        // good (exit code 0: not started again).
-        log!("llmbatching: worker {other} already serves database \"{database}\"; this one stops");
+        // Two workers of one database would both send its batches: the later one goes.
+        log!("llmbatching: worker {other} already serves database \"{name}\"; this one stops");
         unsafe { pg_sys::proc_exit(0) };
     }
-    if by_launcher {
-        wakeup::publish_worker_pid(unsafe { pg_sys::MyProcPid });
+    if !tx(housekeeping::extension_ready) {
+        end_worker(Exit::NotInstalled);
     }
-    log!("llmbatching worker started for database \"{database}\"");
+    // Woken at commit where the registry has room for it; else it looks for work each second.
+    let woken_at_commit = registry::worker_started(unsafe { pg_sys::MyProcPid });
+    log!("llmbatching worker started for database \"{name}\"");
 
     let mut worker = Worker::new();
-    // Only the launcher's worker is woken at commit (its pid is in shared memory); another
-    // looks for new work every second instead.
-    let longest_sleep = if by_launcher && wakeup::preloaded() {
-        Duration::MAX
-    } else {
-        UNWOKEN_POLL
-    };
-    loop {
+    let why = loop {
+        if registry::database_wanted_alone() {
+            break Exit::Yielded;
+        }
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
         session::pin();
-        let sleep = worker.run_round_catching().min(longest_sleep);
+        if !tx(housekeeping::extension_ready) {
+            // DROP EXTENSION: what transfers bring has nowhere to go.
+            worker.forget_transfers();
+            break Exit::NotInstalled;
+        }
+        let mut sleep = worker.run_round_catching();
+        if !woken_at_commit {
+            sleep = sleep.min(UNWOKEN_POLL);
+        }
         report_activity(&worker.idle_status());
         if !worker.wait(sleep) {
-            break;
+            break Exit::Other;
         }
-    }
+    };
     worker.stop();
-    if by_launcher {
-        wakeup::publish_worker_pid(0);
+    end_worker(why);
+}
+
+/// Ends the worker, telling the launcher why.
+fn end_worker(why: Exit) -> ! {
+    registry::worker_ending(why);
+    match why {
+        Exit::NotInstalled => {
+            log!("llmbatching worker stopped: the extension is not installed in this database")
+        }
+        Exit::Yielded => log!("llmbatching worker stopped: a command needs the database to itself"),
+        Exit::Other => log!("llmbatching worker stopped"),
     }
-    log!("llmbatching worker stopped");
-    exit_to_be_restarted();
+    // SAFETY: PostgreSQL's own way out of a process, running its exit callbacks.
+    unsafe { pg_sys::proc_exit(0) };
+    // (PostgreSQL 18's bindings do not say that it does not return.)
+    #[allow(unreachable_code)]
+    {
+        unreachable!("proc_exit returned")
+    }
 }
 
 struct Worker {
@@ -352,6 +254,10 @@ impl Worker {
                 sleep
             }
             Err(message) => {
+                // The extension dropped during the round: the worker ends, with no warning.
+                if !catching(|| tx(housekeeping::extension_ready)).unwrap_or(true) {
+                    return Duration::ZERO;
+                }
                 let pause = planner::retry_delay(
                     self.failed_rounds,
                     Duration::from_secs(1),
@@ -393,6 +299,7 @@ impl Worker {
     /// signal came) or a transfer ended; false when the worker is to stop.
     fn wait(&mut self, sleep: Duration) -> bool {
         let until = Instant::now() + sleep;
+        let mut yield_check = Instant::now() + YIELD_CHECK;
         loop {
             let left = until.saturating_duration_since(Instant::now());
             if shutdown_requested() {
@@ -401,12 +308,18 @@ impl Worker {
             if left.is_zero() {
                 return true;
             }
+            if Instant::now() >= yield_check {
+                if registry::database_wanted_alone() {
+                    return true;
+                }
+                yield_check = Instant::now() + YIELD_CHECK;
+            }
             // Transfers end on threads, which cannot set the latch (only the main thread may
             // call into PostgreSQL): while any is under way, look for ended ones often.
             let slice = if self.transfers.count() > 0 {
                 left.min(LANDING_CHECK)
             } else {
-                left
+                left.min(YIELD_CHECK)
             };
             if wait_latch(slice) || self.transfers.any_landed() {
                 return !shutdown_requested();
@@ -444,11 +357,6 @@ impl Worker {
     fn run_round(&mut self) -> Duration {
         let settings = Settings::current();
         let idle = settings.poll_interval;
-        if !tx(housekeeping::extension_ready) {
-            // Dropped (or not yet created): what transfers bring has nowhere to go.
-            self.forget_transfers();
-            return idle.min(Duration::from_secs(10));
-        }
         if let Some(problem) = tx(housekeeping::copy_problem) {
             if !self.said_copy {
                 warning!("llmbatching: {problem}");
@@ -468,6 +376,10 @@ impl Worker {
         tx(housekeeping::flag_cancelled_batches);
         self.start_due_steps(&settings);
         self.write_back_due(&settings);
+        if registry::preloaded() {
+            let identities = self.connections.identities();
+            tx(move || publish_usage(&identities));
+        }
         let busy = self.transfers.busy_batches();
         let next_step_due = tx(move || housekeeping::next_step_due(&busy));
         let next_write_back_due = tx(write_back::next_due);
@@ -523,13 +435,30 @@ impl Worker {
                     next_due = Some(next_due.map_or(due_in, |d| d.min(due_in)));
                     continue;
                 }
+                // Limits the provider counts per key hold across the databases using the key.
+                let account = self.connections.account_identity(&route);
+                let model = registry::short_hash(&[&group.model]);
+                let identities = self.connections.identities();
                 let taken = tx(move || {
+                    if let Some(account) = account {
+                        registry::lock_account_for_claim(account);
+                    }
+                    let (open_elsewhere, tokens_elsewhere) =
+                        account.map_or((0, 0), |a| registry::usage_elsewhere(a, model));
                     // A due group that cannot go now waits for a batch to end: a batch step.
-                    if claim::open_batch_count() >= max_open {
+                    if claim::open_batch_count() + open_elsewhere >= max_open {
                         return false;
                     }
-                    let budget = claim::token_budget(&group, default_token_cap);
-                    claim::claim_batch(&group, limits, budget, per_role_cap).is_some()
+                    let budget =
+                        claim::token_budget(&group, default_token_cap).map(|b| TokenBudget {
+                            available: b.available.saturating_sub(tokens_elsewhere.max(0) as usize),
+                            ..b
+                        });
+                    let taken = claim::claim_batch(&group, limits, budget, per_role_cap).is_some();
+                    if taken {
+                        publish_usage(&identities);
+                    }
+                    taken
                 });
                 claimed += usize::from(taken);
             }
@@ -1361,6 +1290,31 @@ enum Landed {
 
 /// The step that deletes a finished batch's files; its failure is only worth a warning.
 const DELETE_STEP: &str = "file deletion";
+
+/// Tells the other databases' workers what this database's open batches hold of each account
+/// (see `registry`); in a transaction.
+fn publish_usage(identities: &HashMap<connections::Route, u64>) {
+    if !registry::preloaded() {
+        return;
+    }
+    let usage: Vec<registry::Usage> = claim::open_usage()
+        .into_iter()
+        .filter_map(|u| {
+            Some(registry::Usage {
+                account: *identities.get(&(u.provider, u.account))?,
+                model: registry::short_hash(&[&u.model]),
+                open_batches: u.open_batches.clamp(0, u32::MAX as i64) as u32,
+                enqueued_tokens: u.enqueued_tokens,
+            })
+        })
+        .collect();
+    if !registry::publish_usage(&usage) {
+        static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            warning!("llmbatching: the shared table of account usage is full; limits per key now count only part of the other databases' batches");
+        }
+    }
+}
 
 fn poll_call(batch: &BatchRow) -> (&'static str, Call) {
     let provider_id = batch.provider_batch_id.clone().unwrap_or_default();

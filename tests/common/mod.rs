@@ -167,11 +167,17 @@ impl Cluster {
 
     /// A quick cluster with the extension already created.
     pub fn with_extension(settings: &[(&str, &str)]) -> Cluster {
-        let cluster = Cluster::start(quick(), settings);
+        Cluster::with_extension_and(quick(), settings)
+    }
+
+    /// A cluster with the extension already created, and its worker running.
+    pub fn with_extension_and(emulator: EmulatorConfig, settings: &[(&str, &str)]) -> Cluster {
+        let cluster = Cluster::start(emulator, settings);
         cluster
             .client()
             .batch_execute("CREATE EXTENSION llmbatching")
             .unwrap();
+        cluster.worker_pid();
         cluster
     }
 
