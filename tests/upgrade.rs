@@ -90,6 +90,10 @@ fn an_update_from_the_previous_release_keeps_everything_and_equals_a_fresh_insta
          SELECT llmbatching.llm_submit('gpt-4o-mini', 'done ' || g, job => 'done') FROM generate_series(1, 5) g;"
     ))
     .unwrap();
+    // As when the new library replaces the old one: the server restarts, and the launcher finds
+    // the database with the extension (version 0.1.0 starts no worker at CREATE EXTENSION).
+    cluster.restart("fast");
+    let mut c = cluster.client();
     cluster.wait_until_settled(SETTLE);
     cluster.wait_for("the answers to be written", SETTLE, || {
         cluster.count("SELECT count(*) FROM notes WHERE summary IS NOT NULL") == 5

@@ -22,6 +22,9 @@ const RELAUNCH_PAUSE: Duration = Duration::from_secs(5);
 const YIELD_PAUSE: Duration = Duration::from_secs(10);
 /// How often the launcher looks for new databases and ended workers when nothing wakes it.
 const LOOK_EVERY: Duration = Duration::from_secs(5);
+/// How often a database whose worker found no extension is looked at again, in case the
+/// extension came without asking for a worker (created by a release that did not ask).
+const NOT_INSTALLED_RECHECK: Duration = Duration::from_secs(600);
 
 /// A database as the shared catalog shows it.
 struct Database {
@@ -36,7 +39,8 @@ struct Served {
     worker: Option<DynamicBackgroundWorker>,
     /// No worker starts before then.
     not_before: Instant,
-    /// The last worker found no extension: none starts until one is asked for.
+    /// The last worker found no extension: none starts until one is asked for (or until
+    /// `not_before`, `NOT_INSTALLED_RECHECK` later).
     not_installed: bool,
     /// A session asked for a worker: start one as soon as none runs, whatever the pause.
     asked: bool,
@@ -126,6 +130,9 @@ impl Launcher {
                 served.not_installed = false;
             }
             note_ended_worker(database.oid, served, now);
+            if served.not_installed && served.not_before <= now {
+                served.not_installed = false;
+            }
             if served.worker.is_none() && !served.not_installed {
                 if served.asked || served.not_before <= now {
                     start_worker(database, served, now);
@@ -189,7 +196,10 @@ fn note_ended_worker(oid: pg_sys::Oid, served: &mut Served, now: Instant) {
     }
     served.worker = None;
     match registry::take_exit(oid) {
-        Exit::NotInstalled => served.not_installed = !served.asked,
+        Exit::NotInstalled => {
+            served.not_installed = !served.asked;
+            served.not_before = now + NOT_INSTALLED_RECHECK;
+        }
         Exit::Yielded => served.not_before = now + YIELD_PAUSE,
         Exit::Other => served.not_before = now + RELAUNCH_PAUSE,
     }
