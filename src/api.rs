@@ -139,19 +139,28 @@ fn enqueue(
     id
 }
 
+/// How often a session looks again whether what it queues will be sent. The look costs more
+/// than a submit (a query, and without preloading a read of every backend's status), and
+/// services often submit one request per transaction.
+const LOOK_FOR_A_WORKER_EVERY_US: i64 = 5_000_000;
+
 /// Says, once per session, that requests queued here will wait (for a worker that never comes,
-/// or an administrator's adoption of a copy). Looked at once per transaction, not per row.
+/// or an administrator's adoption of a copy). Looked at on a session's first submit and then at
+/// most every 5 seconds, not per transaction or row.
 fn warn_once_if_no_worker() {
-    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    static LOOKED_IN: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
-    if WARNED.load(std::sync::atomic::Ordering::Relaxed) {
+    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    static LOOKED_AT: AtomicI64 = AtomicI64::new(i64::MIN);
+    if WARNED.load(Ordering::Relaxed) {
         return;
     }
     // SAFETY: the current transaction's start time, a plain read.
     let transaction = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
-    if LOOKED_IN.swap(transaction, std::sync::atomic::Ordering::Relaxed) == transaction {
+    let last = LOOKED_AT.load(Ordering::Relaxed);
+    if last != i64::MIN && transaction.saturating_sub(last) < LOOK_FOR_A_WORKER_EVERY_US {
         return;
     }
+    LOOKED_AT.store(transaction, Ordering::Relaxed);
     if let Some(reason) = why_nothing_is_sent() {
         WARNED.store(true, std::sync::atomic::Ordering::Relaxed);
         warning!("{reason}");

@@ -195,34 +195,8 @@ fn refuse(message: String, hint: &str) -> ! {
 }
 
 fn look_up_route(name: &str) -> Route {
-    let found = Spi::connect(|client| {
-        let mut rows = client.select(
-            "SELECT w.fdwname::text, s.srvoptions::text[],
-                    pg_catalog.has_server_privilege(s.oid, 'USAGE'),
-                    EXISTS (SELECT FROM pg_catalog.pg_user_mappings m
-                             WHERE m.srvid OPERATOR(pg_catalog.=) s.oid
-                               AND m.usename OPERATOR(pg_catalog.=) CURRENT_USER),
-                    EXISTS (SELECT FROM pg_catalog.pg_user_mappings m
-                             WHERE m.srvid OPERATOR(pg_catalog.=) s.oid
-                               AND m.umuser OPERATOR(pg_catalog.=) 0::pg_catalog.oid)
-               FROM pg_catalog.pg_foreign_server s
-               JOIN pg_catalog.pg_foreign_data_wrapper w ON w.oid OPERATOR(pg_catalog.=) s.srvfdw
-              WHERE s.srvname OPERATOR(pg_catalog.=) $1",
-            Some(1),
-            &[name.into()],
-        )?;
-        let Some(row) = rows.next() else {
-            return Ok(None);
-        };
-        Ok::<_, pgrx::spi::SpiError>(Some((
-            row.get::<String>(1)?.unwrap_or_default(),
-            row.get::<Vec<String>>(2)?.unwrap_or_default(),
-            row.get::<bool>(3)?.unwrap_or(false),
-            row.get::<bool>(4)?.unwrap_or(false),
-            row.get::<bool>(5)?.unwrap_or(false),
-        )))
-    })
-    .unwrap_or_else(|e| error!("llmbatching: looking up provider \"{name}\": {e}"));
+    // SAFETY: reads of the system caches, in the caller's transaction.
+    let found = unsafe { server_as_seen_by_current_user(name) };
     let create_hint = "Create one: CREATE SERVER <name> FOREIGN DATA WRAPPER llmbatching OPTIONS (kind '...'), or use openai.";
     let Some((wrapper, options, usable, own, public)) = found else {
         refuse(
@@ -264,6 +238,66 @@ fn look_up_route(name: &str) -> Route {
         kind,
         account,
     }
+}
+
+/// What a submit needs to know of a server, from the system caches (a submit may run once per
+/// transaction, and a query planned each time cost more than the insert): its wrapper's name,
+/// its options, whether the current user may use it, and whether a user mapping exists for the
+/// current user and for PUBLIC (only whether it exists: its options hold the key).
+unsafe fn server_as_seen_by_current_user(
+    name: &str,
+) -> Option<(String, Vec<String>, bool, bool, bool)> {
+    let c_name = std::ffi::CString::new(name).ok()?;
+    // SAFETY (for the whole body): catalog reads through PostgreSQL's own accessors; the
+    // pointers they return live in the current memory context.
+    unsafe {
+        let server = pg_sys::GetForeignServerByName(c_name.as_ptr(), true);
+        if server.is_null() {
+            return None;
+        }
+        let server_id = (*server).serverid;
+        let wrapper = pg_sys::GetForeignDataWrapper((*server).fdwid);
+        let wrapper = std::ffi::CStr::from_ptr((*wrapper).fdwname)
+            .to_string_lossy()
+            .into_owned();
+        let options = pgrx::PgList::<pg_sys::DefElem>::from_pg((*server).options)
+            .iter_ptr()
+            .map(|def| {
+                let value = std::ffi::CStr::from_ptr(pg_sys::defGetString(def)).to_string_lossy();
+                let key = std::ffi::CStr::from_ptr((*def).defname).to_string_lossy();
+                format!("{key}={value}")
+            })
+            .collect();
+        let user = pg_sys::GetUserId();
+        let mapping_exists = |role: pg_sys::Oid| {
+            pg_sys::SearchSysCacheExists(
+                pg_sys::SysCacheIdentifier::USERMAPPINGUSERSERVER as _,
+                pg_sys::Datum::from(role),
+                pg_sys::Datum::from(server_id),
+                pg_sys::Datum::from(0),
+                pg_sys::Datum::from(0),
+            )
+        };
+        Some((
+            wrapper,
+            options,
+            may_use_server(server_id, user),
+            mapping_exists(user),
+            mapping_exists(pg_sys::InvalidOid),
+        ))
+    }
+}
+
+/// Whether the role has USAGE on the server.
+unsafe fn may_use_server(server: pg_sys::Oid, role: pg_sys::Oid) -> bool {
+    let usage = pg_sys::ACL_USAGE as pg_sys::AclMode;
+    // SAFETY: PostgreSQL's own privilege check.
+    #[cfg(feature = "pg15")]
+    let result = unsafe { pg_sys::pg_foreign_server_aclcheck(server, role, usage) };
+    #[cfg(not(feature = "pg15"))]
+    let result =
+        unsafe { pg_sys::object_aclcheck(pg_sys::ForeignServerRelationId, server, role, usage) };
+    result == pg_sys::AclResult::ACLCHECK_OK
 }
 
 fn current_user() -> String {
