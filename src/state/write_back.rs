@@ -43,44 +43,55 @@ pub struct Group {
     pub slow_tries: i32,
 }
 
-/// Drops queue entries whose write-back is gone or settled, then reads the due ones by group:
-/// for each role with entries due, its oldest [`DUE_PER_ROLE`], so that no role's flood of
-/// write-backs pushes another's back. Groups come ordered by role.
+/// The roles with entries in the write-back queue, one index probe each (a skip scan of
+/// `writeback_queue_due`): a recursive CTE named `roles`, for the statements below. Every
+/// statement on the queue reads only the window it needs, so that a round costs the same with a
+/// million answers waiting as with ten.
+const ROLES_IN_QUEUE: &str = "roles AS (
+         (SELECT q.submitted_by FROM llmbatching.writeback_queue q
+           ORDER BY q.submitted_by LIMIT 1)
+         UNION ALL
+         SELECT next.submitted_by
+           FROM roles r
+          CROSS JOIN LATERAL (
+              SELECT q.submitted_by FROM llmbatching.writeback_queue q
+               WHERE q.submitted_by OPERATOR(pg_catalog.>) r.submitted_by
+               ORDER BY q.submitted_by LIMIT 1) next)";
+
+/// Reads the due write-backs by group: for each role with entries due, its oldest
+/// [`DUE_PER_ROLE`], so that no role's flood of write-backs pushes another's back. Groups come
+/// ordered by role. Entries of that window whose write-back is gone or settled (its request
+/// deleted, superseded) leave the queue on the way.
 pub fn due_groups() -> Vec<Group> {
-    Spi::run(
-        "DELETE FROM llmbatching.writeback_queue q
-          WHERE q.due_at OPERATOR(pg_catalog.<=) pg_catalog.now()
-            AND NOT EXISTS (SELECT FROM llmbatching.writebacks w
-                             WHERE w.request_id OPERATOR(pg_catalog.=) q.request_id AND w.written_at IS NULL)",
-    )
-    .unwrap_or_else(|e| fail("cleaning the write-back queue", e));
-    Spi::connect(|client| {
+    Spi::connect_mut(|client| {
         client
-            .select(
-                "WITH RECURSIVE roles AS (
-                     (SELECT q.submitted_by FROM llmbatching.writeback_queue q
-                       WHERE q.due_at OPERATOR(pg_catalog.<=) pg_catalog.now()
-                       ORDER BY q.submitted_by LIMIT 1)
-                     UNION ALL
-                     SELECT next.submitted_by
-                       FROM roles r
-                      CROSS JOIN LATERAL (
-                          SELECT q.submitted_by FROM llmbatching.writeback_queue q
-                           WHERE q.submitted_by OPERATOR(pg_catalog.>) r.submitted_by
-                             AND q.due_at OPERATOR(pg_catalog.<=) pg_catalog.now()
-                           ORDER BY q.submitted_by LIMIT 1) next)
-                 SELECT w.target::pg_catalog.oid, w.target_column::pg_catalog.text, r.submitted_by::pg_catalog.text,
-                        pg_catalog.array_agg(q.request_id ORDER BY q.request_id), pg_catalog.max(q.tries), pg_catalog.max(q.slow_tries)
-                   FROM roles r
-                  CROSS JOIN LATERAL (
-                      SELECT q.request_id, q.tries, q.slow_tries FROM llmbatching.writeback_queue q
-                       WHERE q.submitted_by OPERATOR(pg_catalog.=) r.submitted_by
-                         AND q.due_at OPERATOR(pg_catalog.<=) pg_catalog.now()
-                       ORDER BY q.due_at LIMIT $1) q
-                   JOIN llmbatching.writebacks w
-                     ON w.request_id OPERATOR(pg_catalog.=) q.request_id AND w.submitted_by OPERATOR(pg_catalog.=) r.submitted_by
-                  GROUP BY 3, 1, 2
-                  ORDER BY 3, 1, 2",
+            .update(
+                &format!(
+                    "WITH RECURSIVE {ROLES_IN_QUEUE},
+                     due AS (
+                         SELECT q.request_id, r.submitted_by, q.tries, q.slow_tries
+                           FROM roles r
+                          CROSS JOIN LATERAL (
+                              SELECT q.request_id, q.tries, q.slow_tries FROM llmbatching.writeback_queue q
+                               WHERE q.submitted_by OPERATOR(pg_catalog.=) r.submitted_by
+                                 AND q.due_at OPERATOR(pg_catalog.<=) pg_catalog.now()
+                               ORDER BY q.due_at LIMIT $1) q),
+                     settled AS (
+                         DELETE FROM llmbatching.writeback_queue q USING due d
+                          WHERE q.request_id OPERATOR(pg_catalog.=) d.request_id
+                            AND NOT EXISTS (SELECT FROM llmbatching.writebacks w
+                                             WHERE w.request_id OPERATOR(pg_catalog.=) d.request_id
+                                               AND w.written_at IS NULL))
+                     SELECT w.target::pg_catalog.oid, w.target_column::pg_catalog.text, d.submitted_by::pg_catalog.text,
+                            pg_catalog.array_agg(d.request_id ORDER BY d.request_id), pg_catalog.max(d.tries), pg_catalog.max(d.slow_tries)
+                       FROM due d
+                       JOIN llmbatching.writebacks w
+                         ON w.request_id OPERATOR(pg_catalog.=) d.request_id
+                        AND w.submitted_by OPERATOR(pg_catalog.=) d.submitted_by
+                        AND w.written_at IS NULL
+                      GROUP BY 3, 1, 2
+                      ORDER BY 3, 1, 2"
+                ),
                 None,
                 &[DUE_PER_ROLE.into()],
             )?
@@ -117,10 +128,15 @@ pub fn begin_attempt(group: &Group) {
 
 /// How long until the next queued write-back is due, for the worker's wake-up.
 pub fn next_due() -> Option<Duration> {
-    Spi::get_one::<f64>(
-        "SELECT pg_catalog.date_part('epoch', pg_catalog.min(q.due_at) OPERATOR(pg_catalog.-) pg_catalog.clock_timestamp())
-           FROM llmbatching.writeback_queue q",
-    )
+    Spi::get_one::<f64>(&format!(
+        "WITH RECURSIVE {ROLES_IN_QUEUE}
+         SELECT pg_catalog.date_part('epoch', pg_catalog.min(first.due_at) OPERATOR(pg_catalog.-) pg_catalog.clock_timestamp())
+           FROM roles r
+          CROSS JOIN LATERAL (
+              SELECT q.due_at FROM llmbatching.writeback_queue q
+               WHERE q.submitted_by OPERATOR(pg_catalog.=) r.submitted_by
+               ORDER BY q.due_at LIMIT 1) first"
+    ))
     .unwrap_or_else(|e| fail("reading the write-back queue", e))
     .map(|secs| Duration::from_secs_f64(secs.max(0.0)))
 }
