@@ -18,7 +18,8 @@ pub struct Group {
 
 /// The queued groups and, for each, its first `max_requests` requests: that many make a group
 /// due whatever else is queued, so the count stops there and a wake-up never reads the whole
-/// queue (a million queued rows would be read on every wake).
+/// queue (a million queued rows would be read on every wake). Their ids come from the queue
+/// index alone, as in [`claim_candidates`].
 pub fn queued_groups(max_requests: usize) -> Vec<Group> {
     Spi::connect(|client| {
         let rows = client.select(
@@ -39,13 +40,15 @@ pub fn queued_groups(max_requests: usize) -> Vec<Group> {
                     g.provider, g.account
                FROM groups g
               CROSS JOIN LATERAL (
-                  SELECT pg_catalog.count(*) AS requests, pg_catalog.sum(first.body_bytes)::bigint AS body_bytes,
-                         pg_catalog.min(first.queued_at) AS oldest
-                    FROM (SELECT r.body_bytes, r.queued_at FROM llmbatching.requests r
-                           WHERE r.state = 'queued' AND r.reused_from IS NULL
-                             AND r.provider = g.provider AND r.account = g.account
-                             AND r.endpoint = g.endpoint AND r.model = g.model
-                           ORDER BY r.id LIMIT $1) first) c
+                  SELECT pg_catalog.count(*) AS requests, pg_catalog.sum(r.body_bytes)::bigint AS body_bytes,
+                         pg_catalog.min(r.queued_at) AS oldest
+                    FROM (SELECT q.id FROM llmbatching.requests q
+                           WHERE q.state = 'queued' AND q.reused_from IS NULL
+                             AND q.provider = g.provider AND q.account = g.account
+                             AND q.endpoint = g.endpoint AND q.model = g.model
+                           ORDER BY q.id LIMIT $1) first
+                    CROSS JOIN LATERAL (SELECT r.body_bytes, r.queued_at FROM llmbatching.requests r
+                                         WHERE r.id = first.id OFFSET 0) r) c
               WHERE NOT EXISTS (SELECT FROM llmbatching.model_pauses p
                                  WHERE p.model = g.model AND p.paused_until > pg_catalog.now())
               ORDER BY g.provider, g.account, g.endpoint, g.model",
@@ -70,6 +73,30 @@ pub fn queued_groups(max_requests: usize) -> Vec<Group> {
         .collect::<SpiResult<Vec<_>>>()
     })
     .unwrap_or_else(|e| fail("reading the queue", e))
+}
+
+/// How many batches of each route (provider, account) are claimed and not yet uploaded.
+pub fn unsent_batches_by_route() -> std::collections::HashMap<(String, String), i64> {
+    Spi::connect(|client| {
+        client
+            .select(
+                "SELECT provider, account, pg_catalog.count(*) FROM llmbatching.batches
+                  WHERE state = 'pending' GROUP BY provider, account",
+                None,
+                &[],
+            )?
+            .map(|row| {
+                Ok((
+                    (
+                        row.get::<String>(1)?.unwrap_or_default(),
+                        row.get::<String>(2)?.unwrap_or_default(),
+                    ),
+                    row.get::<i64>(3)?.unwrap_or(0),
+                ))
+            })
+            .collect::<SpiResult<_>>()
+    })
+    .unwrap_or_else(|e| fail("counting unsent batches", e))
 }
 
 /// How many batches are open: being sent, at the provider, or being read back.
@@ -143,6 +170,11 @@ pub fn token_budget(group: &Group, default_cap: Option<i64>) -> Option<TokenBudg
 /// The oldest queued requests of a group, up to `limit` of each role, each role's in turn (see
 /// [`planner::interleave_roles`]). Roles whose requests already ride in `per_role_cap` open
 /// batches (0: no cap) wait.
+///
+/// The ids come from the queue index alone (an index-only scan of `requests_queue_by_role`,
+/// which holds queued requests only). Read in primary-key order instead, as the planner may
+/// choose when its statistics predate the last claims, every claim would step over all the
+/// requests claimed before it.
 fn claim_candidates(group: &Group, limit: usize, per_role_cap: i64) -> Vec<Candidate> {
     let same_group = "r.state = 'queued' AND r.reused_from IS NULL AND r.provider = $5
                       AND r.account = $6 AND r.endpoint = $1 AND r.model = $2";
@@ -161,10 +193,11 @@ fn claim_candidates(group: &Group, limit: usize, per_role_cap: i64) -> Vec<Candi
                           SELECT r.submitted_by FROM llmbatching.requests r
                            WHERE {same_group} AND r.submitted_by > g.submitted_by
                            ORDER BY r.submitted_by LIMIT 1) next)
-                 SELECT g.submitted_by::text, c.id, c.body_bytes
+                 SELECT g.submitted_by::text, c.id,
+                        (SELECT b.body_bytes FROM llmbatching.requests b WHERE b.id = c.id)
                    FROM roles g
                   CROSS JOIN LATERAL (
-                      SELECT r.id, r.body_bytes FROM llmbatching.requests r
+                      SELECT r.id FROM llmbatching.requests r
                        WHERE {same_group} AND r.submitted_by = g.submitted_by
                        ORDER BY r.id LIMIT $3) c
                   WHERE $4 = 0
@@ -206,6 +239,13 @@ pub fn claim_batch(
     budget: Option<TokenBudget>,
     per_role_cap: i64,
 ) -> Option<i64> {
+    // Every statement here finds requests by their ids, one primary-key probe each: a scan of
+    // the table or of an index (for a join by hash or merge), which the planner prefers for a
+    // batch's worth of ids when its statistics predate a large submit, would read the whole
+    // table for each claim, and a million queued requests would be read twenty times.
+    for setting in ["enable_seqscan", "enable_hashjoin", "enable_mergejoin"] {
+        run(&format!("SET LOCAL {setting} = off"), &[]);
+    }
     let candidates = claim_candidates(group, limits.max_requests, per_role_cap);
     let split = planner::take_batch(&candidates, limits, budget);
     if !split.too_many_bytes.is_empty() {
@@ -244,14 +284,19 @@ pub fn claim_batch(
     .unwrap_or_else(|e| fail("creating a batch", e))?;
     // Only the worker claims requests, but a role may cancel one of them meanwhile: the claim
     // takes those still queued (no row is locked in advance, which would write every row twice).
+    // The state to match comes with each id, not as a constant, so that no queue index can
+    // stand for the primary key (see `ingest::CLAIMED_BY`): statistics taken before a large
+    // submit show almost no queued request, and the planner would scan the whole queue.
     let (claimed, formatted, roles) = Spi::connect_mut(|client| {
         let row = client
             .update(
                 "WITH claimed AS (
-                     UPDATE llmbatching.requests
-                        SET state = 'submitted', batch_id = $1, attempts = attempts + 1, submitted_at = pg_catalog.now()
-                      WHERE id = ANY($2) AND state = 'queued' AND reused_from IS NULL
-                     RETURNING answer_format IS NOT NULL AS formatted, submitted_by)
+                     UPDATE llmbatching.requests r
+                        SET state = 'submitted', batch_id = $1, attempts = r.attempts + 1, submitted_at = pg_catalog.now()
+                       FROM (SELECT c.id, 'queued'::text AS queued
+                               FROM pg_catalog.unnest($2::pg_catalog.int8[]) AS c(id) OFFSET 0) c
+                      WHERE r.id = c.id AND r.state = c.queued AND r.reused_from IS NULL
+                     RETURNING r.answer_format IS NOT NULL AS formatted, r.submitted_by)
                  SELECT pg_catalog.count(*), pg_catalog.count(*) FILTER (WHERE formatted),
                         coalesce(pg_catalog.array_agg(DISTINCT submitted_by::text), '{}')
                    FROM claimed",

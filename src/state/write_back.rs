@@ -63,13 +63,21 @@ const ROLES_IN_QUEUE: &str = "roles AS (
 /// ordered by role. Entries of that window whose write-back is gone or settled (its request
 /// deleted, superseded) leave the queue on the way.
 pub fn due_groups() -> Vec<Group> {
+    // Statistics of these tables are rarely current (a job fills and empties them within
+    // minutes): every table is reached through an index, one probe per entry of the window.
+    Spi::run("SET LOCAL enable_seqscan = off")
+        .unwrap_or_else(|e| fail("reading due write-backs", e));
     Spi::connect_mut(|client| {
         client
             .update(
                 &format!(
                     "WITH RECURSIVE {ROLES_IN_QUEUE},
                      due AS (
-                         SELECT q.request_id, r.submitted_by, q.tries, q.slow_tries
+                         SELECT q.request_id, r.submitted_by, q.tries, q.slow_tries,
+                                (SELECT w FROM llmbatching.writebacks w
+                                  WHERE w.request_id OPERATOR(pg_catalog.=) q.request_id
+                                    AND w.submitted_by OPERATOR(pg_catalog.=) r.submitted_by
+                                    AND w.written_at IS NULL) AS pending
                            FROM roles r
                           CROSS JOIN LATERAL (
                               SELECT q.request_id, q.tries, q.slow_tries FROM llmbatching.writeback_queue q
@@ -77,18 +85,13 @@ pub fn due_groups() -> Vec<Group> {
                                  AND q.due_at OPERATOR(pg_catalog.<=) pg_catalog.now()
                                ORDER BY q.due_at LIMIT $1) q),
                      settled AS (
-                         DELETE FROM llmbatching.writeback_queue q USING due d
-                          WHERE q.request_id OPERATOR(pg_catalog.=) d.request_id
-                            AND NOT EXISTS (SELECT FROM llmbatching.writebacks w
-                                             WHERE w.request_id OPERATOR(pg_catalog.=) d.request_id
-                                               AND w.written_at IS NULL))
-                     SELECT w.target::pg_catalog.oid, w.target_column::pg_catalog.text, d.submitted_by::pg_catalog.text,
+                         DELETE FROM llmbatching.writeback_queue q
+                          WHERE q.request_id OPERATOR(pg_catalog.=) ANY (
+                                    (SELECT pg_catalog.array_agg(d.request_id) FROM due d WHERE (d.pending).request_id IS NULL)::pg_catalog.int8[]))
+                     SELECT (d.pending).target::pg_catalog.oid, (d.pending).target_column::pg_catalog.text, d.submitted_by::pg_catalog.text,
                             pg_catalog.array_agg(d.request_id ORDER BY d.request_id), pg_catalog.max(d.tries), pg_catalog.max(d.slow_tries)
                        FROM due d
-                       JOIN llmbatching.writebacks w
-                         ON w.request_id OPERATOR(pg_catalog.=) d.request_id
-                        AND w.submitted_by OPERATOR(pg_catalog.=) d.submitted_by
-                        AND w.written_at IS NULL
+                      WHERE (d.pending).request_id IS NOT NULL
                       GROUP BY 3, 1, 2
                       ORDER BY 3, 1, 2"
                 ),

@@ -419,6 +419,10 @@ impl Worker {
             settings.max_enqueued_tokens,
             settings.max_batches_per_role,
         );
+        // Batches claimed and not yet uploaded, by route: a route with as many as may be sent at
+        // once claims no more this round, so that sending starts while the rest of a large
+        // queue is claimed, rather than after it.
+        let mut unsent = tx(claim::unsent_batches_by_route);
         loop {
             let groups = tx(move || claim::queued_groups(limits.max_requests));
             let (mut claimed, mut next_due) = (0, None::<Duration>);
@@ -429,6 +433,11 @@ impl Worker {
                 else {
                     continue;
                 };
+                if unsent.get(&route).copied().unwrap_or(0)
+                    >= settings.max_concurrent_transfers as i64
+                {
+                    continue;
+                }
                 let limits = limits.within(kind.limits());
                 if !planner::group_is_due(&group.queued, limits, wait) {
                     let due_in = planner::due_in(&group.queued, limits, wait);
@@ -460,6 +469,9 @@ impl Worker {
                     }
                     taken
                 });
+                if taken {
+                    *unsent.entry(route).or_insert(0) += 1;
+                }
                 claimed += usize::from(taken);
             }
             if claimed == 0 || shutdown_requested() {
