@@ -56,6 +56,9 @@ struct UsageEntry {
 #[derive(Copy, Clone)]
 #[repr(C)]
 pub struct Registry {
+    /// A random number of this server's lifetime, mixed into account names (see
+    /// [`account_name`]), so that the lock names visible in `pg_locks` say nothing of a key.
+    salt: u64,
     launcher_pid: i32,
     databases: [DatabaseEntry; MAX_DATABASES],
     usage: [UsageEntry; MAX_USAGE],
@@ -64,6 +67,7 @@ pub struct Registry {
 impl Default for Registry {
     fn default() -> Self {
         Registry {
+            salt: rand::random(),
             launcher_pid: 0,
             databases: [DatabaseEntry::default(); MAX_DATABASES],
             usage: [UsageEntry::default(); MAX_USAGE],
@@ -166,13 +170,22 @@ pub fn take_requests() -> Vec<pg_sys::Oid> {
         .collect()
 }
 
-/// Why the database's last worker ended (and forgets it).
+/// Why the database's last worker ended; frees its entry when nothing else is kept in it.
 pub fn take_exit(database: pg_sys::Oid) -> Exit {
+    let database = database.to_u32();
     let mut registry = REGISTRY.exclusive();
-    match registry.entry_mut(database.to_u32()) {
-        Some(entry) => std::mem::take(&mut entry.exit),
-        None => Exit::Other,
+    let Some(entry) = registry
+        .databases
+        .iter_mut()
+        .find(|e| e.database == database)
+    else {
+        return Exit::Other;
+    };
+    let exit = std::mem::take(&mut entry.exit);
+    if entry.worker_pid == 0 && !entry.start_requested {
+        *entry = DatabaseEntry::default();
     }
+    exit
 }
 
 /// The pid of the database's worker if one runs (started by an earlier launcher, say).
@@ -221,15 +234,22 @@ pub fn worker_started(pid: i32) -> bool {
     }
 }
 
-/// The worker of this database says it ends, and why.
+/// The worker of this database says it ends, and why. One that leaves for good (no
+/// extension) takes back what it said of its accounts' usage.
 pub fn worker_ending(why: Exit) {
     if !preloaded() {
         return;
     }
+    let here = this_database();
     let mut registry = REGISTRY.exclusive();
-    if let Some(entry) = registry.entry_mut(this_database()) {
+    if let Some(entry) = registry.entry_mut(here) {
         entry.worker_pid = 0;
         entry.exit = why;
+    }
+    if why == Exit::NotInstalled {
+        for entry in registry.usage.iter_mut().filter(|e| e.database == here) {
+            *entry = UsageEntry::default();
+        }
     }
 }
 
@@ -261,8 +281,19 @@ pub struct Usage {
     pub enqueued_tokens: i64,
 }
 
-/// A short, stable name for the given parts (an account's kind, address and key; a model),
-/// the same in every process.
+/// The name under which an account's usage is shared: its kind, address and key, hashed with
+/// this server's salt (so that it tells nothing of the key to whoever reads `pg_locks`). The
+/// same in every process of the server; 0 without preloading, where nothing is shared.
+pub fn account_name(kind: &str, api_base: &str, api_key: &str) -> u64 {
+    if !preloaded() {
+        return 0;
+    }
+    let salt = REGISTRY.share().salt.to_string();
+    short_hash(&[&salt, kind, api_base, api_key])
+}
+
+/// A short, stable name for the given parts (a model; see also [`account_name`]), the same in
+/// every process.
 pub fn short_hash(parts: &[&str]) -> u64 {
     use sha2::{Digest, Sha256};
     let mut hasher = Sha256::new();
@@ -328,8 +359,8 @@ pub fn usage_elsewhere(account: u64, model: u64) -> (i64, i64) {
 
 /// Takes, for the current transaction, a lock that every database's worker takes before it
 /// claims a batch on the account, so that two databases never both fill the last room under a
-/// limit. (A heavyweight lock not tied to any database: waits are interruptible and end with
-/// the transaction.)
+/// limit. (A heavyweight lock not tied to any database: it ends with the transaction, and the
+/// claim's `lock_timeout` bounds a wait for it.)
 pub fn lock_account_for_claim(account: u64) {
     if !preloaded() {
         return;

@@ -26,15 +26,12 @@ pub fn wake_worker_at_commit() {
 }
 
 /// Arranges for this database's worker to be started when the current transaction commits
-/// (CREATE EXTENSION): by the launcher where it serves this database; as a dynamic background
-/// worker where the library is not preloaded; not at all where `llmbatching.database` leaves
-/// this database out. Not before the commit: a worker that finds no extension ends at once.
+/// (CREATE EXTENSION, llm_worker_restart()): by the launcher where it serves this database,
+/// else as a dynamic background worker. Not before the commit: a worker that finds no
+/// extension ends at once.
 pub fn start_worker_at_commit() {
     let database = unsafe { pg_sys::MyDatabaseId };
     let by_launcher = launcher_serves_here();
-    if registry::preloaded() && !by_launcher {
-        return;
-    }
     register_xact_callback(PgXactCallbackEvent::Commit, move || {
         if by_launcher {
             registry::request_worker(database);

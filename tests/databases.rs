@@ -355,3 +355,44 @@ fn a_standby_runs_no_worker_and_once_promoted_drains_the_queue_without_sending_t
     assert_eq!(stats.batches_created, 2);
     assert!(stats.ran_more_than_once().is_empty());
 }
+
+#[test]
+fn a_request_its_role_holds_locked_holds_up_no_other_group_or_database() {
+    let cluster = Cluster::with_extension(&[]);
+    let mut main = cluster.client();
+    main.batch_execute("CREATE DATABASE other").unwrap();
+    main.batch_execute(
+        "CREATE ROLE mallory LOGIN IN ROLE llmbatching_user;
+         INSERT INTO llmbatching.model_pauses VALUES ('held', now() + interval '1 hour', 'test')",
+    )
+    .unwrap();
+    let mut other = connect(cluster.port, "other");
+    other.batch_execute("CREATE EXTENSION llmbatching").unwrap();
+    cluster.wait_for("both workers", SETTLE, || {
+        served(&mut main) == ["other", "postgres"]
+    });
+    // Mallory queues a request and keeps it locked, in a transaction left open.
+    let mut mallory = cluster.client_as("mallory");
+    mallory
+        .batch_execute("SELECT llmbatching.llm_submit('held', 'mine')")
+        .unwrap();
+    mallory
+        .batch_execute("BEGIN; SELECT FROM llmbatching.requests FOR UPDATE")
+        .unwrap();
+    main.batch_execute("DELETE FROM llmbatching.model_pauses")
+        .unwrap();
+    // Another model here, and the same model in another database under the same key, go on.
+    submit(&mut main, 3, "here ");
+    submit_to(&mut other, "held", 3, "there ");
+    cluster.wait_for("the other requests' answers", SETTLE, || {
+        completed(&mut main) == 3 && completed(&mut other) == 3
+    });
+    assert!(cluster
+        .log()
+        .contains("claiming queued requests failed, their group waits for a later round"));
+    // Released, the held request is sent too.
+    mallory.batch_execute("COMMIT").unwrap();
+    cluster.wait_for("the held request's answer", SETTLE, || {
+        completed(&mut main) == 4
+    });
+}

@@ -295,7 +295,7 @@ fn the_worker_wakes_on_submit_and_reloads_settings_on_sighup() {
     cluster.set(&[("llmbatching.batch_wait", "0")]);
     cluster.wait_for(
         "the reloaded batch_wait to send the request",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         || {
             c.query_one("SELECT llm_status($1)", &[&first])
                 .unwrap()

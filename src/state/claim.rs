@@ -16,6 +16,16 @@ pub struct Group {
     pub queued: QueuedGroup,
 }
 
+impl Group {
+    /// What tells this group from the others.
+    pub fn key(&self) -> String {
+        format!(
+            "{}\n{}\n{}\n{}",
+            self.provider, self.account, self.endpoint, self.model
+        )
+    }
+}
+
 /// The queued groups and, for each, its first `max_requests` requests: that many make a group
 /// due whatever else is queued, so the count stops there and a wake-up never reads the whole
 /// queue (a million queued rows would be read on every wake). Their ids come from the queue
@@ -73,6 +83,12 @@ pub fn queued_groups(max_requests: usize) -> Vec<Group> {
         .collect::<SpiResult<Vec<_>>>()
     })
     .unwrap_or_else(|e| fail("reading the queue", e))
+}
+
+/// How long a claim waits for a lock (a request a role holds locked, the account's claim lock
+/// another database's worker holds) before its group waits for a later round.
+pub fn bound_lock_waits() {
+    run("SET LOCAL lock_timeout = '1s'", &[]);
 }
 
 /// How many batches of each route (provider, account) are claimed and not yet uploaded.

@@ -85,11 +85,11 @@ impl Connections {
     /// kind, address and key of its connection (hashed). None for a route not connected.
     pub fn account_identity(&self, route: &Route) -> Option<u64> {
         let made = &self.open.get(route)?.made;
-        Some(crate::registry::short_hash(&[
+        Some(crate::registry::account_name(
             made.kind,
             &made.api_base,
             &made.api_key,
-        ]))
+        ))
     }
 
     /// [`Self::account_identity`] of every connected route.

@@ -54,8 +54,12 @@ const REFUSALS_BEFORE_GIVING_UP: i32 = 5;
 const PURGE_EVERY: Duration = Duration::from_secs(60);
 /// The batch error code of the provider's enqueued-token limit.
 const TOKEN_LIMIT_CODE: &str = "token_limit_exceeded";
+/// How long a group whose claim failed (a request of it held locked by a role) waits.
+const CLAIM_FAILURE_PAUSE: Duration = Duration::from_secs(30);
 /// How often a worker that no commit wakes looks for new work.
 const UNWOKEN_POLL: Duration = Duration::from_secs(1);
+/// How often a worker that commits wake looks all the same.
+const WOKEN_POLL: Duration = Duration::from_secs(15);
 /// How often a sleeping worker looks whether a command needs its database to itself (such a
 /// command waits 5 seconds for the sessions connected to the database to leave).
 const YIELD_CHECK: Duration = Duration::from_secs(1);
@@ -131,11 +135,14 @@ pub extern "C-unwind" fn llmbatching_worker_main(arg: pg_sys::Datum) {
     session::pin();
     // (A catalog lookup: in a transaction.)
     let name = tx(wakeup::this_database);
-    if let Some(other) = tx(housekeeping::other_worker) {
+    if let Some(other) = another_worker_stays() {
         // Two workers of one database would both send its batches: the later one goes.
         log!("llmbatching: worker {other} already serves database \"{name}\"; this one stops");
         unsafe { pg_sys::proc_exit(0) };
     }
+    // The launcher starts this database's worker again after it made way for a command; a
+    // worker it does not manage hands over to a successor instead (see `end_worker`).
+    let launcher_manages = tx(wakeup::launcher_serves_here);
     if !tx(housekeeping::extension_ready) {
         end_worker(Exit::NotInstalled);
     }
@@ -157,17 +164,42 @@ pub extern "C-unwind" fn llmbatching_worker_main(arg: pg_sys::Datum) {
             worker.forget_transfers();
             break Exit::NotInstalled;
         }
-        let mut sleep = worker.run_round_catching();
-        if !woken_at_commit {
-            sleep = sleep.min(UNWOKEN_POLL);
-        }
+        // A worker woken at commit still runs a round now and then: nothing waits on a wake-up
+        // that was lost.
+        let longest = if woken_at_commit {
+            WOKEN_POLL
+        } else {
+            UNWOKEN_POLL
+        };
+        let sleep = worker.run_round_catching().min(longest);
         report_activity(&worker.idle_status());
         if !worker.wait(sleep) {
             break Exit::Other;
         }
     };
     worker.stop();
+    if why == Exit::Yielded && !launcher_manages {
+        // The successor's connection waits until the command is done (a new session's
+        // connection waits on the lock the command holds, before it counts as connected), then
+        // serves the database under its new name; after a DROP it finds none and ends.
+        if let Err(e) = launch_for(unsafe { pg_sys::MyDatabaseId }) {
+            warning!("llmbatching: {e}; start the worker again with SELECT llmbatching.llm_worker_start()");
+        }
+    }
     end_worker(why);
+}
+
+/// Another worker serving this database, if one stays: one that is ending (the worker this one
+/// succeeds) is given 5 seconds to go.
+fn another_worker_stays() -> Option<i32> {
+    let patience = Instant::now() + Duration::from_secs(5);
+    loop {
+        let other = tx(housekeeping::other_worker)?;
+        if Instant::now() >= patience || shutdown_requested() {
+            return Some(other);
+        }
+        wait_latch(Duration::from_millis(100));
+    }
 }
 
 /// Ends the worker, telling the launcher why.
@@ -202,6 +234,10 @@ struct Worker {
     failed_rounds: u32,
     /// Whether the log already says this database is a copy.
     said_copy: bool,
+    /// When the log last said that a claim failed.
+    said_claim_failed: Option<Instant>,
+    /// Groups whose last claim failed, and until when they wait.
+    claims_paused: HashMap<String, Instant>,
 }
 
 fn tx<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe + std::panic::RefUnwindSafe) -> R {
@@ -241,6 +277,8 @@ impl Worker {
             last_purge: None,
             failed_rounds: 0,
             said_copy: false,
+            said_claim_failed: None,
+            claims_paused: HashMap::new(),
         }
     }
 
@@ -438,6 +476,14 @@ impl Worker {
                 {
                     continue;
                 }
+                let key = group.key();
+                if self
+                    .claims_paused
+                    .get(&key)
+                    .is_some_and(|until| Instant::now() < *until)
+                {
+                    continue;
+                }
                 let limits = limits.within(kind.limits());
                 if !planner::group_is_due(&group.queued, limits, wait) {
                     let due_in = planner::due_in(&group.queued, limits, wait);
@@ -448,26 +494,43 @@ impl Worker {
                 let account = self.connections.account_identity(&route);
                 let model = registry::short_hash(&[&group.model]);
                 let identities = self.connections.identities();
-                let taken = tx(move || {
-                    if let Some(account) = account {
-                        registry::lock_account_for_claim(account);
-                    }
-                    let (open_elsewhere, tokens_elsewhere) =
-                        account.map_or((0, 0), |a| registry::usage_elsewhere(a, model));
-                    // A due group that cannot go now waits for a batch to end: a batch step.
-                    if claim::open_batch_count() + open_elsewhere >= max_open {
-                        return false;
-                    }
-                    let budget =
-                        claim::token_budget(&group, default_token_cap).map(|b| TokenBudget {
-                            available: b.available.saturating_sub(tokens_elsewhere.max(0) as usize),
-                            ..b
-                        });
-                    let taken = claim::claim_batch(&group, limits, budget, per_role_cap).is_some();
-                    if taken {
-                        publish_usage(&identities);
-                    }
-                    taken
+                let taken = catching(move || {
+                    tx(move || {
+                        // A role may hold one of its own queued requests locked (SELECT … FOR
+                        // UPDATE): the claim waits for it at most this long, then this group waits
+                        // for a later round, and nothing else does.
+                        claim::bound_lock_waits();
+                        if let Some(account) = account {
+                            registry::lock_account_for_claim(account);
+                        }
+                        let (open_elsewhere, tokens_elsewhere) =
+                            account.map_or((0, 0), |a| registry::usage_elsewhere(a, model));
+                        // A due group that cannot go now waits for a batch to end: a batch step.
+                        if claim::open_batch_count() + open_elsewhere >= max_open {
+                            return false;
+                        }
+                        let budget =
+                            claim::token_budget(&group, default_token_cap).map(|b| TokenBudget {
+                                available: b
+                                    .available
+                                    .saturating_sub(tokens_elsewhere.max(0) as usize),
+                                ..b
+                            });
+                        let taken =
+                            claim::claim_batch(&group, limits, budget, per_role_cap).is_some();
+                        if taken {
+                            publish_usage(&identities);
+                        }
+                        taken
+                    })
+                })
+                .unwrap_or_else(|message| {
+                    // The group waits (its other requests too): trying again at once would
+                    // spend the lock wait again every round.
+                    self.claims_paused
+                        .insert(key, Instant::now() + CLAIM_FAILURE_PAUSE);
+                    self.say_claim_failed(&message);
+                    false
                 });
                 if taken {
                     *unsent.entry(route).or_insert(0) += 1;
@@ -478,6 +541,21 @@ impl Worker {
                 return next_due;
             }
         }
+    }
+
+    /// Logs, at most once a minute, that a claim failed (its group waits for a later round).
+    fn say_claim_failed(&mut self, message: &str) {
+        if self
+            .said_claim_failed
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(60))
+        {
+            return;
+        }
+        self.said_claim_failed = Some(Instant::now());
+        warning!(
+            "llmbatching: claiming queued requests failed, their group waits for a later round: {}",
+            self.redact(message)
+        );
     }
 
     /// Writes the answers that wait in the write-back queue into their rows, one group (a
