@@ -404,10 +404,11 @@ fn llm_cancel(id: i64) -> bool {
     }
 }
 
-/// Starts this database's worker as a dynamic background worker, unless one runs; returns its
-/// pid, or NULL when one runs already. Needed where no worker is started otherwise: without
-/// the library in shared_preload_libraries after a server restart (CREATE EXTENSION starts
-/// one the first time). For llmbatching_admin.
+/// Starts this database's worker, unless one runs: through the launcher where it serves this
+/// database, else as a dynamic background worker; returns its pid, or NULL when one runs
+/// already. Needed where nothing starts it otherwise: without the library in
+/// shared_preload_libraries after a server restart (CREATE EXTENSION starts one the first
+/// time). For llmbatching_admin.
 #[pg_extern(volatile, parallel_unsafe)]
 fn llm_worker_start() -> Option<i32> {
     if crate::wakeup::worker_runs_here() {

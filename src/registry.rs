@@ -365,17 +365,16 @@ pub fn lock_account_for_claim(account: u64) {
     if !preloaded() {
         return;
     }
-    // SAFETY: a lock tag of PostgreSQL's own layout, for a kind of lock PostgreSQL itself no
-    // longer uses (LOCKTAG_USERLOCK), with database 0 so that every database shares it; the
-    // lock is released when the transaction ends.
+    // A kind of lock PostgreSQL itself no longer uses (LOCKTAG_USERLOCK), which no SQL can
+    // take, under database 0 so that every database shares it.
+    let tag = lock_tag(
+        pg_sys::LockTagType::LOCKTAG_USERLOCK,
+        pg_sys::USER_LOCKMETHOD,
+        [account as u32, (account >> 32) as u32],
+        u16::from_be_bytes(*b"LB"),
+    );
+    // SAFETY: a transaction-level lock, released when the transaction ends.
     unsafe {
-        let mut tag: pg_sys::LOCKTAG = std::mem::zeroed();
-        tag.locktag_field1 = 0;
-        tag.locktag_field2 = account as u32;
-        tag.locktag_field3 = (account >> 32) as u32;
-        tag.locktag_field4 = u16::from_be_bytes(*b"LB");
-        tag.locktag_type = pg_sys::LockTagType::LOCKTAG_USERLOCK as u8;
-        tag.locktag_lockmethodid = pg_sys::USER_LOCKMETHOD as u8;
         pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as i32, false, false);
     }
 }
@@ -385,16 +384,18 @@ pub fn lock_account_for_claim(account: u64) {
 /// the database that conflicts with the one every new session takes while it connects; they
 /// then wait a few seconds for the sessions connected already to leave, and fail if they stay.
 pub fn database_wanted_alone() -> bool {
-    // SAFETY: a session-level lock of this database's object, asked for without waiting and
-    // released at once; the same tag PostgreSQL's own connection start locks.
+    // The same tag PostgreSQL's own connection start locks.
+    let tag = lock_tag(
+        pg_sys::LockTagType::LOCKTAG_OBJECT,
+        pg_sys::DEFAULT_LOCKMETHOD,
+        [
+            pg_sys::DatabaseRelationId.to_u32(),
+            unsafe { pg_sys::MyDatabaseId }.to_u32(),
+        ],
+        0,
+    );
+    // SAFETY: a session-level lock, asked for without waiting and released at once.
     unsafe {
-        let mut tag: pg_sys::LOCKTAG = std::mem::zeroed();
-        tag.locktag_field1 = 0;
-        tag.locktag_field2 = pg_sys::DatabaseRelationId.to_u32();
-        tag.locktag_field3 = pg_sys::MyDatabaseId.to_u32();
-        tag.locktag_field4 = 0;
-        tag.locktag_type = pg_sys::LockTagType::LOCKTAG_OBJECT as u8;
-        tag.locktag_lockmethodid = pg_sys::DEFAULT_LOCKMETHOD as u8;
         let mode = pg_sys::RowExclusiveLock as i32;
         let got = pg_sys::LockAcquire(&tag, mode, true, true);
         if got == pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL {
@@ -402,5 +403,23 @@ pub fn database_wanted_alone() -> bool {
         }
         pg_sys::LockRelease(&tag, mode, true);
         false
+    }
+}
+
+/// A lock tag of PostgreSQL's layout for an object shared by every database (its first field,
+/// the database, is 0), as `SET_LOCKTAG_OBJECT` fills one for a shared object.
+fn lock_tag(
+    kind: pg_sys::LockTagType::Type,
+    method: u32,
+    fields: [u32; 2],
+    field4: u16,
+) -> pg_sys::LOCKTAG {
+    pg_sys::LOCKTAG {
+        locktag_field1: 0,
+        locktag_field2: fields[0],
+        locktag_field3: fields[1],
+        locktag_field4: field4,
+        locktag_type: kind as u8,
+        locktag_lockmethodid: method as u8,
     }
 }

@@ -29,6 +29,8 @@ struct Connection {
     made: Made,
     kind: &'static dyn Kind,
     client: SharedProvider,
+    /// Who the provider counts this connection's batches against (see `account_identity`).
+    account: u64,
 }
 
 #[derive(Default)]
@@ -84,12 +86,7 @@ impl Connections {
     /// Who the provider counts a route's batches against, the same in every database: the
     /// kind, address and key of its connection (hashed). None for a route not connected.
     pub fn account_identity(&self, route: &Route) -> Option<u64> {
-        let made = &self.open.get(route)?.made;
-        Some(crate::registry::account_name(
-            made.kind,
-            &made.api_base,
-            &made.api_key,
-        ))
+        self.open.get(route).map(|c| c.account)
     }
 
     /// [`Self::account_identity`] of every connected route.
@@ -134,12 +131,14 @@ impl Connections {
                 route.0
             )
         })?;
+        let account = crate::registry::account_name(made.kind, &made.api_base, &made.api_key);
         self.open.insert(
             route.clone(),
             Connection {
                 made,
                 kind: config.kind,
                 client,
+                account,
             },
         );
         Ok(())
