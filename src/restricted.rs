@@ -34,9 +34,10 @@ unsafe extern "C-unwind" {
 }
 
 /// The time limit reaches the role's code as an ordinary error (`query_canceled`), which
-/// PL/pgSQL can catch by name and go on. So a second, later timer ends the worker process
-/// itself (FATAL, which nothing catches; the launcher starts it again): the attempt was counted
-/// before the code ran, so the worker does not come back to it forever.
+/// PL/pgSQL can catch by name and go on. So a second, later timer ends the process itself
+/// (FATAL, which nothing catches; the writer's worker starts another, or the launcher the worker
+/// that wrote in its stead): the attempt was counted before the code ran, so no process comes
+/// back to it forever.
 static WATCHDOG: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
 
 unsafe extern "C-unwind" fn watchdog_expired() {

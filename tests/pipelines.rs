@@ -505,3 +505,63 @@ fn bad_pipeline_arguments_are_errors_naming_the_argument() {
         "a refused call queued something"
     );
 }
+
+/// The process each answer was written by, as the target's trigger saw it.
+fn writers_of(c: &mut postgres::Client) -> Vec<String> {
+    c.query(
+        "SELECT DISTINCT backend_type FROM written_by ORDER BY 1",
+        &[],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+/// Classifies five rows of a table whose trigger records which process wrote each answer, and
+/// waits until all are written.
+fn classify_recording_the_writer(cluster: &Cluster) -> Vec<String> {
+    let mut c = cluster.client();
+    c.batch_execute(
+        "CREATE TABLE tickets (id int PRIMARY KEY, body text, label text);
+         INSERT INTO tickets SELECT g, 'ticket ' || g FROM generate_series(1, 5) g;
+         CREATE TABLE written_by (id int, backend_type text);
+         CREATE FUNCTION note_writer() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             INSERT INTO public.written_by
+             SELECT NEW.id, a.backend_type FROM pg_catalog.pg_stat_activity a WHERE a.pid = pg_catalog.pg_backend_pid();
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER note_writer AFTER UPDATE OF label ON tickets FOR EACH ROW EXECUTE FUNCTION note_writer();
+         SELECT llm_classify('tickets', 'label', 'body', 'm');",
+    )
+    .unwrap();
+    cluster.wait_for("the five answers to be written", SETTLE, || {
+        cluster.count("SELECT count(*) FROM tickets WHERE label IS NOT NULL") == 5
+    });
+    assert_eq!(cluster.count("SELECT count(*) FROM written_by"), 5);
+    writers_of(&mut c)
+}
+
+#[test]
+fn answers_are_written_back_by_a_process_of_their_own_or_by_the_worker_when_none_can_start() {
+    // The writer runs beside the worker, so rows are written while the next batches move.
+    let cluster = Cluster::with_extension(&[]);
+    assert_eq!(
+        classify_recording_the_writer(&cluster),
+        ["llmbatching writer"]
+    );
+    drop(cluster);
+
+    // With no background worker slot left for a writer (only the launcher and the worker fit),
+    // the worker writes the answers itself.
+    let cluster = Cluster::with_extension(&[
+        ("max_worker_processes", "2"),
+        ("max_logical_replication_workers", "0"),
+        ("max_parallel_workers", "0"),
+    ]);
+    assert_eq!(
+        classify_recording_the_writer(&cluster),
+        ["llmbatching worker"]
+    );
+}

@@ -1,5 +1,6 @@
 //! The background worker: forms batches from queued requests, carries each batch through the
-//! provider (upload, create, poll, download) and writes the answers back.
+//! provider (upload, create, poll, download), and sees that the answers are written back (by a
+//! process of their own, see `writer`).
 //!
 //! Every step is recorded in `llmbatching.batches` before the worker moves on, and each step
 //! can be repeated safely, so a worker that dies anywhere picks up where the table says:
@@ -17,6 +18,7 @@ use crate::config::Settings;
 use crate::planner::{self, TokenBudget};
 mod connections;
 pub mod launcher;
+mod writer;
 
 use crate::provider::redact::{redact, redact_json};
 use crate::provider::{
@@ -27,7 +29,7 @@ use crate::registry::{self, Exit};
 use crate::restricted::Failure;
 use crate::results::{self, LineRead, LineResult, Outcome};
 use crate::session;
-use crate::state::write_back::{self, Written};
+use crate::state::write_back;
 use crate::state::{self, claim, housekeeping, ingest, send, BatchRow};
 use crate::transfers::Transfers;
 use crate::wakeup;
@@ -39,8 +41,6 @@ use std::ffi::CString;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-/// How many roles' worth of write-back time (`write_back_timeout` each) one round may spend.
-const WRITE_BACK_ROLES_PER_ROUND: u32 = 3;
 /// Where input and output files are staged, relative to the data directory.
 const STAGING_DIR: &str = "pg_llmbatching";
 /// Result lines applied per transaction while ingesting, and the most bytes of them held at
@@ -238,6 +238,8 @@ struct Worker {
     said_claim_failed: Option<Instant>,
     /// Groups whose last claim failed, and until when they wait.
     claims_paused: HashMap<String, Instant>,
+    /// The process writing answers back, while one runs.
+    writer: writer::Writer,
 }
 
 fn tx<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe + std::panic::RefUnwindSafe) -> R {
@@ -279,6 +281,7 @@ impl Worker {
             said_copy: false,
             said_claim_failed: None,
             claims_paused: HashMap::new(),
+            writer: writer::Writer::default(),
         }
     }
 
@@ -413,14 +416,19 @@ impl Worker {
         let next_group_due = self.form_batches(&settings);
         tx(housekeeping::flag_cancelled_batches);
         self.start_due_steps(&settings);
-        self.write_back_due(&settings);
+        self.writer.write_due(&settings);
         if registry::preloaded() {
             let identities = self.connections.identities();
             tx(move || publish_usage(&identities));
         }
         let busy = self.transfers.busy_batches();
         let next_step_due = tx(move || housekeeping::next_step_due(&busy));
-        let next_write_back_due = tx(write_back::next_due);
+        // (While a writer runs, it watches the queue.)
+        let next_write_back_due = if self.writer.running() {
+            None
+        } else {
+            tx(write_back::next_due)
+        };
         [next_group_due, next_step_due, next_write_back_due]
             .into_iter()
             .flatten()
@@ -556,57 +564,6 @@ impl Worker {
             "llmbatching: claiming queued requests failed, their group waits for a later round: {}",
             self.redact(message)
         );
-    }
-
-    /// Writes the answers that wait in the write-back queue into their rows, one group (a
-    /// role's answers into one column) at a time, as that role (see `write_back`). Roles take
-    /// turns, each may use at most one `write_back_timeout` of the round, and the step ends after
-    /// a few of them, so that batches keep moving and no role's write-backs starve another's.
-    fn write_back_due(&mut self, settings: &Settings) {
-        let groups = match catching(|| tx(write_back::due_groups)) {
-            Ok(groups) => groups,
-            Err(message) => {
-                warning!("llmbatching: reading the write-back queue failed: {message}");
-                return;
-            }
-        };
-        let bounds = settings.write_back;
-        let step_budget =
-            bounds.time_limit.max(Duration::from_secs(1)) * WRITE_BACK_ROLES_PER_ROUND;
-        let started = Instant::now();
-        let mut used: HashMap<String, Duration> = HashMap::new();
-        let by_role =
-            planner::split_by_role(groups.into_iter().map(|g| (g.role.clone(), g)).collect());
-        for group in planner::interleave_roles(by_role) {
-            if shutdown_requested() || started.elapsed() >= step_budget {
-                break;
-            }
-            let spent = used.entry(group.role.clone()).or_default();
-            if *spent >= bounds.time_limit {
-                continue;
-            }
-            report_activity("llmbatching: writing answers back");
-            let attempt_started = Instant::now();
-            let counted = group.clone();
-            if let Err(message) = catching(move || tx(move || write_back::begin_attempt(&counted)))
-            {
-                warning!("llmbatching: counting a write-back attempt failed: {message}");
-                continue;
-            }
-            let attempt = group.clone();
-            let done = catching(move || {
-                tx(move || {
-                    let written = write_back::write_group(&attempt, bounds);
-                    write_back::record(&attempt, &written);
-                })
-            });
-            if let Err(message) = done {
-                let _ = catching(move || {
-                    tx(move || write_back::record(&group, &Written::Failed(message)))
-                });
-            }
-            *spent += attempt_started.elapsed();
-        }
     }
 
     /// Starts the next step of each batch that has one due, while fewer than

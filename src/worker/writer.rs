@@ -1,0 +1,174 @@
+//! The write-back step, in a process of its own: the writer.
+//!
+//! Answers wait in `llmbatching.writeback_queue` (see `state::write_back`). While some are due,
+//! the database's worker starts a writer, a dynamic background worker that writes them into
+//! their rows and ends once nothing more is due soon. So rows are written while the worker
+//! claims, uploads and applies the next batches, on the other core. A per-database lock no SQL
+//! can take makes sure one writer at most runs per database; where no writer can start
+//! (`max_worker_processes` reached) the worker writes the answers itself, under the same lock.
+
+use super::{catching, report_activity, shutdown_requested, tx, wait_latch};
+use crate::config::Settings;
+use crate::planner;
+use crate::registry;
+use crate::session;
+use crate::state::housekeeping;
+use crate::state::write_back::{self, Written};
+use pgrx::bgworkers::{BackgroundWorker, DynamicBackgroundWorker, SignalWakeFlags};
+use pgrx::prelude::*;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// How many roles' worth of write-back time (`write_back_timeout` each) one pass may spend
+/// before looking again whether it should stop.
+const ROLES_PER_PASS: u32 = 3;
+/// A writer ends when nothing is due within this long; the worker starts one again when
+/// something is.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// The writer the worker started, while it may still run.
+#[derive(Default)]
+pub struct Writer {
+    handle: Option<DynamicBackgroundWorker>,
+}
+
+impl Writer {
+    /// Whether a writer this worker started still runs (or is starting).
+    pub fn running(&mut self) -> bool {
+        let running = self.handle.as_ref().is_some_and(|h| {
+            matches!(
+                h.pid(),
+                Ok(_) | Err(pgrx::bgworkers::BackgroundWorkerStatus::NotYetStarted)
+            )
+        });
+        if !running {
+            self.handle = None;
+        }
+        running
+    }
+
+    /// Sees that the answers due are written: by a writer, started now if none runs, or by
+    /// this process when none can start.
+    pub fn write_due(&mut self, settings: &Settings) {
+        if self.running() {
+            return;
+        }
+        if !catching(|| tx(write_back::next_due)).is_ok_and(|due| due.is_some_and(|d| d.is_zero()))
+        {
+            return;
+        }
+        match launch(unsafe { pg_sys::MyDatabaseId }) {
+            Ok(handle) => self.handle = Some(handle),
+            Err(_) => {
+                if registry::try_lock_write_back() {
+                    write_back_due(settings);
+                    registry::unlock_write_back();
+                }
+            }
+        }
+    }
+}
+
+fn launch(database: pg_sys::Oid) -> Result<DynamicBackgroundWorker, ()> {
+    pgrx::bgworkers::BackgroundWorkerBuilder::new("llmbatching writer")
+        .set_type("llmbatching writer")
+        .set_library("llmbatching")
+        .set_function("llmbatching_writer_main")
+        .set_argument(Some(pg_sys::Datum::from(database.to_u32() as usize)))
+        .enable_spi_access()
+        .set_notify_pid(unsafe { pg_sys::MyProcPid })
+        .set_restart_time(None)
+        .load_dynamic()
+        .map_err(|_| ())
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn llmbatching_writer_main(arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let database = pg_sys::Oid::from(arg.value() as u32);
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(database), None);
+    // Settings of its own, as the worker's (see `session`).
+    session::pin();
+    // Another writer serves this database (one its worker started before it ended): it goes on.
+    if !registry::try_lock_write_back() {
+        unsafe { pg_sys::proc_exit(0) };
+    }
+    loop {
+        if shutdown_requested() || registry::database_wanted_alone() {
+            break;
+        }
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        session::pin();
+        if !catching(|| tx(housekeeping::extension_ready)).unwrap_or(false) {
+            break;
+        }
+        write_back_due(&Settings::current());
+        report_activity("");
+        match catching(|| tx(write_back::next_due)) {
+            Ok(Some(due)) if due <= LINGER => {
+                wait_latch(due.max(Duration::from_millis(10)));
+            }
+            _ => break,
+        }
+    }
+    // SAFETY: PostgreSQL's own way out of a process; the lock goes with the session.
+    unsafe { pg_sys::proc_exit(0) };
+}
+
+/// Writes the answers that wait in the write-back queue into their rows, one group (a role's
+/// answers into one column) at a time, as that role (see `state::write_back`). Roles take
+/// turns, each may use at most one `write_back_timeout` of the pass, and the pass ends after a
+/// few of them, so that no role's write-backs starve another's.
+pub fn write_back_due(settings: &Settings) {
+    let groups = match catching(|| tx(write_back::due_groups)) {
+        Ok(groups) => groups,
+        Err(message) => {
+            warning!("llmbatching: reading the write-back queue failed: {message}");
+            return;
+        }
+    };
+    let bounds = settings.write_back;
+    let pass_budget = bounds.time_limit.max(Duration::from_secs(1)) * ROLES_PER_PASS;
+    let started = Instant::now();
+    let mut used: HashMap<String, Duration> = HashMap::new();
+    let by_role = planner::split_by_role(groups.into_iter().map(|g| (g.role.clone(), g)).collect());
+    for group in planner::interleave_roles(by_role) {
+        if shutdown_requested()
+            || started.elapsed() >= pass_budget
+            || registry::database_wanted_alone()
+        {
+            break;
+        }
+        let spent = used.entry(group.role.clone()).or_default();
+        if *spent >= bounds.time_limit {
+            continue;
+        }
+        report_activity("llmbatching: writing answers back");
+        let attempt_started = Instant::now();
+        write_group(group, bounds);
+        *spent += attempt_started.elapsed();
+    }
+}
+
+/// One group's attempt: counted (and committed) first, then written as its role, and how it
+/// ended recorded; an error is the group's outcome, never the process's.
+fn write_group(group: write_back::Group, bounds: crate::restricted::Bounds) {
+    let counted = group.clone();
+    if let Err(message) = catching(move || tx(move || write_back::begin_attempt(&counted))) {
+        warning!("llmbatching: counting a write-back attempt failed: {message}");
+        return;
+    }
+    let attempt = group.clone();
+    let done = catching(move || {
+        tx(move || {
+            let written = write_back::write_group(&attempt, bounds);
+            write_back::record(&attempt, &written);
+        })
+    });
+    if let Err(message) = done {
+        let _ = catching(move || tx(move || write_back::record(&group, &Written::Failed(message))));
+    }
+}
