@@ -180,6 +180,10 @@ fn b2_b3_build_upload_ingest(n: i64) {
     .unwrap();
     cluster.set(&[("llmbatching.batch_wait", "0")]);
     cluster.wait_until_settled(Duration::from_secs(1200));
+    // (The batch is marked finished in the transaction after its last answers.)
+    cluster.wait_for("the batch to be finished", Duration::from_secs(60), || {
+        cluster.count("SELECT count(*) FROM llmbatching.batches WHERE finished_at IS NULL") == 0
+    });
     let row = c
         .query_one(
             "SELECT extract(epoch FROM create_attempted_at - created_at)::float8,

@@ -94,16 +94,27 @@ fn shutdown_requested() -> bool {
 /// start it again when it ends: the launcher does (and knows whether the database is still
 /// there), or, without preloading, llm_worker_start() and llm_worker_restart().
 pub fn launch_for(database: pg_sys::Oid) -> Result<DynamicBackgroundWorker, String> {
-    pgrx::bgworkers::BackgroundWorkerBuilder::new("llmbatching worker")
-        .set_type("llmbatching worker")
+    launch_process("llmbatching worker", "llmbatching_worker_main", database)
+        .map_err(|_| "could not start a worker (max_worker_processes reached?)".to_string())
+}
+
+/// Starts a dynamic background worker of this library serving `database`, whose start and end
+/// this process is told of (it is never restarted by the postmaster).
+fn launch_process(
+    kind: &str,
+    function: &str,
+    database: pg_sys::Oid,
+) -> Result<DynamicBackgroundWorker, ()> {
+    pgrx::bgworkers::BackgroundWorkerBuilder::new(kind)
+        .set_type(kind)
         .set_library("llmbatching")
-        .set_function("llmbatching_worker_main")
+        .set_function(function)
         .set_argument(Some(pg_sys::Datum::from(database.to_u32() as usize)))
         .enable_spi_access()
         .set_notify_pid(unsafe { pg_sys::MyProcPid })
         .set_restart_time(None)
         .load_dynamic()
-        .map_err(|_| "could not start a worker (max_worker_processes reached?)".to_string())
+        .map_err(|_| ())
 }
 
 /// Starts this database's worker and waits until it runs; returns its pid.

@@ -7,7 +7,7 @@
 //! can take makes sure one writer at most runs per database; where no writer can start
 //! (`max_worker_processes` reached) the worker writes the answers itself, under the same lock.
 
-use super::{catching, report_activity, shutdown_requested, tx, wait_latch};
+use super::{catching, launch_process, report_activity, shutdown_requested, tx, wait_latch};
 use crate::config::Settings;
 use crate::planner;
 use crate::registry;
@@ -57,7 +57,9 @@ impl Writer {
         {
             return;
         }
-        match launch(unsafe { pg_sys::MyDatabaseId }) {
+        match launch_process("llmbatching writer", "llmbatching_writer_main", unsafe {
+            pg_sys::MyDatabaseId
+        }) {
             Ok(handle) => self.handle = Some(handle),
             Err(_) => {
                 if registry::try_lock_write_back() {
@@ -67,19 +69,6 @@ impl Writer {
             }
         }
     }
-}
-
-fn launch(database: pg_sys::Oid) -> Result<DynamicBackgroundWorker, ()> {
-    pgrx::bgworkers::BackgroundWorkerBuilder::new("llmbatching writer")
-        .set_type("llmbatching writer")
-        .set_library("llmbatching")
-        .set_function("llmbatching_writer_main")
-        .set_argument(Some(pg_sys::Datum::from(database.to_u32() as usize)))
-        .enable_spi_access()
-        .set_notify_pid(unsafe { pg_sys::MyProcPid })
-        .set_restart_time(None)
-        .load_dynamic()
-        .map_err(|_| ())
 }
 
 #[pg_guard]
