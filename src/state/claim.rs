@@ -26,11 +26,11 @@ impl Group {
     }
 }
 
-/// The queued groups and, for each, its first `max_requests` requests: that many make a group
-/// due whatever else is queued, so the count stops there and a wake-up never reads the whole
-/// queue (a million queued rows would be read on every wake). Their ids come from the queue
-/// index alone, as in [`claim_candidates`].
-pub fn queued_groups(max_requests: usize) -> Vec<Group> {
+/// The groups with queued requests (a skip scan of the queue index: one probe per group), with
+/// nothing read of their requests yet: [`measure_group`] reads that, for the groups that may
+/// claim now, so that a round in which no group may (their routes busy sending) reads nothing
+/// of a million queued requests.
+pub fn queued_groups() -> Vec<Group> {
     Spi::connect(|client| {
         let rows = client.select(
             "WITH RECURSIVE groups AS (
@@ -45,44 +45,61 @@ pub fn queued_groups(max_requests: usize) -> Vec<Group> {
                        WHERE r.state = 'queued' AND r.reused_from IS NULL
                          AND (r.provider, r.account, r.endpoint, r.model) > (g.provider, g.account, g.endpoint, g.model)
                        ORDER BY r.provider, r.account, r.endpoint, r.model LIMIT 1) next)
-             SELECT g.endpoint, g.model, c.requests, c.body_bytes,
-                    extract(epoch FROM pg_catalog.clock_timestamp() - c.oldest)::float8,
-                    g.provider, g.account
+             SELECT g.endpoint, g.model, g.provider, g.account
                FROM groups g
-              CROSS JOIN LATERAL (
-                  SELECT pg_catalog.count(*) AS requests, pg_catalog.sum(r.body_bytes)::bigint AS body_bytes,
-                         pg_catalog.min(r.queued_at) AS oldest
-                    FROM (SELECT q.id FROM llmbatching.requests q
-                           WHERE q.state = 'queued' AND q.reused_from IS NULL
-                             AND q.provider = g.provider AND q.account = g.account
-                             AND q.endpoint = g.endpoint AND q.model = g.model
-                           ORDER BY q.id LIMIT $1) first
-                    CROSS JOIN LATERAL (SELECT r.body_bytes, r.queued_at FROM llmbatching.requests r
-                                         WHERE r.id = first.id OFFSET 0) r) c
               WHERE NOT EXISTS (SELECT FROM llmbatching.model_pauses p
                                  WHERE p.model = g.model AND p.paused_until > pg_catalog.now())
               ORDER BY g.provider, g.account, g.endpoint, g.model",
             None,
-            &[(max_requests as i64).into()],
+            &[],
         )?;
         rows.map(|row| {
             Ok(Group {
                 endpoint: row.get(1)?.unwrap_or_default(),
                 model: row.get(2)?.unwrap_or_default(),
-                queued: QueuedGroup {
-                    requests: row.get::<i64>(3)?.unwrap_or(0) as usize,
-                    body_bytes: row.get::<i64>(4)?.unwrap_or(0) as usize,
-                    oldest_wait: Duration::from_secs_f64(
-                        row.get::<f64>(5)?.unwrap_or(0.0).max(0.0),
-                    ),
-                },
-                provider: row.get(6)?.unwrap_or_default(),
-                account: row.get(7)?.unwrap_or_default(),
+                provider: row.get(3)?.unwrap_or_default(),
+                account: row.get(4)?.unwrap_or_default(),
+                queued: QueuedGroup::default(),
             })
         })
         .collect::<SpiResult<Vec<_>>>()
     })
     .unwrap_or_else(|e| fail("reading the queue", e))
+}
+
+/// Reads what a group holds: its first `max_requests` requests (that many make a group due
+/// whatever else is queued, so the count stops there), their bytes and how long the oldest
+/// waited. Their ids come from the queue index alone, as in [`claim_candidates`].
+pub fn measure_group(group: &mut Group, max_requests: usize) {
+    let measured = Spi::connect(|client| {
+        let row = client
+            .select(
+                "SELECT pg_catalog.count(*), pg_catalog.sum(r.body_bytes)::bigint,
+                        extract(epoch FROM pg_catalog.clock_timestamp() - pg_catalog.min(r.queued_at))::float8
+                   FROM (SELECT q.id FROM llmbatching.requests q
+                          WHERE q.state = 'queued' AND q.reused_from IS NULL
+                            AND q.provider = $1 AND q.account = $2 AND q.endpoint = $3 AND q.model = $4
+                          ORDER BY q.id LIMIT $5) first
+                  CROSS JOIN LATERAL (SELECT r.body_bytes, r.queued_at FROM llmbatching.requests r
+                                       WHERE r.id = first.id OFFSET 0) r",
+                Some(1),
+                &[
+                    group.provider.as_str().into(),
+                    group.account.as_str().into(),
+                    group.endpoint.as_str().into(),
+                    group.model.as_str().into(),
+                    (max_requests as i64).into(),
+                ],
+            )?
+            .first();
+        Ok::<_, pgrx::spi::Error>(QueuedGroup {
+            requests: row.get::<i64>(1)?.unwrap_or(0) as usize,
+            body_bytes: row.get::<i64>(2)?.unwrap_or(0) as usize,
+            oldest_wait: Duration::from_secs_f64(row.get::<f64>(3)?.unwrap_or(0.0).max(0.0)),
+        })
+    })
+    .unwrap_or_else(|e| fail("reading the queue", e));
+    group.queued = measured;
 }
 
 /// How long a claim waits for a lock (a request a role holds locked, the account's claim lock

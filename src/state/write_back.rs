@@ -346,6 +346,9 @@ impl TargetShape {
     /// `UPDATE … FROM unnest($1..$5)` matching each row by its primary key, returning the ids
     /// of the requests whose row it updated. Every name is quoted and every function and
     /// operator qualified: it runs as the role, whose code must not stand in for ours.
+    /// The arrays reach `unnest` through sub-selects, so the planner does not see that a group
+    /// holds 10,000 answers: seen, it hashed the whole table for every group (220 ms per group
+    /// into a 1,000,000-row table, against 37 ms for a probe of the primary key per answer).
     fn statement(&self, column: &str) -> Result<String, String> {
         let column_type = self
             .column_type
@@ -369,9 +372,9 @@ impl TargetShape {
             .collect();
         Ok(format!(
             "UPDATE {table} AS t SET {col} = {value}
-               FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.int8[]), pg_catalog.unnest($2::pg_catalog.jsonb[]),
-                               pg_catalog.unnest($3::pg_catalog.text[]), pg_catalog.unnest($4::pg_catalog.jsonb[]),
-                               pg_catalog.unnest($5::pg_catalog.jsonb[]))
+               FROM ROWS FROM (pg_catalog.unnest((SELECT $1::pg_catalog.int8[])), pg_catalog.unnest((SELECT $2::pg_catalog.jsonb[])),
+                               pg_catalog.unnest((SELECT $3::pg_catalog.text[])), pg_catalog.unnest((SELECT $4::pg_catalog.jsonb[])),
+                               pg_catalog.unnest((SELECT $5::pg_catalog.jsonb[])))
                     AS s (request_id, row_key, answer_text, answer_json, response)
               WHERE {keys}
              RETURNING s.request_id",
