@@ -379,35 +379,6 @@ pub fn lock_account_for_claim(account: u64) {
     }
 }
 
-/// The lock the process writing answers back into this database's rows holds for as long as it
-/// does (see `worker::writer`): a kind of lock no SQL can take, so no role can hold it to stop
-/// the write-backs.
-fn write_back_lock() -> pg_sys::LOCKTAG {
-    lock_tag(
-        pg_sys::LockTagType::LOCKTAG_USERLOCK,
-        pg_sys::USER_LOCKMETHOD,
-        [unsafe { pg_sys::MyDatabaseId }.to_u32(), 0],
-        u16::from_be_bytes(*b"LW"),
-    )
-}
-
-/// Takes [`write_back_lock`] for the session, without waiting; false when another process has it.
-pub fn try_lock_write_back() -> bool {
-    // SAFETY: a session-level lock, asked for without waiting; released by
-    // [`unlock_write_back`] or when the process ends.
-    unsafe {
-        pg_sys::LockAcquire(&write_back_lock(), pg_sys::ExclusiveLock as i32, true, true)
-            != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL
-    }
-}
-
-pub fn unlock_write_back() {
-    // SAFETY: releases the session lock [`try_lock_write_back`] took.
-    unsafe {
-        pg_sys::LockRelease(&write_back_lock(), pg_sys::ExclusiveLock as i32, true);
-    }
-}
-
 /// Whether a command waits to have this database to itself: DROP DATABASE, ALTER DATABASE …
 /// RENAME or SET TABLESPACE, or CREATE DATABASE copying it as a template. Each holds a lock on
 /// the database that conflicts with the one every new session takes while it connects; they

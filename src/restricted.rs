@@ -67,6 +67,14 @@ pub struct Bounds {
     pub time_limit: Duration,
 }
 
+impl Bounds {
+    /// The longest a block under these bounds can run at all: past its time limit, the
+    /// watchdog ends the process.
+    pub fn longest_run(&self) -> Duration {
+        watchdog_delay(self.time_limit)
+    }
+}
+
 /// How a block ended when it raised an error.
 #[derive(Debug)]
 pub struct Failure {

@@ -565,3 +565,58 @@ fn answers_are_written_back_by_a_process_of_their_own_or_by_the_worker_when_none
         ["llmbatching worker"]
     );
 }
+
+#[test]
+fn a_worker_restarted_while_answers_are_written_back_writes_each_once_and_loses_none() {
+    // Groups of 5 answers, each row's trigger taking 0.2 s: the writer is mid-way through the
+    // 40 answers when the worker restarts (and its writer with it, or after it).
+    let cluster = Cluster::with_extension(&[("llmbatching.batch_wait", "1h")]);
+    let mut c = cluster.client();
+    c.batch_execute(
+        "CREATE TABLE tickets (id int PRIMARY KEY, body text, label text);
+         INSERT INTO tickets SELECT g, 'ticket ' || g FROM generate_series(1, 40) g;
+         CREATE TABLE written_by (id int, backend_type text);
+         CREATE FUNCTION note_writer() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             PERFORM pg_catalog.pg_sleep(0.2);
+             INSERT INTO public.written_by
+             SELECT NEW.id, a.backend_type FROM pg_catalog.pg_stat_activity a WHERE a.pid = pg_catalog.pg_backend_pid();
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER note_writer AFTER UPDATE OF label ON tickets FOR EACH ROW EXECUTE FUNCTION note_writer();",
+    )
+    .unwrap();
+    // One job per eight rows, so that the answers wait in several groups.
+    for first in (1..=40).step_by(8) {
+        c.execute(
+            "SELECT llm_classify('tickets', 'label', 'body', 'm', job => 'part ' || $1::int, filter => format('id BETWEEN %s AND %s', $1::int, $1::int + 7))",
+            &[&first],
+        )
+        .unwrap();
+    }
+    cluster.set(&[("llmbatching.batch_wait", "0")]);
+    cluster.wait_for("the writer to start writing", SETTLE, || {
+        cluster.count("SELECT count(*) FROM written_by") > 0
+    });
+    c.batch_execute("SELECT llmbatching.llm_worker_restart()")
+        .unwrap();
+    cluster.wait_for("the 40 answers to be written", SETTLE, || {
+        cluster.count("SELECT count(*) FROM tickets WHERE label IS NOT NULL") == 40
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        cluster.count("SELECT count(*) FROM (SELECT id FROM written_by GROUP BY id HAVING count(*) > 1) twice"),
+        0,
+        "an answer was written twice"
+    );
+    assert_eq!(
+        cluster.count("SELECT count(DISTINCT id) FROM written_by"),
+        40
+    );
+    assert_eq!(
+        cluster.count(
+            "SELECT count(*) FROM llmbatching.writebacks WHERE outcome IS DISTINCT FROM 'written'"
+        ),
+        0
+    );
+}

@@ -102,12 +102,6 @@ pub fn measure_group(group: &mut Group, max_requests: usize) {
     group.queued = measured;
 }
 
-/// How long a claim waits for a lock (a request a role holds locked, the account's claim lock
-/// another database's worker holds) before its group waits for a later round.
-pub fn bound_lock_waits() {
-    run("SET LOCAL lock_timeout = '1s'", &[]);
-}
-
 /// How many batches of each route (provider, account) are claimed and not yet uploaded.
 pub fn unsent_batches_by_route() -> std::collections::HashMap<(String, String), i64> {
     Spi::connect(|client| {

@@ -23,6 +23,13 @@ fn fail<T>(what: &str, e: impl std::fmt::Display) -> T {
     error!("llmbatching: {what}: {e}")
 }
 
+/// How long the worker's own statements in this transaction wait for a lock a role holds (a
+/// request or a write-back of its own it keeps locked, the account's claim lock another
+/// database's worker holds) before giving up: what waits is that role's work, not everyone's.
+pub fn bound_lock_waits() {
+    run("SET LOCAL lock_timeout = '1s'", &[]);
+}
+
 fn run(sql: &str, args: &[pgrx::datum::DatumWithOid]) {
     Spi::run_with_args(sql, args).unwrap_or_else(|e| fail(sql, e))
 }

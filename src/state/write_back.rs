@@ -113,20 +113,42 @@ pub fn due_groups() -> Vec<Group> {
     .unwrap_or_else(|e| fail("reading due write-backs", e))
 }
 
-/// Counts an attempt at a group and sets when the next one is due, before the attempt runs:
-/// committed first, so that an attempt that never comes back (a process that ends during it)
-/// is counted all the same, and a role's code cannot make the worker return to it forever.
-pub fn begin_attempt(group: &Group) {
-    run(
-        "UPDATE llmbatching.writeback_queue q
-            SET tries = q.tries OPERATOR(pg_catalog.+) 1,
-                due_at = pg_catalog.now() OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs => $2)
-          WHERE q.request_id OPERATOR(pg_catalog.=) ANY ($1)",
-        &[
-            group.request_ids.clone().into(),
-            retry_delay(group.tries).as_secs_f64().into(),
-        ],
-    );
+/// Takes a group's entries for an attempt and counts it, before the attempt runs; returns the
+/// group with the entries it took. Committed first, so that an attempt that never comes back
+/// (a process that ends during it) is counted all the same, and a role's code cannot make the
+/// worker return to it forever.
+///
+/// Only entries still due are taken, and each is then not due again until the attempt is
+/// surely over (its time limit, and the watchdog's past it) and its pause after that: so two
+/// processes writing answers (a writer, and one left from a worker that restarted) never write
+/// the same answers, whatever they read of the queue.
+pub fn begin_attempt(group: &Group, bounds: Bounds) -> Group {
+    let not_before = retry_delay(group.tries) + bounds.longest_run();
+    let taken = Spi::connect_mut(|client| {
+        client
+            .update(
+                "UPDATE llmbatching.writeback_queue q
+                    SET tries = q.tries OPERATOR(pg_catalog.+) 1,
+                        due_at = pg_catalog.now() OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs => $2)
+                  WHERE q.request_id OPERATOR(pg_catalog.=) ANY ($1)
+                    AND q.due_at OPERATOR(pg_catalog.<=) pg_catalog.now()
+                 RETURNING q.request_id",
+                None,
+                &[
+                    group.request_ids.clone().into(),
+                    not_before.as_secs_f64().into(),
+                ],
+            )?
+            .map(|row| row.get::<i64>(1).map(Option::unwrap_or_default))
+            .collect::<SpiResult<Vec<i64>>>()
+    })
+    .unwrap_or_else(|e| fail("counting a write-back attempt", e));
+    let mut taken_ids = taken;
+    taken_ids.sort_unstable();
+    Group {
+        request_ids: taken_ids,
+        ..group.clone()
+    }
 }
 
 /// How long until the next queued write-back is due, for the worker's wake-up.
@@ -247,13 +269,18 @@ pub fn record(group: &Group, written: &Written) {
                     format!("waiting: {}", bounded(reason)).into(),
                 ],
             );
-            if *timed_out {
-                run(
-                    "UPDATE llmbatching.writeback_queue q SET slow_tries = q.slow_tries OPERATOR(pg_catalog.+) 1
-                      WHERE q.request_id OPERATOR(pg_catalog.=) ANY ($1)",
-                    &[ids.into()],
-                );
-            }
+            // The pause before the next try counts from the end of this one.
+            run(
+                "UPDATE llmbatching.writeback_queue q
+                    SET slow_tries = q.slow_tries OPERATOR(pg_catalog.+) CASE WHEN $2 THEN 1 ELSE 0 END,
+                        due_at = pg_catalog.now() OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs => $3)
+                  WHERE q.request_id OPERATOR(pg_catalog.=) ANY ($1)",
+                &[
+                    ids.into(),
+                    (*timed_out).into(),
+                    retry_delay(group.tries).as_secs_f64().into(),
+                ],
+            );
         }
     }
 }

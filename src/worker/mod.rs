@@ -29,7 +29,6 @@ use crate::registry::{self, Exit};
 use crate::restricted::Failure;
 use crate::results::{self, LineRead, LineResult, Outcome};
 use crate::session;
-use crate::state::write_back;
 use crate::state::{self, claim, housekeeping, ingest, send, BatchRow};
 use crate::transfers::Transfers;
 use crate::wakeup;
@@ -396,6 +395,7 @@ impl Worker {
     /// Ends the transfers under way and records those that ended meanwhile. What is left
     /// unrecorded is done again by the next worker (see the module's comment).
     fn stop(&mut self) {
+        self.writer.stop();
         let settings = Settings::current();
         for (id, step, outcome) in self.transfers.stop(STOP_PATIENCE) {
             if let Some(batch) = self.in_flight.remove(&id) {
@@ -448,12 +448,7 @@ impl Worker {
         }
         let busy = self.transfers.busy_batches();
         let next_step_due = tx(move || housekeeping::next_step_due(&busy));
-        // (While a writer runs, it watches the queue.)
-        let next_write_back_due = if self.writer.running() {
-            None
-        } else {
-            tx(write_back::next_due)
-        };
+        let next_write_back_due = self.writer.next_look();
         [next_group_due, next_step_due, next_write_back_due]
             .into_iter()
             .flatten()
@@ -541,7 +536,7 @@ impl Worker {
                         // A role may hold one of its own queued requests locked (SELECT … FOR
                         // UPDATE): the claim waits for it at most this long, then this group waits
                         // for a later round, and nothing else does.
-                        claim::bound_lock_waits();
+                        state::bound_lock_waits();
                         if let Some(account) = account {
                             registry::lock_account_for_claim(account);
                         }

@@ -1,17 +1,21 @@
 //! The write-back step, in a process of its own: the writer.
 //!
 //! Answers wait in `llmbatching.writeback_queue` (see `state::write_back`). While some are due,
-//! the database's worker starts a writer, a dynamic background worker that writes them into
-//! their rows and ends once nothing more is due soon. So rows are written while the worker
-//! claims, uploads and applies the next batches, on the other core. A per-database lock no SQL
-//! can take makes sure one writer at most runs per database; where no writer can start
-//! (`max_worker_processes` reached) the worker writes the answers itself, under the same lock.
+//! the database's worker keeps a writer running, a dynamic background worker that writes them
+//! into their rows and ends once nothing more is due within a few seconds. So rows are written
+//! while the worker claims, uploads and applies the next batches, on the other core. Where no
+//! writer can start (`max_worker_processes` reached) the worker writes the answers itself.
+//!
+//! Two processes may write answers at once (a writer left running by a worker that restarted,
+//! and its successor's): each attempt first takes its entries of the queue (see
+//! `write_back::begin_attempt`), so no two write the same answers.
 
 use super::{catching, launch_process, report_activity, shutdown_requested, tx, wait_latch};
 use crate::config::Settings;
 use crate::planner;
 use crate::registry;
 use crate::session;
+use crate::state;
 use crate::state::housekeeping;
 use crate::state::write_back::{self, Written};
 use pgrx::bgworkers::{BackgroundWorker, DynamicBackgroundWorker, SignalWakeFlags};
@@ -24,12 +28,17 @@ use std::time::{Duration, Instant};
 const ROLES_PER_PASS: u32 = 3;
 /// A writer ends when nothing is due within this long; the worker starts one again when
 /// something is.
-const LINGER: Duration = Duration::from_secs(2);
+pub const LINGER: Duration = Duration::from_secs(2);
+/// The worker starts a writer at most this often (one that cannot work ends at once).
+const LAUNCH_EVERY: Duration = Duration::from_secs(1);
+/// After a pass that failed (the queue could not be read), the writer waits this long.
+const AFTER_FAILURE: Duration = Duration::from_secs(1);
 
 /// The writer the worker started, while it may still run.
 #[derive(Default)]
 pub struct Writer {
     handle: Option<DynamicBackgroundWorker>,
+    last_launch: Option<Instant>,
 }
 
 impl Writer {
@@ -50,23 +59,48 @@ impl Writer {
     /// Sees that the answers due are written: by a writer, started now if none runs, or by
     /// this process when none can start.
     pub fn write_due(&mut self, settings: &Settings) {
-        if self.running() {
+        if self.running()
+            || self
+                .last_launch
+                .is_some_and(|at| at.elapsed() < LAUNCH_EVERY)
+            || registry::database_wanted_alone()
+        {
             return;
         }
         if !catching(|| tx(write_back::next_due)).is_ok_and(|due| due.is_some_and(|d| d.is_zero()))
         {
             return;
         }
-        match launch_process("llmbatching writer", "llmbatching_writer_main", unsafe {
-            pg_sys::MyDatabaseId
-        }) {
+        self.last_launch = Some(Instant::now());
+        let database = unsafe { pg_sys::MyDatabaseId };
+        match launch_process("llmbatching writer", "llmbatching_writer_main", database) {
             Ok(handle) => self.handle = Some(handle),
-            Err(_) => {
-                if registry::try_lock_write_back() {
-                    write_back_due(settings);
-                    registry::unlock_write_back();
-                }
+            Err(()) => {
+                write_back_due(settings);
             }
+        }
+    }
+
+    /// When the worker should next see to the write-backs: while a writer runs, it watches the
+    /// queue, and its end wakes the worker, which looks again within a writer's linger all the
+    /// same (a wake-up can be missed); otherwise when the next answer is due, but not before
+    /// another writer may start.
+    pub fn next_look(&mut self) -> Option<Duration> {
+        if self.running() {
+            return Some(LINGER);
+        }
+        let due = tx(write_back::next_due)?;
+        let may_launch_in = self.last_launch.map_or(Duration::ZERO, |at| {
+            LAUNCH_EVERY.saturating_sub(at.elapsed())
+        });
+        Some(due.max(may_launch_in))
+    }
+
+    /// Ends the writer this worker started, if it runs: a worker that stops takes its writer
+    /// with it (the next worker starts its own).
+    pub fn stop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.terminate();
         }
     }
 }
@@ -79,10 +113,6 @@ pub extern "C-unwind" fn llmbatching_writer_main(arg: pg_sys::Datum) {
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(database), None);
     // Settings of its own, as the worker's (see `session`).
     session::pin();
-    // Another writer serves this database (one its worker started before it ended): it goes on.
-    if !registry::try_lock_write_back() {
-        unsafe { pg_sys::proc_exit(0) };
-    }
     loop {
         if shutdown_requested() || registry::database_wanted_alone() {
             break;
@@ -94,29 +124,35 @@ pub extern "C-unwind" fn llmbatching_writer_main(arg: pg_sys::Datum) {
         if !catching(|| tx(housekeeping::extension_ready)).unwrap_or(false) {
             break;
         }
-        write_back_due(&Settings::current());
+        let passed = write_back_due(&Settings::current());
         report_activity("");
-        match catching(|| tx(write_back::next_due)) {
-            Ok(Some(due)) if due <= LINGER => {
+        let next = if passed {
+            catching(|| tx(write_back::next_due)).ok().flatten()
+        } else {
+            Some(AFTER_FAILURE)
+        };
+        match next {
+            Some(due) if due <= LINGER => {
                 wait_latch(due.max(Duration::from_millis(10)));
             }
             _ => break,
         }
     }
-    // SAFETY: PostgreSQL's own way out of a process; the lock goes with the session.
+    // SAFETY: PostgreSQL's own way out of a process.
     unsafe { pg_sys::proc_exit(0) };
 }
 
 /// Writes the answers that wait in the write-back queue into their rows, one group (a role's
 /// answers into one column) at a time, as that role (see `state::write_back`). Roles take
 /// turns, each may use at most one `write_back_timeout` of the pass, and the pass ends after a
-/// few of them, so that no role's write-backs starve another's.
-pub fn write_back_due(settings: &Settings) {
+/// few of them, so that no role's write-backs starve another's. False when the queue could not
+/// be read.
+pub fn write_back_due(settings: &Settings) -> bool {
     let groups = match catching(|| tx(write_back::due_groups)) {
         Ok(groups) => groups,
         Err(message) => {
             warning!("llmbatching: reading the write-back queue failed: {message}");
-            return;
+            return false;
         }
     };
     let bounds = settings.write_back;
@@ -140,24 +176,42 @@ pub fn write_back_due(settings: &Settings) {
         write_group(group, bounds);
         *spent += attempt_started.elapsed();
     }
+    true
 }
 
-/// One group's attempt: counted (and committed) first, then written as its role, and how it
-/// ended recorded; an error is the group's outcome, never the process's.
+/// One group's attempt: its entries taken and the attempt counted (and committed) first, then
+/// written as its role, and how it ended recorded; an error is the group's outcome, never the
+/// process's. The worker's own statements wait at most a second for a lock the role holds (its
+/// own write-backs, locked from its session): only that role's answers wait.
 fn write_group(group: write_back::Group, bounds: crate::restricted::Bounds) {
-    let counted = group.clone();
-    if let Err(message) = catching(move || tx(move || write_back::begin_attempt(&counted))) {
-        warning!("llmbatching: counting a write-back attempt failed: {message}");
-        return;
-    }
+    let taken = catching(move || {
+        tx(move || {
+            state::bound_lock_waits();
+            write_back::begin_attempt(&group, bounds)
+        })
+    });
+    let group = match taken {
+        Ok(group) if !group.request_ids.is_empty() => group,
+        Ok(_) => return,
+        Err(message) => {
+            warning!("llmbatching: counting a write-back attempt failed: {message}");
+            return;
+        }
+    };
     let attempt = group.clone();
     let done = catching(move || {
         tx(move || {
+            state::bound_lock_waits();
             let written = write_back::write_group(&attempt, bounds);
             write_back::record(&attempt, &written);
         })
     });
     if let Err(message) = done {
-        let _ = catching(move || tx(move || write_back::record(&group, &Written::Failed(message))));
+        let _ = catching(move || {
+            tx(move || {
+                state::bound_lock_waits();
+                write_back::record(&group, &Written::Failed(message))
+            })
+        });
     }
 }
