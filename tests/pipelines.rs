@@ -518,24 +518,32 @@ fn writers_of(c: &mut postgres::Client) -> Vec<String> {
     .collect()
 }
 
-/// Classifies five rows of a table whose trigger records which process wrote each answer, and
-/// waits until all are written.
-fn classify_recording_the_writer(cluster: &Cluster) -> Vec<String> {
-    let mut c = cluster.client();
-    c.batch_execute(
+/// A table `tickets` of `rows` rows whose trigger takes `seconds` per row written and records in
+/// `written_by` which process wrote it.
+fn tickets_noting_their_writer(c: &mut postgres::Client, rows: i32, seconds: f64) {
+    c.batch_execute(&format!(
         "CREATE TABLE tickets (id int PRIMARY KEY, body text, label text);
-         INSERT INTO tickets SELECT g, 'ticket ' || g FROM generate_series(1, 5) g;
+         INSERT INTO tickets SELECT g, 'ticket ' || g FROM generate_series(1, {rows}) g;
          CREATE TABLE written_by (id int, backend_type text);
          CREATE FUNCTION note_writer() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN
+             PERFORM pg_catalog.pg_sleep({seconds});
              INSERT INTO public.written_by
              SELECT NEW.id, a.backend_type FROM pg_catalog.pg_stat_activity a WHERE a.pid = pg_catalog.pg_backend_pid();
              RETURN NEW;
          END $$;
-         CREATE TRIGGER note_writer AFTER UPDATE OF label ON tickets FOR EACH ROW EXECUTE FUNCTION note_writer();
-         SELECT llm_classify('tickets', 'label', 'body', 'm');",
-    )
+         CREATE TRIGGER note_writer AFTER UPDATE OF label ON tickets FOR EACH ROW EXECUTE FUNCTION note_writer();"
+    ))
     .unwrap();
+}
+
+/// Classifies five rows of a table whose trigger records which process wrote each answer, and
+/// waits until all are written.
+fn classify_recording_the_writer(cluster: &Cluster) -> Vec<String> {
+    let mut c = cluster.client();
+    tickets_noting_their_writer(&mut c, 5, 0.0);
+    c.batch_execute("SELECT llm_classify('tickets', 'label', 'body', 'm')")
+        .unwrap();
     cluster.wait_for("the five answers to be written", SETTLE, || {
         cluster.count("SELECT count(*) FROM tickets WHERE label IS NOT NULL") == 5
     });
@@ -572,20 +580,7 @@ fn a_worker_restarted_while_answers_are_written_back_writes_each_once_and_loses_
     // 40 answers when the worker restarts (and its writer with it, or after it).
     let cluster = Cluster::with_extension(&[("llmbatching.batch_wait", "1h")]);
     let mut c = cluster.client();
-    c.batch_execute(
-        "CREATE TABLE tickets (id int PRIMARY KEY, body text, label text);
-         INSERT INTO tickets SELECT g, 'ticket ' || g FROM generate_series(1, 40) g;
-         CREATE TABLE written_by (id int, backend_type text);
-         CREATE FUNCTION note_writer() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN
-             PERFORM pg_catalog.pg_sleep(0.2);
-             INSERT INTO public.written_by
-             SELECT NEW.id, a.backend_type FROM pg_catalog.pg_stat_activity a WHERE a.pid = pg_catalog.pg_backend_pid();
-             RETURN NEW;
-         END $$;
-         CREATE TRIGGER note_writer AFTER UPDATE OF label ON tickets FOR EACH ROW EXECUTE FUNCTION note_writer();",
-    )
-    .unwrap();
+    tickets_noting_their_writer(&mut c, 40, 0.2);
     // One job per eight rows, so that the answers wait in several groups.
     for first in (1..=40).step_by(8) {
         c.execute(
