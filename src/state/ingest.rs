@@ -8,20 +8,42 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiResult;
 use pgrx::JsonB;
 use serde_json::Value;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-/// Which of these ids are requests at all (a result line may name one that is not).
-pub fn existing_ids(ids: Vec<i64>) -> std::collections::HashSet<i64> {
+/// Which of these ids, named by the result lines of batch `batch_id`, are requests at all (a
+/// line may name one that is not). Nearly every line names a request of its own batch: those
+/// are read in one pass over the batch's index entries, and only the others are looked up one
+/// by one.
+pub fn existing_ids(batch_id: i64, ids: Vec<i64>) -> HashSet<i64> {
+    run("SET LOCAL enable_seqscan = off", &[]);
+    let in_batch = ids_where(
+        "SELECT r.id FROM llmbatching.requests r WHERE r.batch_id = $1",
+        &[batch_id.into()],
+    );
+    let (mut known, mut others) = (HashSet::new(), Vec::new());
+    for id in ids {
+        if in_batch.contains(&id) {
+            known.insert(id);
+        } else {
+            others.push(id);
+        }
+    }
+    if !others.is_empty() {
+        known.extend(ids_where(
+            "SELECT r.id FROM llmbatching.requests r WHERE r.id = ANY ($1)",
+            &[others.into()],
+        ));
+    }
+    known
+}
+
+fn ids_where(sql: &str, args: &[pgrx::datum::DatumWithOid]) -> HashSet<i64> {
     Spi::connect(|client| {
         client
-            .select(
-                "SELECT r.id FROM llmbatching.requests r WHERE r.id = ANY ($1)",
-                None,
-                &[ids.into()],
-            )?
+            .select(sql, None, args)?
             .map(|row| row.get::<i64>(1).map(Option::unwrap_or_default))
-            .collect::<SpiResult<std::collections::HashSet<i64>>>()
+            .collect::<SpiResult<HashSet<i64>>>()
     })
     .unwrap_or_else(|e| fail("reading the requests a batch's results name", e))
 }

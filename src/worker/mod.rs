@@ -1084,7 +1084,8 @@ impl Worker {
             self.read_file(batch, path, |r| filter.note(&r))?;
         }
         let named = filter.named();
-        let known = catching(move || tx(move || ingest::existing_ids(named)))
+        let batch_id = batch.id;
+        let known = catching(move || tx(move || ingest::existing_ids(batch_id, named)))
             .map_err(ProviderError::Database)?;
         let unknown = filter.forget_unknown(&known);
         if unknown > 0 {
