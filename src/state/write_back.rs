@@ -1,8 +1,9 @@
-//! Writing answers back into the rows they came from: the worker's write-back step.
+//! Writing answers back into the rows they came from: the write-back step, which the worker's
+//! writer process runs (see `worker::writer`).
 //!
 //! A completed request whose answer is registered for a row (`llmbatching.writebacks`) is put in
 //! `llmbatching.writeback_queue` in the same transaction that completes it, so nothing is lost
-//! to a crash in between. The worker then writes the queued answers, one group per target
+//! to a crash in between. The writer then writes the queued answers, one group per target
 //! column and role, each group as that role inside [`crate::restricted::run_as`]: the target's
 //! triggers, domain checks, casts, index expressions and policies run as the role that owns
 //! them, in a security-restricted operation, under a lock timeout and a time limit, in a
