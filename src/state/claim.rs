@@ -70,8 +70,8 @@ pub fn queued_groups() -> Vec<Group> {
 /// Reads what a group holds: its first `max_requests` requests (that many make a group due
 /// whatever else is queued, so the count stops there), their bytes and how long the oldest
 /// waited. Their ids come from the queue index alone, as in [`claim_candidates`].
-pub fn measure_group(group: &mut Group, max_requests: usize) {
-    let measured = Spi::connect(|client| {
+pub fn measure_group(group: &Group, max_requests: usize) -> QueuedGroup {
+    Spi::connect(|client| {
         let row = client
             .select(
                 "SELECT pg_catalog.count(*), pg_catalog.sum(r.body_bytes)::bigint,
@@ -98,8 +98,7 @@ pub fn measure_group(group: &mut Group, max_requests: usize) {
             oldest_wait: Duration::from_secs_f64(row.get::<f64>(3)?.unwrap_or(0.0).max(0.0)),
         })
     })
-    .unwrap_or_else(|e| fail("reading the queue", e));
-    group.queued = measured;
+    .unwrap_or_else(|e| fail("reading the queue", e))
 }
 
 /// How many batches of each route (provider, account) are claimed and not yet uploaded.

@@ -125,7 +125,7 @@ pub fn due_groups() -> Vec<Group> {
 /// the same answers, whatever they read of the queue.
 pub fn begin_attempt(group: &Group, bounds: Bounds) -> Group {
     let not_before = retry_delay(group.tries) + bounds.longest_run();
-    let taken = Spi::connect_mut(|client| {
+    let mut taken = Spi::connect_mut(|client| {
         client
             .update(
                 "UPDATE llmbatching.writeback_queue q
@@ -144,10 +144,9 @@ pub fn begin_attempt(group: &Group, bounds: Bounds) -> Group {
             .collect::<SpiResult<Vec<i64>>>()
     })
     .unwrap_or_else(|e| fail("counting a write-back attempt", e));
-    let mut taken_ids = taken;
-    taken_ids.sort_unstable();
+    taken.sort_unstable();
     Group {
-        request_ids: taken_ids,
+        request_ids: taken,
         ..group.clone()
     }
 }

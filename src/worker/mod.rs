@@ -137,15 +137,30 @@ fn report_activity(what: &str) {
     unsafe { pg_sys::pgstat_report_activity(state, text.as_ptr()) };
 }
 
-#[pg_guard]
-#[unsafe(no_mangle)]
-pub extern "C-unwind" fn llmbatching_worker_main(arg: pg_sys::Datum) {
+/// The start of every process of this library that serves a database (the worker, the
+/// writer): signals, the connection to the database `arg` names, and settings of its own.
+fn connect_process(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = pg_sys::Oid::from(arg.value() as u32);
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(database), None);
-    // The worker runs as a superuser: its settings are its own, whatever the database's or a
-    // role's settings say (see `session`).
+    // It runs as a superuser: its settings are its own, whatever the database's or a role's
+    // settings say (see `session`).
     session::pin();
+}
+
+/// Between two rounds: reads the configuration again when asked to (SIGHUP), and pins the
+/// session's settings again.
+fn refresh_settings() {
+    if BackgroundWorker::sighup_received() {
+        unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+    }
+    session::pin();
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn llmbatching_worker_main(arg: pg_sys::Datum) {
+    connect_process(arg);
     // (A catalog lookup: in a transaction.)
     let name = tx(wakeup::this_database);
     if let Some(other) = another_worker_stays() {
@@ -168,10 +183,7 @@ pub extern "C-unwind" fn llmbatching_worker_main(arg: pg_sys::Datum) {
         if registry::database_wanted_alone() {
             break Exit::Yielded;
         }
-        if BackgroundWorker::sighup_received() {
-            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
-        }
-        session::pin();
+        refresh_settings();
         if !tx(housekeeping::extension_ready) {
             // DROP EXTENSION: what transfers bring has nowhere to go.
             worker.forget_transfers();
@@ -518,10 +530,7 @@ impl Worker {
                     continue;
                 }
                 let limits = limits.within(kind.limits());
-                group = tx(move || {
-                    claim::measure_group(&mut group, limits.max_requests);
-                    group
-                });
+                group.queued = tx(|| claim::measure_group(&group, limits.max_requests));
                 if !planner::group_is_due(&group.queued, limits, wait) {
                     let due_in = planner::due_in(&group.queued, limits, wait);
                     next_due = Some(next_due.map_or(due_in, |d| d.min(due_in)));

@@ -10,15 +10,17 @@
 //! and its successor's): each attempt first takes its entries of the queue (see
 //! `write_back::begin_attempt`), so no two write the same answers.
 
-use super::{catching, launch_process, report_activity, shutdown_requested, tx, wait_latch};
+use super::{
+    catching, connect_process, launch_process, refresh_settings, report_activity,
+    shutdown_requested, tx, wait_latch,
+};
 use crate::config::Settings;
 use crate::planner;
 use crate::registry;
-use crate::session;
 use crate::state;
 use crate::state::housekeeping;
 use crate::state::write_back::{self, Written};
-use pgrx::bgworkers::{BackgroundWorker, DynamicBackgroundWorker, SignalWakeFlags};
+use pgrx::bgworkers::DynamicBackgroundWorker;
 use pgrx::prelude::*;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -108,19 +110,12 @@ impl Writer {
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn llmbatching_writer_main(arg: pg_sys::Datum) {
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let database = pg_sys::Oid::from(arg.value() as u32);
-    BackgroundWorker::connect_worker_to_spi_by_oid(Some(database), None);
-    // Settings of its own, as the worker's (see `session`).
-    session::pin();
+    connect_process(arg);
     loop {
         if shutdown_requested() || registry::database_wanted_alone() {
             break;
         }
-        if BackgroundWorker::sighup_received() {
-            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
-        }
-        session::pin();
+        refresh_settings();
         if !catching(|| tx(housekeeping::extension_ready)).unwrap_or(false) {
             break;
         }
