@@ -6,7 +6,8 @@
 //! - B2 build and upload: the worker turning queued requests into an uploaded input file,
 //!   against uploading the same bytes with curl.
 //! - B3 ingest: an output file to every request completed, against COPY of the same lines.
-//! - B4 memory: the worker's peak private memory above idle while it carries a ~200 MB batch.
+//! - B4 memory: the peak private memory of the worker (above idle) and of its reader while they
+//!   carry a ~200 MB batch.
 //! - B5 end to end: many requests over 20 batches, against doing the same job by hand with the
 //!   official `openai` SDK and psycopg (benches/baseline_sdk.py) on the same emulator and database.
 //! - B6 WAL: bytes of WAL per request over its whole life, against inserting it once and
@@ -300,22 +301,38 @@ fn b4_memory(requests: i64, prompt_bytes: usize) {
     std::thread::sleep(Duration::from_millis(500));
     let idle = rss_anon_kb(worker);
     cluster.set(&[("llmbatching.batch_wait", "0")]);
-    let mut peak = idle;
+    let (mut peak, mut reader_peak) = (idle, 0);
     let deadline = Instant::now() + Duration::from_secs(1200);
     while cluster
         .count("SELECT count(*) FROM llmbatching.requests WHERE state IN ('queued', 'submitted')")
         > 0
     {
         assert!(Instant::now() < deadline, "B4 did not finish");
+        // The batch is read back by a reader process when one can start: its memory counts
+        // too, all of it (it starts for the batch).
+        let readers: Vec<i32> = c
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'llmbatching reader'",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
         for _ in 0..10 {
             peak = peak.max(rss_anon_kb(worker));
+            for &reader in &readers {
+                reader_peak = reader_peak.max(rss_anon_kb(reader));
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-    let above = (peak.saturating_sub(idle)) as f64 / 1024.0;
+    let worker_above = (peak.saturating_sub(idle)) as f64 / 1024.0;
+    let reader = reader_peak as f64 / 1024.0;
+    let above = worker_above + reader;
     let verdict = if above < 100.0 { "meets" } else { "misses" };
     println!(
-        "B4 memory ({mb:.0} MB batch)  peak {above:.1} MB above idle ({:.1} MB private at idle)  (goal < 100 MB: {verdict})",
+        "B4 memory ({mb:.0} MB batch)  peak {above:.1} MB: the worker {worker_above:.1} MB above idle ({:.1} MB private at idle), its reader {reader:.1} MB  (goal < 100 MB: {verdict})",
         idle as f64 / 1024.0
     );
 }

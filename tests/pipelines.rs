@@ -537,32 +537,64 @@ fn tickets_noting_their_writer(c: &mut postgres::Client, rows: i32, seconds: f64
     .unwrap();
 }
 
+/// Records in `read_by` which process applied each answer to its request.
+fn note_readers(c: &mut postgres::Client) {
+    c.batch_execute(
+        "CREATE TABLE read_by (id bigint, backend_type text, pid int);
+         CREATE FUNCTION note_reader() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             INSERT INTO public.read_by
+             SELECT NEW.id, a.backend_type, a.pid FROM pg_catalog.pg_stat_activity a WHERE a.pid = pg_catalog.pg_backend_pid();
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER note_reader AFTER UPDATE ON llmbatching.requests FOR EACH ROW
+             WHEN (OLD.state = 'submitted' AND NEW.state = 'completed') EXECUTE FUNCTION note_reader();",
+    )
+    .unwrap();
+}
+
+fn readers_of(c: &mut postgres::Client) -> Vec<String> {
+    c.query("SELECT DISTINCT backend_type FROM read_by ORDER BY 1", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 /// Classifies five rows of a table whose trigger records which process wrote each answer, and
-/// waits until all are written.
-fn classify_recording_the_writer(cluster: &Cluster) -> Vec<String> {
+/// waits until all are written. Returns the processes that applied the answers to their
+/// requests, and those that wrote them into the rows.
+fn classify_recording_the_writer(cluster: &Cluster) -> (Vec<String>, Vec<String>) {
     let mut c = cluster.client();
     tickets_noting_their_writer(&mut c, 5, 0.0);
+    note_readers(&mut c);
     c.batch_execute("SELECT llm_classify('tickets', 'label', 'body', 'm')")
         .unwrap();
     cluster.wait_for("the five answers to be written", SETTLE, || {
         cluster.count("SELECT count(*) FROM tickets WHERE label IS NOT NULL") == 5
     });
     assert_eq!(cluster.count("SELECT count(*) FROM written_by"), 5);
-    writers_of(&mut c)
+    assert_eq!(cluster.count("SELECT count(*) FROM read_by"), 5);
+    (readers_of(&mut c), writers_of(&mut c))
 }
 
 #[test]
-fn answers_are_written_back_by_a_process_of_their_own_or_by_the_worker_when_none_can_start() {
-    // The writer runs beside the worker, so rows are written while the next batches move.
+fn answers_are_read_and_written_back_by_processes_of_their_own_or_by_the_worker_when_none_can_start(
+) {
+    // The reader and the writer run beside the worker, so answers are applied and written
+    // while the next batches move.
     let cluster = Cluster::with_extension(&[]);
     assert_eq!(
         classify_recording_the_writer(&cluster),
-        ["llmbatching writer"]
+        (
+            vec!["llmbatching reader".to_string()],
+            vec!["llmbatching writer".to_string()]
+        )
     );
     drop(cluster);
 
-    // With no background worker slot left for a writer (only the launcher and the worker fit),
-    // the worker writes the answers itself.
+    // With no background worker slot left for them (only the launcher and the worker fit),
+    // the worker reads and writes the answers itself.
     let cluster = Cluster::with_extension(&[
         ("max_worker_processes", "2"),
         ("max_logical_replication_workers", "0"),
@@ -570,8 +602,66 @@ fn answers_are_written_back_by_a_process_of_their_own_or_by_the_worker_when_none
     ]);
     assert_eq!(
         classify_recording_the_writer(&cluster),
-        ["llmbatching worker"]
+        (
+            vec!["llmbatching worker".to_string()],
+            vec!["llmbatching worker".to_string()]
+        )
     );
+}
+
+#[test]
+fn a_worker_restarted_while_a_batch_is_read_back_loses_no_answer_and_sends_none_twice() {
+    // 3,000 answers in one batch, each taking a millisecond to apply (the trigger noting who
+    // applied it): the reader is mid-way through them when the worker restarts, which stops the
+    // reader; the next worker downloads the batch again and reads what is left.
+    let cluster = Cluster::with_extension(&[("llmbatching.batch_wait", "1h")]);
+    let mut c = cluster.client();
+    note_readers(&mut c);
+    c.batch_execute(
+        "CREATE OR REPLACE FUNCTION note_reader() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             PERFORM pg_catalog.pg_sleep(0.001);
+             INSERT INTO public.read_by
+             SELECT NEW.id, a.backend_type, a.pid FROM pg_catalog.pg_stat_activity a WHERE a.pid = pg_catalog.pg_backend_pid();
+             RETURN NEW;
+         END $$;
+         SELECT count(llm_submit('m', 'question ' || g)) FROM generate_series(1, 3000) g;",
+    )
+    .unwrap();
+    cluster.set(&[("llmbatching.batch_wait", "0")]);
+    cluster.wait_for("the reader to start applying answers", SETTLE, || {
+        cluster.count("SELECT count(*) FROM read_by") > 0
+    });
+    c.batch_execute("SELECT llmbatching.llm_worker_restart()")
+        .unwrap();
+    cluster.wait_for(
+        "every answer to be applied and the batch done",
+        SETTLE,
+        || {
+            cluster.count("SELECT count(*) FROM llmbatching.requests WHERE state = 'completed'")
+                == 3000
+                && cluster.count("SELECT count(*) FROM llmbatching.batches WHERE state <> 'done'")
+                    == 0
+        },
+    );
+    assert_eq!(
+        cluster.count(
+            "SELECT count(*) FROM (SELECT id FROM read_by GROUP BY id HAVING count(*) > 1) twice"
+        ),
+        0,
+        "an answer was applied twice"
+    );
+    assert_eq!(
+        cluster.count("SELECT count(DISTINCT id) FROM read_by"),
+        3000
+    );
+    assert!(readers_of(&mut c).contains(&"llmbatching reader".to_string()));
+    assert!(
+        cluster.count("SELECT count(DISTINCT pid) FROM read_by") >= 2,
+        "the first reader was not stopped mid-way"
+    );
+    let twice = cluster.emulator.stats().ran_more_than_once();
+    assert!(twice.is_empty(), "sent more than once: {twice:?}");
 }
 
 #[test]

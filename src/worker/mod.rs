@@ -1,6 +1,6 @@
 //! The background worker: forms batches from queued requests, carries each batch through the
-//! provider (upload, create, poll, download), and sees that the answers are written back (by a
-//! process of their own, see `writer`).
+//! provider (upload, create, poll, download), and sees that the answers are read back (by a
+//! process of their own when it can, see `reader`) and written back (see `writer`).
 //!
 //! Every step is recorded in `llmbatching.batches` before the worker moves on, and each step
 //! can be repeated safely, so a worker that dies anywhere picks up where the table says:
@@ -18,16 +18,17 @@ use crate::config::Settings;
 use crate::planner::{self, TokenBudget};
 mod connections;
 pub mod launcher;
+mod reader;
+mod reading;
 mod writer;
 
-use crate::provider::redact::{redact, redact_json};
+use crate::provider::redact::redact;
 use crate::provider::{
     BatchInfo, BatchProvider, BatchStatus, Kind, Leftovers, NewBatch, ProviderError,
     ProviderResult, SharedProvider,
 };
 use crate::registry::{self, Exit};
 use crate::restricted::Failure;
-use crate::results::{self, LineRead, LineResult, Outcome};
 use crate::session;
 use crate::state::{self, claim, housekeeping, ingest, send, BatchRow};
 use crate::transfers::Transfers;
@@ -35,6 +36,7 @@ use crate::wakeup;
 use connections::Connections;
 use pgrx::bgworkers::{BackgroundWorker, DynamicBackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
+use reading::Reading;
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::path::PathBuf;
@@ -42,10 +44,6 @@ use std::time::{Duration, Instant};
 
 /// Where input and output files are staged, relative to the data directory.
 const STAGING_DIR: &str = "pg_llmbatching";
-/// Result lines applied per transaction while ingesting, and the most bytes of them held at
-/// once, so memory stays flat whatever the size of the answers.
-const INGEST_CHUNK: usize = 1000;
-const INGEST_CHUNK_BYTES: usize = 8 * 1024 * 1024;
 /// A refused step (4xx) that may be a passing glitch, such as "file not found" just after an
 /// upload, is tried this many times before it is taken as final.
 const REFUSALS_BEFORE_GIVING_UP: i32 = 5;
@@ -96,18 +94,26 @@ fn shutdown_requested() -> bool {
 /// start it again when it ends: the launcher does (and knows whether the database is still
 /// there), or, without preloading, llm_worker_start() and llm_worker_restart().
 pub fn launch_for(database: pg_sys::Oid) -> Result<DynamicBackgroundWorker, String> {
-    launch_process("llmbatching worker", "llmbatching_worker_main", database)
-        .map_err(|_| "could not start a worker (max_worker_processes reached?)".to_string())
+    launch_process(
+        "llmbatching worker",
+        "llmbatching_worker_main",
+        database,
+        None,
+    )
+    .map_err(|_| "could not start a worker (max_worker_processes reached?)".to_string())
 }
 
 /// Starts a dynamic background worker of this library serving `database`, whose start and end
-/// this process is told of (it is never restarted by the postmaster).
+/// this process is told of (it is never restarted by the postmaster); `extra`: what it is to do,
+/// as a short text it reads with `BackgroundWorker::get_extra`.
 fn launch_process(
     kind: &str,
     function: &str,
     database: pg_sys::Oid,
+    extra: Option<&str>,
 ) -> Result<DynamicBackgroundWorker, ()> {
     pgrx::bgworkers::BackgroundWorkerBuilder::new(kind)
+        .set_extra(extra.unwrap_or_default())
         .set_type(kind)
         .set_library("llmbatching")
         .set_function(function)
@@ -126,6 +132,16 @@ pub fn start_for_this_database() -> Result<i32, String> {
         .map_err(|status| format!("the worker did not start ({status:?})"))
 }
 
+/// This database's staging directory, relative to the data directory.
+fn staging_dir() -> PathBuf {
+    PathBuf::from(STAGING_DIR).join(unsafe { pg_sys::MyDatabaseId }.to_u32().to_string())
+}
+
+/// Where a batch's result file of a kind (`output`, `error`) is downloaded.
+fn result_file(staging: &std::path::Path, batch_id: i64, kind: &str) -> PathBuf {
+    staging.join(format!("batch-{batch_id}-{kind}.jsonl"))
+}
+
 /// Shows what the worker is doing in `pg_stat_activity.query`.
 fn report_activity(what: &str) {
     let text = CString::new(what).unwrap_or_default();
@@ -138,7 +154,7 @@ fn report_activity(what: &str) {
 }
 
 /// The start of every process of this library that serves a database (the worker, the
-/// writer): signals, the connection to the database `arg` names, and settings of its own.
+/// writer, the reader): signals, the connection to the database `arg` names, and settings of its own.
 fn connect_process(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = pg_sys::Oid::from(arg.value() as u32);
@@ -265,6 +281,8 @@ struct Worker {
     claims_paused: HashMap<String, Instant>,
     /// The process writing answers back, while one runs.
     writer: writer::Writer,
+    /// The process reading a batch back, while one runs.
+    reader: reader::Reader,
     /// After a look at the queue that found groups and claimed none of them, the queue is not
     /// read again before this, unless a batch moves on (making room) or a commit wakes the
     /// worker: otherwise every round, many a second while batches are polled, would read it
@@ -293,8 +311,7 @@ fn catching<R>(f: impl FnOnce() -> R) -> Result<R, String> {
 impl Worker {
     fn new() -> Worker {
         // One directory per database: each database's worker clears its own at start.
-        let staging =
-            PathBuf::from(STAGING_DIR).join(unsafe { pg_sys::MyDatabaseId }.to_u32().to_string());
+        let staging = staging_dir();
         // Files left by an earlier run are stale: every step rebuilds or re-downloads its file.
         let _ = std::fs::remove_dir_all(&staging);
         if let Err(e) = std::fs::create_dir_all(&staging) {
@@ -312,6 +329,7 @@ impl Worker {
             said_claim_failed: None,
             claims_paused: HashMap::new(),
             writer: writer::Writer::default(),
+            reader: reader::Reader::default(),
             queue_quiet_until: None,
         }
     }
@@ -346,11 +364,6 @@ impl Worker {
                 pause
             }
         }
-    }
-
-    /// Whether an ended batch's results are still asked for again when they cannot be read whole.
-    fn within_result_window(&self, batch: &BatchRow, settings: &Settings) -> bool {
-        batch.ended_ago < settings.result_retry_window && !batch.results_given_up
     }
 
     /// What `pg_stat_activity` shows while the worker sleeps.
@@ -408,6 +421,7 @@ impl Worker {
     /// unrecorded is done again by the next worker (see the module's comment).
     fn stop(&mut self) {
         self.writer.stop();
+        self.reader.stop();
         let settings = Settings::current();
         for (id, step, outcome) in self.transfers.stop(STOP_PATIENCE) {
             if let Some(batch) = self.in_flight.remove(&id) {
@@ -424,13 +438,6 @@ impl Worker {
             .fold(redact(text, ""), |text, key| redact(&text, key))
     }
 
-    /// [`Self::redact`] for a JSON text kept whole.
-    fn redact_json(&self, text: &str) -> String {
-        self.connections
-            .keys()
-            .fold(redact_json(text, ""), |text, key| redact_json(&text, key))
-    }
-
     /// Does everything that is due; returns how long to sleep before the next round.
     fn run_round(&mut self) -> Duration {
         let settings = Settings::current();
@@ -445,6 +452,9 @@ impl Worker {
         }
         self.said_copy = false;
         self.land_transfers(&settings);
+        if let Some(batch_id) = self.reader.ended() {
+            self.reader_ended(batch_id, &settings);
+        }
         // Read every round: llm_adopt(as_copy => true) gives the installation a new identity.
         self.instance = Some(tx(housekeeping::instance_id));
         self.purge_if_due(&settings);
@@ -458,7 +468,8 @@ impl Worker {
             let identities = self.connections.identities();
             tx(move || publish_usage(&identities));
         }
-        let busy = self.transfers.busy_batches();
+        let mut busy = self.transfers.busy_batches();
+        busy.extend(self.reader.reading());
         let next_step_due = tx(move || housekeeping::next_step_due(&busy));
         let next_write_back_due = self.writer.next_look();
         [next_group_due, next_step_due, next_write_back_due]
@@ -617,7 +628,7 @@ impl Worker {
             if shutdown_requested() || self.transfers.count() >= settings.max_concurrent_transfers {
                 break;
             }
-            if self.transfers.busy(batch.id) {
+            if self.transfers.busy(batch.id) || self.reader.busy(batch.id) {
                 continue;
             }
             let Some((kind, client)) = self
@@ -1000,7 +1011,7 @@ impl Worker {
             let mut files = Vec::new();
             for (kind, file_id) in [("output", output), ("error", error)] {
                 let Some(file_id) = file_id else { continue };
-                let path = staging.join(format!("batch-{id}-{kind}.jsonl"));
+                let path = result_file(&staging, id, kind);
                 files.push(path.clone());
                 if let Err(e) = provider.download_results(&file_id, &path) {
                     for written in &files {
@@ -1018,7 +1029,8 @@ impl Worker {
         ("download", call)
     }
 
-    /// Applies the output and error files, then settles what they left out.
+    /// Has the downloaded result files read back: by a reader process when one can start, else
+    /// here (see `reading`). The batch's files at the provider are deleted once it is done.
     fn finish_ingest(
         &mut self,
         batch: BatchRow,
@@ -1035,93 +1047,32 @@ impl Worker {
             }
             None => batch,
         };
-        let applied = self.apply_files(&batch, &files, settings);
-        for path in &files {
-            let _ = std::fs::remove_file(path);
+        if self.reader.hand_over(batch.id, &files, downloading) {
+            return Ok(());
         }
-        let (lines, applying) = applied?;
-        let batch = &batch;
-        let last_read = !self.within_result_window(batch, settings);
-        // Fewer lines than the provider counted means a download was cut short: read the files
-        // again rather than send the missing requests a second time. Applying them twice is
-        // harmless. A provider that keeps delivering short files is believed in the end.
-        if lines < batch.counted_results && !last_read {
-            return Err(ProviderError::Malformed(format!(
-                "the result files hold {lines} readable lines, the provider counted {}",
-                batch.counted_results
+        let Some(kind) = self.connections.kind_of(&batch.route()) else {
+            for path in &files {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(ProviderError::Local(format!(
+                "provider \"{}\" cannot be used now",
+                batch.provider
             )));
-        }
-        let reason = leftover_reason(batch);
-        let token_limited = token_limited(batch);
-        if token_limited {
-            // Nothing ran: the model's queue at the provider was full. Wait, then send again.
-            let pause = settings.token_limit_pause;
-            warning!(
-                "llmbatching: batch {} refused for the enqueued-token limit of model \"{}\"; its requests are queued again and the model waits {:.0}s",
-                batch.id, batch.model, pause.as_secs_f64()
-            );
-            tx(|| ingest::pause_model(&batch.model, pause, &reason));
-        }
-        let max_attempts = settings.max_attempts;
-        tx(|| ingest::close_batch(batch.id, &reason, max_attempts, token_limited));
-        log!(
-            "llmbatching: batch {} read back: {lines} result lines (download {:.2}s, applying {:.2}s)",
-            batch.id,
-            downloading.as_secs_f64(),
-            applying.as_secs_f64()
-        );
-        self.delete_files(batch, settings);
+        };
+        let keys = self.connections.keys().map(str::to_owned).collect();
+        Reading::new(&batch, kind, keys, settings, || false).finish(&files, downloading)?;
+        self.delete_files(&batch, settings);
         Ok(())
     }
 
-    /// Reads the result files twice: first to choose each request's line (see
-    /// [`results::LineFilter`]: the same choice however the files are chunked), then to apply
-    /// the chosen lines. Returns how many requests of this database the lines answered, and
-    /// how long applying took.
-    fn apply_files(
-        &self,
-        batch: &BatchRow,
-        files: &[PathBuf],
-        settings: &Settings,
-    ) -> Result<(i64, Duration), ProviderError> {
-        let started = Instant::now();
-        // Until the window after the batch ended has passed, a reading that is not whole is
-        // tried again; on the last one, lines that still cannot be read fail their requests.
-        let last_read = !self.within_result_window(batch, settings);
-        let mut filter = results::LineFilter::default();
-        for path in files {
-            self.read_file(batch, path, |r| filter.note(&r))?;
+    /// After a reader ended: its batch's files at the provider are deleted once the batch is
+    /// done (a reading that failed or stopped left it to be downloaded again), and the
+    /// requests it queued again may be claimed.
+    fn reader_ended(&mut self, batch_id: i64, settings: &Settings) {
+        self.queue_quiet_until = None;
+        if let Some(batch) = tx(move || state::batch(batch_id)).filter(|b| b.state == "done") {
+            self.delete_files(&batch, settings);
         }
-        let named = filter.named();
-        let batch_id = batch.id;
-        let known = catching(move || tx(move || ingest::existing_ids(batch_id, named)))
-            .map_err(ProviderError::Database)?;
-        let unknown = filter.forget_unknown(&known);
-        if unknown > 0 {
-            warning!(
-                "llmbatching: batch {}: {unknown} result lines name no request of this database; they are ignored",
-                batch.id
-            );
-        }
-        let mut unread = 0;
-        for path in files {
-            let (_, left) =
-                self.apply_file(batch, path, settings.max_attempts, last_read, &mut filter)?;
-            unread += left;
-        }
-        if filter.duplicates() > 0 {
-            warning!(
-                "llmbatching: batch {}: {} result lines repeated a request already answered; the first answer is kept",
-                batch.id,
-                filter.duplicates()
-            );
-        }
-        if unread > 0 {
-            return Err(ProviderError::Malformed(format!(
-                "{unread} result lines could not be read; the files are read again"
-            )));
-        }
-        Ok((filter.requests_named(), started.elapsed()))
     }
 
     /// Deletes a finished batch's files at the provider, unless told to keep them. Best
@@ -1156,151 +1107,8 @@ impl Worker {
         );
     }
 
-    /// Reads a result file line by line, handing each line that names a request to `each`.
-    /// Returns how many lines could not be attributed to a request, and the first problem.
-    fn read_file(
-        &self,
-        batch: &BatchRow,
-        path: &std::path::Path,
-        mut each: impl FnMut(LineResult),
-    ) -> Result<(usize, Option<String>), ProviderError> {
-        let local = |e: std::io::Error| ProviderError::Local(format!("{}: {e}", path.display()));
-        let mut reader = std::io::BufReader::new(std::fs::File::open(path).map_err(local)?);
-        let endpoint = batch.endpoint();
-        let kind = self.connections.kind_of(&batch.route()).ok_or_else(|| {
-            ProviderError::Local(format!(
-                "provider \"{}\" cannot be used now",
-                batch.provider
-            ))
-        })?;
-        let mut line = Vec::new();
-        let (mut unattributed, mut first_problem) = (0usize, None);
-        loop {
-            match results::read_line_bounded(&mut reader, &mut line, results::MAX_RESULT_LINE_BYTES)
-                .map_err(local)?
-            {
-                LineRead::Line => {
-                    let text = String::from_utf8_lossy(&line);
-                    if text.trim().is_empty() {
-                        continue;
-                    }
-                    match kind.parse_result_line(endpoint, text.trim_end()) {
-                        Ok(result) => each(result),
-                        Err(why) => {
-                            unattributed += 1;
-                            first_problem.get_or_insert(why);
-                        }
-                    }
-                }
-                LineRead::TooLong => {
-                    unattributed += 1;
-                    first_problem.get_or_insert(format!(
-                        "a line over {} bytes",
-                        results::MAX_RESULT_LINE_BYTES
-                    ));
-                }
-                LineRead::End => return Ok((unattributed, first_problem)),
-            }
-        }
-    }
-
-    /// Reads a result file again and applies the lines `filter` keeps, in chunks of one
-    /// transaction each. Returns how many lines named a request, and how many of those could
-    /// not be read and were left for the next reading (`last_read` false: it is read again;
-    /// true: they fail, with the line kept, rather than be sent again).
-    fn apply_file(
-        &self,
-        batch: &BatchRow,
-        path: &std::path::Path,
-        max_attempts: i32,
-        last_read: bool,
-        filter: &mut results::LineFilter,
-    ) -> Result<(i64, i64), ProviderError> {
-        let mut chunk = Vec::with_capacity(INGEST_CHUNK);
-        let mut chunk_bytes = 0usize;
-        let (mut attributed, mut unread, mut unread_first) = (0i64, 0i64, None);
-        let (unattributed, first_problem) = self.read_file(batch, path, |result| {
-            attributed += 1;
-            if !filter.apply(&result) {
-                return;
-            }
-            // The best this request has is a line that cannot be read: read the files again
-            // (nothing of it is applied meanwhile), unless this is the last reading.
-            if matches!(result.outcome, Outcome::Unreadable { .. }) && !last_read {
-                unread += 1;
-                unread_first.get_or_insert(format!("request {}: unreadable", result.request_id));
-                return;
-            }
-            chunk_bytes += approximate_size(&result);
-            chunk.push(self.redacted(result));
-            if chunk.len() >= INGEST_CHUNK || chunk_bytes >= INGEST_CHUNK_BYTES {
-                chunk_bytes = 0;
-                self.apply_chunk(batch, std::mem::take(&mut chunk), max_attempts);
-            }
-        })?;
-        if !chunk.is_empty() {
-            self.apply_chunk(batch, chunk, max_attempts);
-        }
-        if unattributed > 0 || unread > 0 {
-            warning!(
-                "llmbatching: batch {}: {} result lines could not be read (first: {})",
-                batch.id,
-                unattributed as i64 + unread,
-                self.redact(&first_problem.or(unread_first).unwrap_or_default())
-            );
-        }
-        Ok((attributed, unread))
-    }
-
-    /// A provider's error texts in a result, redacted (see [`redact`]).
-    fn redacted(&self, mut result: LineResult) -> LineResult {
-        match &mut result.outcome {
-            Outcome::Failed { message, response } => {
-                *message = self.redact(message);
-                // The provider's error body is kept for its request's role to read.
-                if let Some(body) = response {
-                    *body = self.redact_json(body);
-                }
-            }
-            Outcome::Retry { reason } => *reason = self.redact(reason),
-            Outcome::Unreadable { reason, line } => {
-                *reason = self.redact(reason);
-                *line = self.redact_json(line);
-            }
-            Outcome::Completed { .. } => {}
-        }
-        result
-    }
-
-    /// Applies a chunk of results in a transaction. A chunk that fails is applied again one
-    /// result at a time, and a result that fails alone fails its request only: an answer no
-    /// statement can store never stops the others, nor the worker.
-    fn apply_chunk(&self, batch: &BatchRow, chunk: Vec<LineResult>, max_attempts: i32) {
-        let (id, formats) = (batch.id, batch.has_answer_formats);
-        let whole = chunk.clone();
-        let Err(message) =
-            catching(move || tx(move || ingest::apply_results(id, whole, max_attempts, formats)))
-        else {
-            return;
-        };
-        warning!(
-            "llmbatching: batch {id}: {} answers could not be stored together ({message}); storing them one at a time",
-            chunk.len()
-        );
-        for result in chunk {
-            let request = result.request_id;
-            let alone = catching(move || {
-                tx(move || ingest::apply_results(id, vec![result], max_attempts, formats))
-            });
-            if let Err(message) = alone {
-                let reason = format!("the answer could not be stored: {message}");
-                let _ = catching(move || tx(move || ingest::fail_request(id, request, &reason)));
-            }
-        }
-    }
-
-    /// Records a failed step. Passing faults are retried with backoff; a refusal that persists
-    /// ends the batch, and its requests go back to the queue (or fail, out of attempts).
+    /// Records a failed step (see [`record_step_failure`]); a batch given up on has its files
+    /// at the provider deleted.
     fn step_failed(
         &mut self,
         batch: &BatchRow,
@@ -1309,52 +1117,66 @@ impl Worker {
         settings: &Settings,
     ) {
         let message = self.redact(&format!("{step} failed: {error}"));
-        // The results of an ended batch are asked for again for the whole window, whatever the
-        // error (giving up would send again answers the provider has), and given up once it has
-        // passed (or an administrator said so), whatever the error.
-        let final_refusal = if batch.state == "ingesting" {
-            !self.within_result_window(batch, settings)
-        } else {
-            !error.is_retryable() && batch.step_failures + 1 >= REFUSALS_BEFORE_GIVING_UP
-        };
-        if final_refusal {
-            warning!(
-                "llmbatching: batch {}: {message}; giving up on this batch",
-                batch.id
-            );
-            let (id, max_attempts) = (batch.id, settings.max_attempts);
-            // The provider's words go to the batch, which only administrators read; the
-            // requests of every role in it get a neutral reason.
-            tx(move || {
-                send::record_last_error(id, &message);
-                ingest::close_batch(id, REFUSED_BATCH, max_attempts, false)
-            });
+        if record_step_failure(batch, &message, &error, settings) {
             self.delete_files(batch, settings);
-            return;
         }
-        let base = settings.poll_interval.min(Duration::from_secs(2));
-        // An ended batch's files are asked for again within a minute at most: the answers are
-        // there, and the window bounds how long this goes on.
-        let cap = if batch.state == "ingesting" {
-            settings.poll_interval.max(Duration::from_secs(60))
-        } else {
-            settings.poll_interval.max(Duration::from_secs(300))
-        };
-        let delay = planner::retry_delay(
-            batch.step_failures as u32,
-            base,
-            cap,
-            error.retry_after(),
-            rand::random(),
-        );
-        warning!(
-            "llmbatching: batch {}: {message}; retrying in {:.1}s",
-            batch.id,
-            delay.as_secs_f64()
-        );
-        let id = batch.id;
-        tx(move || send::record_step_failure(id, &message, delay));
     }
+}
+
+/// Records a failed step of a batch (`message`, redacted, says what failed). Passing faults are
+/// retried with backoff; a refusal that persists ends the batch, and its requests go back to
+/// the queue (or fail, out of attempts). True when the batch was given up on.
+pub fn record_step_failure(
+    batch: &BatchRow,
+    message: &str,
+    error: &ProviderError,
+    settings: &Settings,
+) -> bool {
+    // The results of an ended batch are asked for again for the whole window, whatever the
+    // error (giving up would send again answers the provider has), and given up once it has
+    // passed (or an administrator said so), whatever the error.
+    let final_refusal = if batch.state == "ingesting" {
+        !reading::within_result_window(batch, settings)
+    } else {
+        !error.is_retryable() && batch.step_failures + 1 >= REFUSALS_BEFORE_GIVING_UP
+    };
+    if final_refusal {
+        warning!(
+            "llmbatching: batch {}: {message}; giving up on this batch",
+            batch.id
+        );
+        let (id, max_attempts, message) = (batch.id, settings.max_attempts, message.to_owned());
+        // The provider's words go to the batch, which only administrators read; the
+        // requests of every role in it get a neutral reason.
+        tx(move || {
+            send::record_last_error(id, &message);
+            ingest::close_batch(id, REFUSED_BATCH, max_attempts, false)
+        });
+        return true;
+    }
+    let base = settings.poll_interval.min(Duration::from_secs(2));
+    // An ended batch's files are asked for again within a minute at most: the answers are
+    // there, and the window bounds how long this goes on.
+    let cap = if batch.state == "ingesting" {
+        settings.poll_interval.max(Duration::from_secs(60))
+    } else {
+        settings.poll_interval.max(Duration::from_secs(300))
+    };
+    let delay = planner::retry_delay(
+        batch.step_failures as u32,
+        base,
+        cap,
+        error.retry_after(),
+        rand::random(),
+    );
+    warning!(
+        "llmbatching: batch {}: {message}; retrying in {:.1}s",
+        batch.id,
+        delay.as_secs_f64()
+    );
+    let (id, message) = (batch.id, message.to_owned());
+    tx(move || send::record_step_failure(id, &message, delay));
+    false
 }
 
 /// The provider calls of a step, run beside the worker (see `transfers`).
@@ -1433,42 +1255,3 @@ fn cancel_call(batch: &BatchRow, why: &'static str) -> (&'static str, Call) {
 /// The reason requests get when the provider refused their batch for good.
 const REFUSED_BATCH: &str =
     "the provider refused this request's batch (administrators see why in llmbatching.batches.last_error)";
-
-/// Whether the provider failed the batch for the model's enqueued-token limit.
-fn token_limited(batch: &BatchRow) -> bool {
-    batch.provider_status.as_deref() == Some("failed")
-        && batch
-            .provider_errors
-            .as_deref()
-            .is_some_and(|e| e.contains(TOKEN_LIMIT_CODE))
-}
-
-/// About how many bytes a result holds, to bound what a chunk keeps in memory.
-fn approximate_size(result: &LineResult) -> usize {
-    match &result.outcome {
-        Outcome::Completed { response, text, .. } => {
-            response.len() + text.as_ref().map_or(0, String::len)
-        }
-        Outcome::Failed { message, response } => {
-            message.len() + response.as_ref().map_or(0, String::len)
-        }
-        Outcome::Retry { reason } => reason.len(),
-        Outcome::Unreadable { reason, line } => reason.len() + line.len(),
-    }
-}
-
-/// Why requests that no result line settled go back to the queue.
-fn leftover_reason(batch: &BatchRow) -> String {
-    let status = BatchStatus::parse(batch.provider_status.as_deref().unwrap_or(""));
-    match status {
-        BatchStatus::Expired => "the batch expired before this request ran".into(),
-        BatchStatus::Cancelled => "the batch was cancelled before this request ran".into(),
-        // The provider's reason stays with the batch (administrators read it there): it may
-        // name other roles' requests.
-        BatchStatus::Failed if token_limited(batch) => {
-            "the provider's enqueued-token limit for the model was reached; queued again".into()
-        }
-        BatchStatus::Failed => "the batch failed at the provider (administrators see why in llmbatching.batches.provider_errors)".into(),
-        _ => "the provider returned no result for this request".into(),
-    }
-}

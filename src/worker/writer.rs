@@ -75,7 +75,12 @@ impl Writer {
         }
         self.last_launch = Some(Instant::now());
         let database = unsafe { pg_sys::MyDatabaseId };
-        match launch_process("llmbatching writer", "llmbatching_writer_main", database) {
+        match launch_process(
+            "llmbatching writer",
+            "llmbatching_writer_main",
+            database,
+            None,
+        ) {
             Ok(handle) => self.handle = Some(handle),
             Err(()) => {
                 write_back_due(settings);

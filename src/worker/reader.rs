@@ -1,0 +1,246 @@
+//! Reading a batch back in a process of its own: the reader.
+//!
+//! Applying a batch's answers to its requests is the longest step the worker takes (about two
+//! seconds for 50,000 answers). When a batch's result files are downloaded, the worker starts a
+//! reader, a dynamic background worker that applies them (see `reading`) and ends, while the
+//! worker goes on claiming, uploading and polling. One reader runs at a time; while it does, or
+//! when none can start (`max_worker_processes` reached), the worker reads the batch itself.
+//!
+//! The worker leaves the batch alone while its reader runs. A reader that fails records the
+//! failed step as the worker would; one that is stopped (the worker stopped, or a command wants
+//! the database to itself) records nothing, and the batch is downloaded and read again: only
+//! requests still `submitted` in it are updated, so reading it twice is harmless.
+
+use super::reading::{Reading, STOPPED};
+use super::{
+    catching, connect_process, launch_process, record_step_failure, report_activity, result_file,
+    shutdown_requested, staging_dir, tx,
+};
+use crate::config::Settings;
+use crate::provider::servers;
+use crate::provider::ProviderError;
+use crate::registry;
+use crate::state;
+use pgrx::bgworkers::{BackgroundWorker, DynamicBackgroundWorker};
+use pgrx::prelude::*;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The reader the worker started, and the batch it reads, while it may still run.
+#[derive(Default)]
+pub struct Reader {
+    current: Option<(i64, DynamicBackgroundWorker)>,
+}
+
+impl Reader {
+    /// Whether a reader this worker started reads `batch_id` (or is starting to).
+    pub fn busy(&self, batch_id: i64) -> bool {
+        self.current.as_ref().is_some_and(|(id, _)| *id == batch_id)
+    }
+
+    /// The batch the reader reads, if one runs.
+    pub fn reading(&self) -> Option<i64> {
+        self.current.as_ref().map(|(id, _)| *id)
+    }
+
+    /// The batch of a reader that ended since the last call, if one did.
+    pub fn ended(&mut self) -> Option<i64> {
+        let (id, handle) = self.current.as_ref()?;
+        let running = matches!(
+            handle.pid(),
+            Ok(_) | Err(pgrx::bgworkers::BackgroundWorkerStatus::NotYetStarted)
+        );
+        let id = *id;
+        if running {
+            return None;
+        }
+        self.current = None;
+        Some(id)
+    }
+
+    /// Starts a reader for a batch whose result `files` were downloaded (in `downloading`);
+    /// false when none can start now: one runs already, no worker slot is free, or a command
+    /// wants the database to itself.
+    pub fn hand_over(&mut self, batch_id: i64, files: &[PathBuf], downloading: Duration) -> bool {
+        if self.current.is_some() || registry::database_wanted_alone() {
+            return false;
+        }
+        let Some(task) = Task::describe(batch_id, files, downloading) else {
+            return false;
+        };
+        let database = unsafe { pg_sys::MyDatabaseId };
+        match launch_process(
+            "llmbatching reader",
+            "llmbatching_reader_main",
+            database,
+            Some(&task),
+        ) {
+            Ok(handle) => {
+                self.current = Some((batch_id, handle));
+                true
+            }
+            Err(()) => false,
+        }
+    }
+
+    /// Ends the reader, if one runs: a worker that stops takes it with it (its successor
+    /// downloads the batch again).
+    pub fn stop(&mut self) {
+        if let Some((_, handle)) = self.current.take() {
+            let _ = handle.terminate();
+        }
+    }
+}
+
+/// What a reader is to read, passed to it as text (`bgw_extra`): the batch, how long its
+/// download took (for the log), and which of its result files were downloaded, as in
+/// `17 250 output error`.
+#[derive(Debug, PartialEq)]
+struct Task {
+    batch: i64,
+    downloading: Duration,
+    kinds: Vec<String>,
+}
+
+/// The result files a batch may have (see `result_file`).
+const FILE_KINDS: [&str; 2] = ["output", "error"];
+
+impl Task {
+    /// The task of reading `files`, which must be the batch's result files in the staging
+    /// directory; None for any other file.
+    fn describe(batch: i64, files: &[PathBuf], downloading: Duration) -> Option<String> {
+        let staging = staging_dir();
+        let kinds = files
+            .iter()
+            .map(|path| {
+                FILE_KINDS
+                    .into_iter()
+                    .find(|kind| result_file(&staging, batch, kind) == *path)
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(format!(
+            "{batch} {} {}",
+            downloading.as_millis(),
+            kinds.join(" ")
+        ))
+    }
+
+    fn parse(text: &str) -> Option<Task> {
+        let mut words = text.split_whitespace();
+        let batch = words.next()?.parse().ok()?;
+        let downloading = Duration::from_millis(words.next()?.parse().ok()?);
+        let kinds = words
+            .map(|kind| FILE_KINDS.contains(&kind).then(|| kind.to_owned()))
+            .collect::<Option<Vec<_>>>()?;
+        Some(Task {
+            batch,
+            downloading,
+            kinds,
+        })
+    }
+
+    fn files(&self) -> Vec<PathBuf> {
+        let staging = staging_dir();
+        self.kinds
+            .iter()
+            .map(|kind| result_file(&staging, self.batch, kind))
+            .collect()
+    }
+}
+
+/// A reader stops between two chunks when it is to end, or a command wants the database.
+fn stop_wanted() -> bool {
+    shutdown_requested() || registry::database_wanted_alone()
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn llmbatching_reader_main(arg: pg_sys::Datum) {
+    connect_process(arg);
+    match Task::parse(BackgroundWorker::get_extra()) {
+        Some(task) => read(task),
+        None => warning!("llmbatching: a reader was started without a batch to read"),
+    }
+    // SAFETY: PostgreSQL's own way out of a process.
+    unsafe { pg_sys::proc_exit(0) };
+}
+
+/// Reads the task's batch back, if it still waits for that; its files are removed afterwards.
+fn read(task: Task) {
+    let files = task.files();
+    let id = task.batch;
+    let batch = catching(move || tx(move || state::batch(id)))
+        .ok()
+        .flatten();
+    let Some(batch) = batch.filter(|b| b.state == "ingesting" && !stop_wanted()) else {
+        remove(&files);
+        return;
+    };
+    report_activity(&format!("llmbatching: reading back batch {id}"));
+    let settings = Settings::current();
+    let (provider, account) = batch.route();
+    let server = catching(move || tx(move || servers::server_for_worker(&provider, &account)))
+        .unwrap_or_else(Err);
+    let (outcome, message) = match server {
+        Ok(server) => {
+            let reading = Reading::new(
+                &batch,
+                server.kind,
+                vec![server.api_key],
+                &settings,
+                stop_wanted,
+            );
+            let outcome = reading.finish(&files, task.downloading);
+            let message = outcome
+                .as_ref()
+                .err()
+                .map(|e| reading.redact(&format!("download failed: {e}")));
+            (outcome, message)
+        }
+        Err(problem) => {
+            remove(&files);
+            let message = format!("reading back failed: {problem}");
+            (Err(ProviderError::Local(problem)), Some(message))
+        }
+    };
+    if let (Err(error), Some(message)) = (outcome, message) {
+        // (A reading cut short because the process is to stop is left to the next one: its
+        // files may be gone already, a new worker clearing its staging directory.)
+        let stopped = matches!(&error, ProviderError::Local(m) if m == STOPPED);
+        if !stopped && !stop_wanted() {
+            let _ = catching(|| record_step_failure(&batch, &message, &error, &settings));
+        }
+    }
+}
+
+fn remove(files: &[PathBuf]) {
+    for path in files {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_task_reads_back_as_written() {
+        let task = Task::parse("17 250 output error").unwrap();
+        assert_eq!(
+            task,
+            Task {
+                batch: 17,
+                downloading: Duration::from_millis(250),
+                kinds: vec!["output".into(), "error".into()],
+            }
+        );
+        assert_eq!(Task::parse("17 0").unwrap().kinds, Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_task_names_only_result_files() {
+        assert_eq!(Task::parse("17 250 ../../etc/passwd"), None);
+        assert_eq!(Task::parse("x 250 output"), None);
+        assert_eq!(Task::parse(""), None);
+    }
+}
