@@ -80,3 +80,6 @@ ALTER FUNCTION llmbatching.llm_worker_restart() SET search_path = pg_catalog, pg
 GRANT EXECUTE ON FUNCTION llmbatching.llm_worker_start(), llmbatching.llm_worker_status(),
     llmbatching.llm_worker_restart() TO llmbatching_admin;
 
+
+-- The cancelled requests of each batch (see schema.sql).
+CREATE INDEX requests_cancelled ON llmbatching.requests (batch_id) WHERE state = 'cancelled';

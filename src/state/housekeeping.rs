@@ -49,18 +49,20 @@ pub fn promote_orphaned_duplicates() {
 }
 
 /// Marks for cancellation at the provider the open batches whose every request was cancelled.
-/// (Asked first whether a request is still submitted, which a batch at work answers with its
-/// first row, through the batch index: asked the other way round, or answered by a hashed
-/// subplan, every round read every request of every open batch. `OFFSET 0` keeps each EXISTS a
-/// probe per batch.)
+/// Asked first whether a batch has a cancelled request at all, one probe of the small index of
+/// cancelled requests, which nearly always says no; only then whether one is still submitted,
+/// which a batch at work answers with its first row through the batch index (`OFFSET 0` keeps
+/// each EXISTS a probe per batch; bitmap scans, which would read every entry of the batch
+/// before the first row, are off).
 pub fn flag_cancelled_batches() {
     run("SET LOCAL enable_seqscan = off", &[]);
+    run("SET LOCAL enable_bitmapscan = off", &[]);
     run(
         "UPDATE llmbatching.batches b SET cancel_requested_at = pg_catalog.now(), next_check_at = pg_catalog.now()
           WHERE b.state IN ('pending', 'uploaded', 'submitted') AND b.cancel_requested_at IS NULL
-            AND CASE WHEN EXISTS (SELECT FROM llmbatching.requests r WHERE r.batch_id = b.id AND r.state = 'submitted' OFFSET 0)
-                     THEN false
-                     ELSE EXISTS (SELECT FROM llmbatching.requests r WHERE r.batch_id = b.id AND r.state = 'cancelled' OFFSET 0) END",
+            AND CASE WHEN EXISTS (SELECT FROM llmbatching.requests r WHERE r.batch_id = b.id AND r.state = 'cancelled' OFFSET 0)
+                     THEN NOT EXISTS (SELECT FROM llmbatching.requests r WHERE r.batch_id = b.id AND r.state = 'submitted' OFFSET 0)
+                     ELSE false END",
         &[],
     );
 }
