@@ -82,4 +82,4 @@ GRANT EXECUTE ON FUNCTION llmbatching.llm_worker_start(), llmbatching.llm_worker
 
 
 -- The cancelled requests of each batch (see schema.sql).
-CREATE INDEX requests_cancelled ON llmbatching.requests (batch_id) WHERE state = 'cancelled';
+CREATE INDEX requests_cancelled ON llmbatching.requests (batch_id) WHERE state = 'cancelled' AND batch_id IS NOT NULL;

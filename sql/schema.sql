@@ -176,7 +176,7 @@ CREATE INDEX requests_waiting ON llmbatching.requests (reused_from) WHERE state 
 CREATE INDEX requests_batch ON llmbatching.requests (batch_id) WHERE batch_id IS NOT NULL;
 -- The cancelled requests of each batch: whether a batch has any, and how many, without reading
 -- every request of it (cancelled requests are few, so this index stays small).
-CREATE INDEX requests_cancelled ON llmbatching.requests (batch_id) WHERE state = 'cancelled';
+CREATE INDEX requests_cancelled ON llmbatching.requests (batch_id) WHERE state = 'cancelled' AND batch_id IS NOT NULL;
 CREATE INDEX requests_job ON llmbatching.requests (job, state) WHERE job IS NOT NULL;
 -- Requests that finished without a batch (cancelled while queued, answered from an identical
 -- one, refused before sending), for retention; those a batch carried are found through it.

@@ -93,6 +93,19 @@ pub fn next_step_due(busy: &[i64]) -> Option<Duration> {
     .map(|secs| Duration::from_secs_f64(secs.max(0.0)))
 }
 
+/// Asks this database's readers (see `worker::reader`) to stop; returns how many there are.
+pub fn end_readers() -> i64 {
+    Spi::get_one::<i64>(
+        "SELECT pg_catalog.count(pg_catalog.pg_terminate_backend(a.pid))
+           FROM pg_catalog.pg_stat_activity a
+          WHERE a.backend_type OPERATOR(pg_catalog.=) 'llmbatching reader'
+            AND a.datid OPERATOR(pg_catalog.=) (SELECT d.oid FROM pg_catalog.pg_database d
+                                                 WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database())",
+    )
+    .unwrap_or_else(|e| fail("ending leftover readers", e))
+    .unwrap_or(0)
+}
+
 /// Another worker serving this database, started before this one (by start time, then pid),
 /// if there is one. `pg_stat_activity`'s backend type is the process's own: no role can
 /// pose as a worker.

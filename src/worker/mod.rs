@@ -194,6 +194,10 @@ pub extern "C-unwind" fn llmbatching_worker_main(arg: pg_sys::Datum) {
     let woken_at_commit = registry::worker_started(unsafe { pg_sys::MyProcPid });
     log!("llmbatching worker started for database \"{name}\"");
 
+    // (After the worker before it has gone: its reader, if it left one, ends too.)
+    if !reader::end_leftover_readers(STOP_PATIENCE * 5) {
+        warning!("llmbatching: a reader left by an earlier worker is still running; its batch may be read twice (harmlessly)");
+    }
     let mut worker = Worker::new();
     let why = loop {
         if registry::database_wanted_alone() {
@@ -451,10 +455,11 @@ impl Worker {
             return idle.min(Duration::from_secs(10));
         }
         self.said_copy = false;
-        self.land_transfers(&settings);
+        // (A reader that ended first: a download landing now may then go to a new one.)
         if let Some(batch_id) = self.reader.ended() {
             self.reader_ended(batch_id, &settings);
         }
+        self.land_transfers(&settings);
         // Read every round: llm_adopt(as_copy => true) gives the installation a new identity.
         self.instance = Some(tx(housekeeping::instance_id));
         self.purge_if_due(&settings);
@@ -1070,8 +1075,11 @@ impl Worker {
     /// requests it queued again may be claimed.
     fn reader_ended(&mut self, batch_id: i64, settings: &Settings) {
         self.queue_quiet_until = None;
-        if let Some(batch) = tx(move || state::batch(batch_id)).filter(|b| b.state == "done") {
-            self.delete_files(&batch, settings);
+        let batch = catching(move || tx(move || state::batch(batch_id)));
+        if let Ok(Some(batch)) = batch {
+            if batch.state == "done" {
+                self.delete_files(&batch, settings);
+            }
         }
     }
 

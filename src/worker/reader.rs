@@ -8,19 +8,22 @@
 //!
 //! The worker leaves the batch alone while its reader runs. A reader that fails records the
 //! failed step as the worker would; one that is stopped (the worker stopped, or a command wants
-//! the database to itself) records nothing, and the batch is downloaded and read again: only
-//! requests still `submitted` in it are updated, so reading it twice is harmless.
+//! the database to itself) stops after the chunk it is applying and records nothing, and the
+//! batch is downloaded and read again: only requests still `submitted` in it are updated, so
+//! reading it twice is harmless. A worker that starts first ends the readers a worker before it
+//! left (see [`end_leftover_readers`]), so that no two processes read one batch.
 
-use super::reading::{Reading, STOPPED};
+use super::reading::Reading;
 use super::{
     catching, connect_process, launch_process, record_step_failure, report_activity, result_file,
-    shutdown_requested, staging_dir, tx,
+    shutdown_requested, staging_dir, tx, wait_latch,
 };
 use crate::config::Settings;
 use crate::provider::servers;
 use crate::provider::ProviderError;
 use crate::registry;
 use crate::state;
+use crate::state::housekeeping;
 use pgrx::bgworkers::{BackgroundWorker, DynamicBackgroundWorker};
 use pgrx::prelude::*;
 use std::path::PathBuf;
@@ -166,6 +169,8 @@ pub extern "C-unwind" fn llmbatching_reader_main(arg: pg_sys::Datum) {
 }
 
 /// Reads the task's batch back, if it still waits for that; its files are removed afterwards.
+/// A reading that fails is recorded as the batch's failed step, as the worker records it (the
+/// batch is downloaded again after a pause), unless the reader is stopping.
 fn read(task: Task) {
     let files = task.files();
     let id = task.batch;
@@ -181,7 +186,7 @@ fn read(task: Task) {
     let (provider, account) = batch.route();
     let server = catching(move || tx(move || servers::server_for_worker(&provider, &account)))
         .unwrap_or_else(Err);
-    let (outcome, message) = match server {
+    let (failed, message) = match server {
         Ok(server) => {
             let reading = Reading::new(
                 &batch,
@@ -190,26 +195,46 @@ fn read(task: Task) {
                 &settings,
                 stop_wanted,
             );
-            let outcome = reading.finish(&files, task.downloading);
-            let message = outcome
-                .as_ref()
-                .err()
-                .map(|e| reading.redact(&format!("download failed: {e}")));
-            (outcome, message)
+            // An error in the database on the way is the batch's failed step, as in the worker.
+            let outcome = catching(|| reading.finish(&files, task.downloading))
+                .unwrap_or_else(|message| Err(ProviderError::Database(message)));
+            match outcome {
+                Ok(()) => return,
+                Err(e) => {
+                    let message = reading.redact(&format!("download failed: {e}"));
+                    (e, message)
+                }
+            }
         }
         Err(problem) => {
             remove(&files);
             let message = format!("reading back failed: {problem}");
-            (Err(ProviderError::Local(problem)), Some(message))
+            (ProviderError::Local(problem), message)
         }
     };
-    if let (Err(error), Some(message)) = (outcome, message) {
-        // (A reading cut short because the process is to stop is left to the next one: its
-        // files may be gone already, a new worker clearing its staging directory.)
-        let stopped = matches!(&error, ProviderError::Local(m) if m == STOPPED);
-        if !stopped && !stop_wanted() {
-            let _ = catching(|| record_step_failure(&batch, &message, &error, &settings));
+    // (A reading cut short because the process is to stop is left to the next one.)
+    if !stop_wanted() {
+        if let Err(e) = catching(|| record_step_failure(&batch, &message, &failed, &settings)) {
+            warning!("llmbatching: batch {id}: recording its failed reading failed: {e}");
         }
+    }
+}
+
+/// Ends the readers of this database that a worker before this one started and did not stop
+/// (it ended on an error), and waits until they are gone, at most `patience`: they stop after
+/// the chunk they are applying. Otherwise one could still read a batch that this worker
+/// downloads again into the same files. False if one is still there.
+pub fn end_leftover_readers(patience: Duration) -> bool {
+    let until = std::time::Instant::now() + patience;
+    loop {
+        let left = catching(|| tx(housekeeping::end_readers)).unwrap_or(1);
+        if left == 0 {
+            return true;
+        }
+        if std::time::Instant::now() >= until || shutdown_requested() {
+            return false;
+        }
+        wait_latch(Duration::from_millis(100));
     }
 }
 

@@ -12,6 +12,7 @@ use crate::provider::{BatchStatus, Kind, ProviderError};
 use crate::results::{self, LineRead, LineResult, Outcome};
 use crate::state::{ingest, BatchRow};
 use pgrx::prelude::*;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -122,7 +123,10 @@ impl<'a> Reading<'a> {
         let last_read = !within_result_window(batch, settings);
         let mut filter = results::LineFilter::default();
         for path in files {
-            self.read_file(path, |r| filter.note(&r))?;
+            self.read_file(path, |r| {
+                filter.note(&r);
+                ControlFlow::Continue(())
+            })?;
         }
         let named = filter.named();
         let batch_id = batch.id;
@@ -137,6 +141,9 @@ impl<'a> Reading<'a> {
         }
         let mut unread = 0;
         for path in files {
+            if (self.stopping)() {
+                return Err(ProviderError::Local(STOPPED.into()));
+            }
             let (_, left) = self.apply_file(path, settings.max_attempts, last_read, &mut filter)?;
             unread += left;
         }
@@ -155,12 +162,13 @@ impl<'a> Reading<'a> {
         Ok((filter.requests_named(), started.elapsed()))
     }
 
-    /// Reads a result file line by line, handing each line that names a request to `each`.
-    /// Returns how many lines could not be attributed to a request, and the first problem.
+    /// Reads a result file line by line, handing each line that names a request to `each`,
+    /// until `each` says to stop. Returns how many lines could not be attributed to a request,
+    /// and the first problem.
     fn read_file(
         &self,
         path: &Path,
-        mut each: impl FnMut(LineResult),
+        mut each: impl FnMut(LineResult) -> ControlFlow<()>,
     ) -> Result<(usize, Option<String>), ProviderError> {
         let local = |e: std::io::Error| ProviderError::Local(format!("{}: {e}", path.display()));
         let mut reader = std::io::BufReader::new(std::fs::File::open(path).map_err(local)?);
@@ -177,7 +185,11 @@ impl<'a> Reading<'a> {
                         continue;
                     }
                     match kind.parse_result_line(endpoint, text.trim_end()) {
-                        Ok(result) => each(result),
+                        Ok(result) => {
+                            if each(result).is_break() {
+                                return Ok((unattributed, first_problem));
+                            }
+                        }
                         Err(why) => {
                             unattributed += 1;
                             first_problem.get_or_insert(why);
@@ -213,15 +225,15 @@ impl<'a> Reading<'a> {
         let mut stopped = false;
         let (unattributed, first_problem) = self.read_file(path, |result| {
             attributed += 1;
-            if stopped || !filter.apply(&result) {
-                return;
+            if !filter.apply(&result) {
+                return ControlFlow::Continue(());
             }
             // The best this request has is a line that cannot be read: read the files again
             // (nothing of it is applied meanwhile), unless this is the last reading.
             if matches!(result.outcome, Outcome::Unreadable { .. }) && !last_read {
                 unread += 1;
                 unread_first.get_or_insert(format!("request {}: unreadable", result.request_id));
-                return;
+                return ControlFlow::Continue(());
             }
             chunk_bytes += approximate_size(&result);
             chunk.push(self.redacted(result));
@@ -229,7 +241,11 @@ impl<'a> Reading<'a> {
                 chunk_bytes = 0;
                 self.apply_chunk(std::mem::take(&mut chunk), max_attempts);
                 stopped = (self.stopping)();
+                if stopped {
+                    return ControlFlow::Break(());
+                }
             }
+            ControlFlow::Continue(())
         })?;
         if stopped {
             return Err(ProviderError::Local(STOPPED.into()));
