@@ -83,3 +83,47 @@ GRANT EXECUTE ON FUNCTION llmbatching.llm_worker_start(), llmbatching.llm_worker
 
 -- The cancelled requests of each batch (see schema.sql).
 CREATE INDEX requests_cancelled ON llmbatching.requests (batch_id) WHERE state = 'cancelled' AND batch_id IS NOT NULL;
+
+-- Registering write-backs meets the other registrations of each row in one probe, not two.
+CREATE OR REPLACE FUNCTION llmbatching.writebacks_registered() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET enable_seqscan = off
+AS $$
+DECLARE
+    queued bigint;
+BEGIN
+    -- One answer per row and column: the newest request's. Older write-backs of the same row
+    -- by the same role still waiting are superseded (another role's are not this role's to
+    -- change), and a registration older than one already there is
+    -- superseded at once, so an older answer never overwrites a newer one. Each registration
+    -- meets the others of its row in one probe of their index: of each pair, the older one is
+    -- superseded.
+    UPDATE llmbatching.writebacks w
+       SET written_at = now(), outcome = 'superseded'
+      FROM (SELECT least(o.request_id, n.request_id) AS request_id
+              FROM new_rows n
+              JOIN llmbatching.writebacks o
+                ON o.target = n.target AND o.target_column = n.target_column AND o.row_key = n.row_key
+               AND o.submitted_by = n.submitted_by AND o.request_id <> n.request_id
+            OFFSET 0) older
+     WHERE w.request_id = older.request_id AND w.written_at IS NULL;
+    WITH q AS (
+        INSERT INTO llmbatching.writeback_queue (request_id, submitted_by)
+        SELECT w.request_id, w.submitted_by
+          FROM new_rows n
+          JOIN llmbatching.writebacks w ON w.request_id = n.request_id
+          JOIN llmbatching.requests r ON r.id = n.request_id
+         WHERE w.written_at IS NULL AND r.state = 'completed'
+        -- An entry already queued keeps its count and its time: registering again never
+        -- makes the worker try sooner or more often.
+        ON CONFLICT (request_id) DO NOTHING
+        RETURNING 1)
+    SELECT count(*) INTO queued FROM q;
+    IF queued > 0 THEN
+        PERFORM llmbatching.wake_worker();
+    END IF;
+    RETURN NULL;
+END
+$$;
+ALTER FUNCTION llmbatching.writebacks_registered() SET search_path = pg_catalog, pg_temp;

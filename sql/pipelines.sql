@@ -293,20 +293,18 @@ BEGIN
     -- One answer per row and column: the newest request's. Older write-backs of the same row
     -- by the same role still waiting are superseded (another role's are not this role's to
     -- change), and a registration older than one already there is
-    -- superseded at once, so an older answer never overwrites a newer one.
+    -- superseded at once, so an older answer never overwrites a newer one. Each registration
+    -- meets the others of its row in one probe of their index: of each pair, the older one is
+    -- superseded.
     UPDATE llmbatching.writebacks w
        SET written_at = now(), outcome = 'superseded'
-      FROM new_rows n
-     WHERE w.target = n.target AND w.target_column = n.target_column AND w.row_key = n.row_key
-       AND w.submitted_by = n.submitted_by AND w.request_id < n.request_id AND w.written_at IS NULL;
-    UPDATE llmbatching.writebacks w
-       SET written_at = now(), outcome = 'superseded'
-      FROM new_rows n
-     WHERE w.request_id = n.request_id AND w.written_at IS NULL
-       AND EXISTS (SELECT FROM llmbatching.writebacks o
-                    WHERE o.target = n.target AND o.target_column = n.target_column
-                      AND o.row_key = n.row_key AND o.submitted_by = n.submitted_by
-                      AND o.request_id > n.request_id);
+      FROM (SELECT least(o.request_id, n.request_id) AS request_id
+              FROM new_rows n
+              JOIN llmbatching.writebacks o
+                ON o.target = n.target AND o.target_column = n.target_column AND o.row_key = n.row_key
+               AND o.submitted_by = n.submitted_by AND o.request_id <> n.request_id
+            OFFSET 0) older
+     WHERE w.request_id = older.request_id AND w.written_at IS NULL;
     WITH q AS (
         INSERT INTO llmbatching.writeback_queue (request_id, submitted_by)
         SELECT w.request_id, w.submitted_by

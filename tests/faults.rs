@@ -587,10 +587,21 @@ fn a_newer_request_for_a_row_supersedes_an_older_one() {
     c.batch_execute(
         "CREATE TABLE notes (id int PRIMARY KEY, body text, summary text);
          INSERT INTO notes VALUES (1, 'one', NULL), (2, 'two', NULL);
+         CREATE TABLE early AS SELECT llm_submit('m', 'Early: one') AS id;
          SELECT * FROM llm_classify('notes', 'summary', $$'First: ' || body$$, 'm');
          SELECT * FROM llm_classify('notes', 'summary', $$'Second: ' || body$$, 'm');",
     )
     .unwrap();
+    // A request older than the row's newest, registered after it, is superseded at once.
+    c.batch_execute("SELECT llm_write_back(id, 'notes', 'summary', '{\"id\": 1}') FROM early")
+        .unwrap();
+    assert_eq!(
+        cluster.count(
+            "SELECT count(*) FROM llmbatching.writebacks w JOIN early e ON e.id = w.request_id
+              WHERE w.outcome = 'superseded' AND w.written_at IS NOT NULL"
+        ),
+        1
+    );
     assert!(
         notices
             .lock()
@@ -614,7 +625,7 @@ fn a_newer_request_for_a_row_supersedes_an_older_one() {
     assert_eq!(summaries, ["[m] Second: one", "[m] Second: two"]);
     assert_eq!(
         cluster.count("SELECT count(*) FROM llmbatching.writebacks WHERE outcome = 'superseded'"),
-        2
+        3
     );
 }
 
