@@ -537,19 +537,21 @@ fn tickets_noting_their_writer(c: &mut postgres::Client, rows: i32, seconds: f64
     .unwrap();
 }
 
-/// Records in `read_by` which process applied each answer to its request.
-fn note_readers(c: &mut postgres::Client) {
-    c.batch_execute(
+/// Records in `read_by` which process applied each answer to its request, taking `seconds` per
+/// answer.
+fn note_readers(c: &mut postgres::Client, seconds: f64) {
+    c.batch_execute(&format!(
         "CREATE TABLE read_by (id bigint, backend_type text, pid int);
          CREATE FUNCTION note_reader() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN
+             PERFORM pg_catalog.pg_sleep({seconds});
              INSERT INTO public.read_by
              SELECT NEW.id, a.backend_type, a.pid FROM pg_catalog.pg_stat_activity a WHERE a.pid = pg_catalog.pg_backend_pid();
              RETURN NEW;
          END $$;
          CREATE TRIGGER note_reader AFTER UPDATE ON llmbatching.requests FOR EACH ROW
-             WHEN (OLD.state = 'submitted' AND NEW.state = 'completed') EXECUTE FUNCTION note_reader();",
-    )
+             WHEN (OLD.state = 'submitted' AND NEW.state = 'completed') EXECUTE FUNCTION note_reader();"
+    ))
     .unwrap();
 }
 
@@ -567,7 +569,7 @@ fn readers_of(c: &mut postgres::Client) -> Vec<String> {
 fn classify_recording_the_writer(cluster: &Cluster) -> (Vec<String>, Vec<String>) {
     let mut c = cluster.client();
     tickets_noting_their_writer(&mut c, 5, 0.0);
-    note_readers(&mut c);
+    note_readers(&mut c, 0.0);
     c.batch_execute("SELECT llm_classify('tickets', 'label', 'body', 'm')")
         .unwrap();
     cluster.wait_for("the five answers to be written", SETTLE, || {
@@ -617,16 +619,9 @@ fn a_worker_restarted_while_a_batch_is_read_back_loses_no_answer_and_sends_none_
     // as a failure of no step.
     let cluster = Cluster::with_extension(&[("llmbatching.batch_wait", "1h")]);
     let mut c = cluster.client();
-    note_readers(&mut c);
+    note_readers(&mut c, 0.002);
     c.batch_execute(
-        "CREATE OR REPLACE FUNCTION note_reader() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN
-             PERFORM pg_catalog.pg_sleep(0.002);
-             INSERT INTO public.read_by
-             SELECT NEW.id, a.backend_type, a.pid FROM pg_catalog.pg_stat_activity a WHERE a.pid = pg_catalog.pg_backend_pid();
-             RETURN NEW;
-         END $$;
-         SELECT count(llm_submit('m', 'question ' || g)) FROM generate_series(1, 4000) g;",
+        "SELECT count(llm_submit('m', 'question ' || g)) FROM generate_series(1, 4000) g",
     )
     .unwrap();
     cluster.set(&[("llmbatching.batch_wait", "0")]);

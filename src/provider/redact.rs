@@ -23,6 +23,18 @@ pub fn redact(text: &str, key: &str) -> String {
     bounded(&redact_json(&text.replace('\0', "\u{FFFD}"), key))
 }
 
+/// [`redact`] with every key of `keys` (also the shapes and labels when there is none).
+pub fn redact_all<'a>(text: &str, keys: impl IntoIterator<Item = &'a str>) -> String {
+    keys.into_iter()
+        .fold(redact(text, ""), |text, key| redact(&text, key))
+}
+
+/// [`redact_json`] with every key of `keys`.
+pub fn redact_json_all<'a>(text: &str, keys: impl IntoIterator<Item = &'a str>) -> String {
+    keys.into_iter()
+        .fold(redact_json(text, ""), |text, key| redact_json(&text, key))
+}
+
 /// [`redact`] for a JSON text kept whole (a provider's error body): nothing is cut, and every
 /// replacement stays inside the string it was found in, so the JSON stays valid.
 pub fn redact_json(text: &str, key: &str) -> String {

@@ -22,7 +22,7 @@ mod reader;
 mod reading;
 mod writer;
 
-use crate::provider::redact::redact;
+use crate::provider::redact::redact_all;
 use crate::provider::{
     BatchInfo, BatchProvider, BatchStatus, Kind, Leftovers, NewBatch, ProviderError,
     ProviderResult, SharedProvider,
@@ -49,8 +49,6 @@ const STAGING_DIR: &str = "pg_llmbatching";
 const REFUSALS_BEFORE_GIVING_UP: i32 = 5;
 /// Finished rows are purged at most this often (or once per retention period, if shorter).
 const PURGE_EVERY: Duration = Duration::from_secs(60);
-/// The batch error code of the provider's enqueued-token limit.
-const TOKEN_LIMIT_CODE: &str = "token_limit_exceeded";
 /// The longest the queue goes unread after a look that claimed nothing (see
 /// `Worker::queue_quiet_until`).
 const QUEUE_QUIET: Duration = Duration::from_secs(1);
@@ -130,6 +128,14 @@ pub fn start_for_this_database() -> Result<i32, String> {
     launch_for(unsafe { pg_sys::MyDatabaseId })?
         .wait_for_startup()
         .map_err(|status| format!("the worker did not start ({status:?})"))
+}
+
+/// Whether a process this one started still runs (or is starting).
+fn still_runs(process: &DynamicBackgroundWorker) -> bool {
+    matches!(
+        process.pid(),
+        Ok(_) | Err(pgrx::bgworkers::BackgroundWorkerStatus::NotYetStarted)
+    )
 }
 
 /// This database's staging directory, relative to the data directory.
@@ -442,9 +448,7 @@ impl Worker {
 
     /// A provider's text without any key in use or any echoed credential, bounded.
     fn redact(&self, text: &str) -> String {
-        self.connections
-            .keys()
-            .fold(redact(text, ""), |text, key| redact(&text, key))
+        redact_all(text, self.connections.keys())
     }
 
     /// Does everything that is due; returns how long to sleep before the next round.
@@ -1062,9 +1066,7 @@ impl Worker {
             return Ok(());
         }
         let Some(kind) = self.connections.kind_of(&batch.route()) else {
-            for path in &files {
-                let _ = std::fs::remove_file(path);
-            }
+            reading::remove_files(&files);
             return Err(ProviderError::Local(format!(
                 "provider \"{}\" cannot be used now",
                 batch.provider

@@ -13,10 +13,10 @@
 //! reading it twice is harmless. A worker that starts first ends the readers a worker before it
 //! left (see [`end_leftover_readers`]), so that no two processes read one batch.
 
-use super::reading::Reading;
+use super::reading::{remove_files, Reading};
 use super::{
     catching, connect_process, launch_process, record_step_failure, report_activity, result_file,
-    shutdown_requested, staging_dir, tx, wait_latch,
+    shutdown_requested, staging_dir, still_runs, tx, wait_latch,
 };
 use crate::config::Settings;
 use crate::provider::servers;
@@ -38,7 +38,7 @@ pub struct Reader {
 impl Reader {
     /// Whether a reader this worker started reads `batch_id` (or is starting to).
     pub fn busy(&self, batch_id: i64) -> bool {
-        self.current.as_ref().is_some_and(|(id, _)| *id == batch_id)
+        self.reading() == Some(batch_id)
     }
 
     /// The batch the reader reads, if one runs.
@@ -49,14 +49,10 @@ impl Reader {
     /// The batch of a reader that ended since the last call, if one did.
     pub fn ended(&mut self) -> Option<i64> {
         let (id, handle) = self.current.as_ref()?;
-        let running = matches!(
-            handle.pid(),
-            Ok(_) | Err(pgrx::bgworkers::BackgroundWorkerStatus::NotYetStarted)
-        );
-        let id = *id;
-        if running {
+        if still_runs(handle) {
             return None;
         }
+        let id = *id;
         self.current = None;
         Some(id)
     }
@@ -178,7 +174,7 @@ fn read(task: Task) {
         .ok()
         .flatten();
     let Some(batch) = batch.filter(|b| b.state == "ingesting" && !stop_wanted()) else {
-        remove(&files);
+        remove_files(&files);
         return;
     };
     report_activity(&format!("llmbatching: reading back batch {id}"));
@@ -207,7 +203,7 @@ fn read(task: Task) {
             }
         }
         Err(problem) => {
-            remove(&files);
+            remove_files(&files);
             let message = format!("reading back failed: {problem}");
             (ProviderError::Local(problem), message)
         }
@@ -235,12 +231,6 @@ pub fn end_leftover_readers(patience: Duration) -> bool {
             return false;
         }
         wait_latch(Duration::from_millis(100));
-    }
-}
-
-fn remove(files: &[PathBuf]) {
-    for path in files {
-        let _ = std::fs::remove_file(path);
     }
 }
 

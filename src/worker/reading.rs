@@ -5,9 +5,9 @@
 //! reads it itself when it cannot; both read through [`Reading`]. Reading a batch twice is
 //! harmless: only requests still `submitted` in it are updated.
 
-use super::{catching, tx, TOKEN_LIMIT_CODE};
+use super::{catching, tx};
 use crate::config::Settings;
-use crate::provider::redact::{redact, redact_json};
+use crate::provider::redact::{redact_all, redact_json_all};
 use crate::provider::{BatchStatus, Kind, ProviderError};
 use crate::results::{self, LineRead, LineResult, Outcome};
 use crate::state::{ingest, BatchRow};
@@ -24,7 +24,7 @@ const INGEST_CHUNK_BYTES: usize = 8 * 1024 * 1024;
 /// One batch's reading: the batch as recorded, how its provider's lines read, and the keys
 /// kept out of everything stored and logged.
 pub struct Reading<'a> {
-    pub batch: &'a BatchRow,
+    batch: &'a BatchRow,
     kind: &'static dyn Kind,
     keys: Vec<String>,
     settings: &'a Settings,
@@ -33,7 +33,17 @@ pub struct Reading<'a> {
 }
 
 /// A reading left unfinished because its process is to stop; nothing is recorded for it.
-pub const STOPPED: &str = "the reading was stopped";
+const STOPPED: &str = "the reading was stopped";
+
+/// The batch error code of the provider's enqueued-token limit.
+const TOKEN_LIMIT_CODE: &str = "token_limit_exceeded";
+
+/// Removes downloaded files (best effort: the next download writes them anew).
+pub fn remove_files(files: &[PathBuf]) {
+    for path in files {
+        let _ = std::fs::remove_file(path);
+    }
+}
 
 /// Whether an ended batch's results are still asked for again when they cannot be read whole.
 pub fn within_result_window(batch: &BatchRow, settings: &Settings) -> bool {
@@ -59,25 +69,20 @@ impl<'a> Reading<'a> {
 
     /// A provider's text without any key in use or any echoed credential, bounded.
     pub fn redact(&self, text: &str) -> String {
-        self.keys
-            .iter()
-            .fold(redact(text, ""), |text, key| redact(&text, key))
+        redact_all(text, self.keys.iter().map(String::as_str))
     }
 
     fn redact_json(&self, text: &str) -> String {
-        self.keys
-            .iter()
-            .fold(redact_json(text, ""), |text, key| redact_json(&text, key))
+        redact_json_all(text, self.keys.iter().map(String::as_str))
     }
 
-    /// The files are removed afterwards, whatever happened: a reading that failed is done again
-    /// from a new download.
+    /// Applies the batch's downloaded result files, then settles what they left out and ends
+    /// the batch. The files are removed afterwards, whatever happened: a reading that failed is
+    /// done again from a new download.
     pub fn finish(&self, files: &[PathBuf], downloading: Duration) -> Result<(), ProviderError> {
         let (batch, settings) = (self.batch, self.settings);
         let applied = self.apply_files(files);
-        for path in files {
-            let _ = std::fs::remove_file(path);
-        }
+        remove_files(files);
         let (lines, applying) = applied?;
         let last_read = !within_result_window(batch, settings);
         // Fewer lines than the provider counted means a download was cut short: read the files

@@ -12,7 +12,7 @@
 
 use super::{
     catching, connect_process, launch_process, refresh_settings, report_activity,
-    shutdown_requested, tx, wait_latch,
+    shutdown_requested, still_runs, tx, wait_latch,
 };
 use crate::config::Settings;
 use crate::planner;
@@ -46,12 +46,7 @@ pub struct Writer {
 impl Writer {
     /// Whether a writer this worker started still runs (or is starting).
     pub fn running(&mut self) -> bool {
-        let running = self.handle.as_ref().is_some_and(|h| {
-            matches!(
-                h.pid(),
-                Ok(_) | Err(pgrx::bgworkers::BackgroundWorkerStatus::NotYetStarted)
-            )
-        });
+        let running = self.handle.as_ref().is_some_and(still_runs);
         if !running {
             self.handle = None;
         }
