@@ -57,7 +57,7 @@ pub struct TokenBudget {
 }
 
 /// A group of queued requests (one endpoint and model) as the planner sees it.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct QueuedGroup {
     pub requests: usize,
     pub body_bytes: usize,

@@ -13,7 +13,6 @@ pub struct Group {
     pub account: String,
     pub endpoint: String,
     pub model: String,
-    pub queued: QueuedGroup,
 }
 
 impl Group {
@@ -59,7 +58,6 @@ pub fn queued_groups() -> Vec<Group> {
                 model: row.get(2)?.unwrap_or_default(),
                 provider: row.get(3)?.unwrap_or_default(),
                 account: row.get(4)?.unwrap_or_default(),
-                queued: QueuedGroup::default(),
             })
         })
         .collect::<SpiResult<Vec<_>>>()

@@ -535,7 +535,7 @@ impl Worker {
             let groups = tx(claim::queued_groups);
             self.queue_was_empty = groups.is_empty();
             let (mut claimed, mut next_due) = (0, None::<Duration>);
-            for mut group in groups {
+            for group in groups {
                 // A provider that cannot be used now (no key, dropped) leaves its requests queued.
                 let route = (group.provider.clone(), group.account.clone());
                 let Some((kind, _)) = self.connections.get(&route, settings.transfer_idle_timeout)
@@ -556,9 +556,9 @@ impl Worker {
                     continue;
                 }
                 let limits = limits.within(kind.limits());
-                group.queued = tx(|| claim::measure_group(&group, limits.max_requests));
-                if !planner::group_is_due(&group.queued, limits, wait) {
-                    let due_in = planner::due_in(&group.queued, limits, wait);
+                let queued = tx(|| claim::measure_group(&group, limits.max_requests));
+                if !planner::group_is_due(&queued, limits, wait) {
+                    let due_in = planner::due_in(&queued, limits, wait);
                     next_due = Some(next_due.map_or(due_in, |d| d.min(due_in)));
                     continue;
                 }
