@@ -108,16 +108,28 @@ BEGIN
                AND o.submitted_by = n.submitted_by AND o.request_id <> n.request_id
             OFFSET 0) older
      WHERE w.request_id = older.request_id AND w.written_at IS NULL;
-    WITH q AS (
-        INSERT INTO llmbatching.writeback_queue (request_id, submitted_by)
-        SELECT w.request_id, w.submitted_by
+    -- Answers already in: queued in entries of up to 1,000 per role. A request already in an
+    -- entry of the queue keeps its count and its time there: registering again never makes
+    -- the worker try sooner or more often.
+    WITH answered AS MATERIALIZED (
+        SELECT w.submitted_by, w.request_id
           FROM new_rows n
           JOIN llmbatching.writebacks w ON w.request_id = n.request_id
           JOIN llmbatching.requests r ON r.id = n.request_id
-         WHERE w.written_at IS NULL AND r.state = 'completed'
-        -- An entry already queued keeps its count and its time: registering again never
-        -- makes the worker try sooner or more often.
-        ON CONFLICT (request_id) DO NOTHING
+         WHERE w.written_at IS NULL AND r.state = 'completed'),
+    fresh AS (
+        SELECT a.submitted_by, a.request_id FROM answered a
+        EXCEPT
+        SELECT q.submitted_by, i.id
+          FROM llmbatching.writeback_queue q CROSS JOIN LATERAL unnest(q.request_ids) AS i (id)
+         WHERE q.submitted_by IN (SELECT a.submitted_by FROM answered a)),
+    q AS (
+        INSERT INTO llmbatching.writeback_queue (submitted_by, request_ids)
+        SELECT c.submitted_by, array_agg(c.request_id ORDER BY c.request_id)
+          FROM (SELECT f.submitted_by, f.request_id,
+                       (row_number() OVER (PARTITION BY f.submitted_by ORDER BY f.request_id) - 1) / 1000 AS entry
+                  FROM fresh f) c
+         GROUP BY c.submitted_by, c.entry
         RETURNING 1)
     SELECT count(*) INTO queued FROM q;
     IF queued > 0 THEN
@@ -127,3 +139,98 @@ BEGIN
 END
 $$;
 ALTER FUNCTION llmbatching.writebacks_registered() SET search_path = pg_catalog, pg_temp;
+
+-- The write-back queue holds entries of up to 1,000 answers of a role, not one row per answer
+-- (see schema.sql); the answers queued before stay queued, each in an entry of its own.
+ALTER TABLE llmbatching.writeback_queue
+    ADD COLUMN id bigint GENERATED ALWAYS AS IDENTITY,
+    ADD COLUMN request_ids bigint[];
+UPDATE llmbatching.writeback_queue SET request_ids = ARRAY[request_id];
+ALTER TABLE llmbatching.writeback_queue
+    ALTER COLUMN request_ids SET NOT NULL,
+    DROP COLUMN request_id,
+    ADD PRIMARY KEY (id);
+SELECT pg_catalog.pg_extension_config_dump('llmbatching.writeback_queue_id_seq', '');
+CREATE OR REPLACE FUNCTION llmbatching.requests_changed() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+-- Its statements join one statement's rows to the state tables: probes through their indexes,
+-- never scans, whatever the planner's (often stale, mid-batch) statistics suggest.
+SET enable_seqscan = off
+AS $$
+DECLARE
+    completed bigint;
+    settled   bigint;
+    finished  bigint;
+BEGIN
+    SELECT count(*) FILTER (WHERE n.state = 'completed'),
+           count(*) FILTER (WHERE n.state IN ('completed', 'failed')),
+           count(*)
+      INTO completed, settled, finished
+      FROM new_rows n
+     WHERE n.state IN ('completed', 'failed', 'cancelled') AND n.finished_at = now();
+    IF finished = 0 THEN
+        RETURN NULL;
+    END IF;
+    -- Identical requests that waited on a finished one take its outcome (this fires the
+    -- trigger again for them: their write-backs and notifications follow). Only the worker
+    -- completes or fails requests; a role's own cancellations never get here.
+    -- (Most of the time nothing waits: one look at the index of waiting requests then spares a
+    -- probe per finished request.)
+    IF settled > 0 AND EXISTS (SELECT FROM llmbatching.requests w
+                                WHERE w.state = 'queued' AND w.reused_from IS NOT NULL) THEN
+        UPDATE llmbatching.requests f
+           SET state = n.state, response = n.response, result_text = n.result_text, result_json = n.result_json,
+               error = n.error, input_tokens = n.input_tokens, cached_tokens = n.cached_tokens,
+               output_tokens = n.output_tokens, reasoning_tokens = n.reasoning_tokens, finished_at = now()
+          FROM new_rows n
+         WHERE f.reused_from = n.id AND f.state = 'queued'
+           AND n.state IN ('completed', 'failed') AND n.finished_at = now();
+    END IF;
+    -- (Not when there are no write-backs at all.)
+    IF EXISTS (SELECT FROM llmbatching.writebacks) THEN
+        -- The answers go to the write-back queue in entries of up to 1,000 per role, whether
+        -- or not they have a write-back: the worker's write-back step finds out, one probe per
+        -- answer, where looking here would cost that probe and a queue row per answer more.
+        IF completed > 0 THEN
+            INSERT INTO llmbatching.writeback_queue (submitted_by, request_ids)
+            SELECT c.submitted_by, array_agg(c.id ORDER BY c.id)
+              FROM (SELECT n.submitted_by, n.id,
+                           (row_number() OVER (PARTITION BY n.submitted_by ORDER BY n.id) - 1) / 1000 AS entry
+                      FROM new_rows n
+                     WHERE n.state = 'completed' AND n.finished_at = now()) c
+             GROUP BY c.submitted_by, c.entry;
+        END IF;
+        UPDATE llmbatching.writebacks w
+           SET written_at = now(), outcome = 'request ' || n.state
+          FROM new_rows n
+         WHERE w.request_id = n.id AND w.written_at IS NULL
+           AND n.state IN ('failed', 'cancelled') AND n.finished_at = now();
+    END IF;
+    -- (A role dropped since it submitted has no channel left to notify.)
+    PERFORM pg_notify('llmbatching_' || s.role::oid, '')
+       FROM (SELECT DISTINCT to_regrole(quote_ident(n.submitted_by)) AS role FROM new_rows n
+              WHERE n.state IN ('completed', 'failed', 'cancelled') AND n.finished_at = now()) AS s
+      WHERE s.role IS NOT NULL;
+    RETURN NULL;
+END
+$$;
+ALTER FUNCTION llmbatching.requests_changed() SET search_path = pg_catalog, pg_temp;
+
+CREATE OR REPLACE FUNCTION llmbatching.writeback_reregistered() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+AS $$
+BEGIN
+    -- (An answer already queued keeps its entry, its count and its time.)
+    IF NEW.written_at IS NULL
+       AND EXISTS (SELECT FROM llmbatching.requests r WHERE r.id = NEW.request_id AND r.state = 'completed')
+       AND NOT EXISTS (SELECT FROM llmbatching.writeback_queue q
+                        WHERE q.submitted_by = NEW.submitted_by AND NEW.request_id = ANY (q.request_ids)) THEN
+        INSERT INTO llmbatching.writeback_queue (submitted_by, request_ids) VALUES (NEW.submitted_by, ARRAY[NEW.request_id]);
+        PERFORM llmbatching.wake_worker();
+    END IF;
+    RETURN NULL;
+END
+$$;
+ALTER FUNCTION llmbatching.writeback_reregistered() SET search_path = pg_catalog, pg_temp;

@@ -205,11 +205,11 @@ SECURITY DEFINER
 SET enable_seqscan = off
 AS $$
 DECLARE
-    completed bigint[];
+    completed bigint;
     settled   bigint;
     finished  bigint;
 BEGIN
-    SELECT array_agg(n.id) FILTER (WHERE n.state = 'completed'),
+    SELECT count(*) FILTER (WHERE n.state = 'completed'),
            count(*) FILTER (WHERE n.state IN ('completed', 'failed')),
            count(*)
       INTO completed, settled, finished
@@ -233,15 +233,19 @@ BEGIN
          WHERE f.reused_from = n.id AND f.state = 'queued'
            AND n.state IN ('completed', 'failed') AND n.finished_at = now();
     END IF;
-    -- (Looking for write-backs costs a probe per answer: not when there are none at all.)
+    -- (Not when there are no write-backs at all.)
     IF EXISTS (SELECT FROM llmbatching.writebacks) THEN
-        IF completed IS NOT NULL THEN
-            INSERT INTO llmbatching.writeback_queue (request_id, submitted_by)
-            SELECT w.request_id, w.submitted_by
-              FROM (SELECT c.id FROM unnest(completed) AS c (id) OFFSET 0) c
-              JOIN llmbatching.writebacks w ON w.request_id = c.id
-             WHERE w.written_at IS NULL
-            ON CONFLICT (request_id) DO NOTHING;
+        -- The answers go to the write-back queue in entries of up to 1,000 per role, whether
+        -- or not they have a write-back: the worker's write-back step finds out, one probe per
+        -- answer, where looking here would cost that probe and a queue row per answer more.
+        IF completed > 0 THEN
+            INSERT INTO llmbatching.writeback_queue (submitted_by, request_ids)
+            SELECT c.submitted_by, array_agg(c.id ORDER BY c.id)
+              FROM (SELECT n.submitted_by, n.id,
+                           (row_number() OVER (PARTITION BY n.submitted_by ORDER BY n.id) - 1) / 1000 AS entry
+                      FROM new_rows n
+                     WHERE n.state = 'completed' AND n.finished_at = now()) c
+             GROUP BY c.submitted_by, c.entry;
         END IF;
         UPDATE llmbatching.writebacks w
            SET written_at = now(), outcome = 'request ' || n.state
@@ -305,16 +309,28 @@ BEGIN
                AND o.submitted_by = n.submitted_by AND o.request_id <> n.request_id
             OFFSET 0) older
      WHERE w.request_id = older.request_id AND w.written_at IS NULL;
-    WITH q AS (
-        INSERT INTO llmbatching.writeback_queue (request_id, submitted_by)
-        SELECT w.request_id, w.submitted_by
+    -- Answers already in: queued in entries of up to 1,000 per role. A request already in an
+    -- entry of the queue keeps its count and its time there: registering again never makes
+    -- the worker try sooner or more often.
+    WITH answered AS MATERIALIZED (
+        SELECT w.submitted_by, w.request_id
           FROM new_rows n
           JOIN llmbatching.writebacks w ON w.request_id = n.request_id
           JOIN llmbatching.requests r ON r.id = n.request_id
-         WHERE w.written_at IS NULL AND r.state = 'completed'
-        -- An entry already queued keeps its count and its time: registering again never
-        -- makes the worker try sooner or more often.
-        ON CONFLICT (request_id) DO NOTHING
+         WHERE w.written_at IS NULL AND r.state = 'completed'),
+    fresh AS (
+        SELECT a.submitted_by, a.request_id FROM answered a
+        EXCEPT
+        SELECT q.submitted_by, i.id
+          FROM llmbatching.writeback_queue q CROSS JOIN LATERAL unnest(q.request_ids) AS i (id)
+         WHERE q.submitted_by IN (SELECT a.submitted_by FROM answered a)),
+    q AS (
+        INSERT INTO llmbatching.writeback_queue (submitted_by, request_ids)
+        SELECT c.submitted_by, array_agg(c.request_id ORDER BY c.request_id)
+          FROM (SELECT f.submitted_by, f.request_id,
+                       (row_number() OVER (PARTITION BY f.submitted_by ORDER BY f.request_id) - 1) / 1000 AS entry
+                  FROM fresh f) c
+         GROUP BY c.submitted_by, c.entry
         RETURNING 1)
     SELECT count(*) INTO queued FROM q;
     IF queued > 0 THEN
@@ -336,10 +352,12 @@ LANGUAGE plpgsql
 SECURITY DEFINER
 AS $$
 BEGIN
-    IF NEW.written_at IS NULL AND EXISTS (SELECT FROM llmbatching.requests r
-                                           WHERE r.id = NEW.request_id AND r.state = 'completed') THEN
-        INSERT INTO llmbatching.writeback_queue (request_id, submitted_by) VALUES (NEW.request_id, NEW.submitted_by)
-        ON CONFLICT (request_id) DO NOTHING;
+    -- (An answer already queued keeps its entry, its count and its time.)
+    IF NEW.written_at IS NULL
+       AND EXISTS (SELECT FROM llmbatching.requests r WHERE r.id = NEW.request_id AND r.state = 'completed')
+       AND NOT EXISTS (SELECT FROM llmbatching.writeback_queue q
+                        WHERE q.submitted_by = NEW.submitted_by AND NEW.request_id = ANY (q.request_ids)) THEN
+        INSERT INTO llmbatching.writeback_queue (submitted_by, request_ids) VALUES (NEW.submitted_by, ARRAY[NEW.request_id]);
         PERFORM llmbatching.wake_worker();
     END IF;
     RETURN NULL;

@@ -224,11 +224,15 @@ COMMENT ON TABLE llmbatching.writebacks IS 'Answers to write into a table column
 CREATE INDEX writebacks_row ON llmbatching.writebacks (target, target_column, row_key);
 
 -- Answers that arrived and wait to be written into their rows by the worker, with when to try
--- next (a locked or slow target is tried again later).
+-- next (a locked or slow target is tried again later). An entry holds requests of one role
+-- that completed together (up to 1,000), not one request: the worker takes, counts and clears
+-- the write-backs of a whole chunk of answers with one row of this table. An entry may name
+-- requests without a write-back; the worker finds none for them.
 CREATE TABLE llmbatching.writeback_queue (
-    request_id   bigint PRIMARY KEY,
-    -- The role the write-back runs as: each role's entries are taken in turn.
+    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    -- The role the write-backs run as: each role's entries are taken in turn.
     submitted_by name NOT NULL,
+    request_ids  bigint[] NOT NULL,
     due_at       timestamptz NOT NULL DEFAULT pg_catalog.now(),
     -- Attempts so far (counted as each starts), and how many of them ran out of time.
     tries        integer NOT NULL DEFAULT 0,
@@ -311,6 +315,7 @@ SELECT pg_catalog.pg_extension_config_dump('llmbatching.batches', '');
 SELECT pg_catalog.pg_extension_config_dump('llmbatching.batches_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('llmbatching.writebacks', '');
 SELECT pg_catalog.pg_extension_config_dump('llmbatching.writeback_queue', '');
+SELECT pg_catalog.pg_extension_config_dump('llmbatching.writeback_queue_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('llmbatching.model_limits', '');
 SELECT pg_catalog.pg_extension_config_dump('llmbatching.model_pauses', '');
 SELECT pg_catalog.pg_extension_config_dump('llmbatching.prices', '');

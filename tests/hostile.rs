@@ -1186,6 +1186,33 @@ fn a_held_lock_or_slow_trigger_delays_only_its_owner() {
             }
         },
     );
+    // Registering a waiting write-back again, over and over, never queues it again: it keeps
+    // its one entry, with its count and its pause.
+    let (id, key): (i64, serde_json::Value) = {
+        let row = mallory
+            .query_one(
+                "SELECT request_id, row_key FROM llmbatching.writebacks WHERE target = 'mallory.t1'::regclass LIMIT 1",
+                &[],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    for _ in 0..20 {
+        mallory
+            .execute(
+                "SELECT llm_write_back($1, 'mallory.t1', 'answer', $2)",
+                &[&id, &key],
+            )
+            .unwrap();
+    }
+    let entries: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM llmbatching.writeback_queue WHERE $1 = ANY (request_ids)",
+            &[&id],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(entries, 1, "registering again queued the answer again");
     let slow = eventually(
         "the slow trigger's write-backs to be tried",
         Duration::from_secs(60),

@@ -1,25 +1,28 @@
 //! Writing answers back into the rows they came from: the write-back step, which the worker's
 //! writer process runs (see `worker::writer`).
 //!
-//! A completed request whose answer is registered for a row (`llmbatching.writebacks`) is put in
-//! `llmbatching.writeback_queue` in the same transaction that completes it, so nothing is lost
-//! to a crash in between. The writer then writes the queued answers, one group per target
-//! column and role, each group as that role inside [`crate::restricted::run_as`]: the target's
-//! triggers, domain checks, casts, index expressions and policies run as the role that owns
-//! them, in a security-restricted operation, under a lock timeout and a time limit, in a
-//! subtransaction of its own. A group whose table is locked or slow waits (outcome
-//! `waiting: …`) and is tried again later; any other error is the group's final outcome.
-//! Ingesting answers never waits on a user's table: it only fills the queue.
+//! Answers completed for a role go into `llmbatching.writeback_queue` in the same transaction
+//! that completes them, in entries of up to 1,000, so nothing is lost to a crash in between.
+//! The writer takes a role's due entries as one attempt: it claims their write-backs
+//! (`llmbatching.writebacks`) with the answers in one statement, then writes them one group per
+//! target column and role, each group as that role inside [`crate::restricted::run_as`]: the
+//! target's triggers, domain checks, casts, index expressions and policies run as the role
+//! that owns them, in a security-restricted operation, under a lock timeout and a time limit,
+//! in a subtransaction of its own. A group whose table is locked or slow waits (outcome
+//! `waiting: …`) and its entries are tried again later; any other error is the group's final
+//! outcome. Ingesting answers never waits on a user's table: it only fills the queue.
 
 use crate::provider::redact::bounded;
 use crate::restricted::{self, Bounds, Failure};
 use pgrx::prelude::*;
 use pgrx::spi::SpiResult;
 use pgrx::JsonB;
+use std::collections::HashMap;
 use std::time::Duration;
 
-/// Queue entries of each role read per round; the rest wait for the next one.
-const DUE_PER_ROLE: i64 = 10_000;
+/// Queue entries of each role taken per attempt (each holds up to 1,000 answers); the rest wait
+/// for the next one.
+const ENTRIES_PER_ATTEMPT: i64 = 10;
 /// A group that keeps running out of time (not merely waiting for a lock) is given up after
 /// this many tries, so a trigger that always sleeps does not cost the worker time forever.
 const MAX_SLOW_TRIES: i32 = 5;
@@ -31,15 +34,12 @@ fn fail<T>(what: &str, e: impl std::fmt::Display) -> T {
     error!("llmbatching: {what}: {e}")
 }
 
-/// Write-backs due now that share a target column and a role.
+/// A role's queue entries due now, to be written in one attempt.
 #[derive(Debug, Clone)]
-pub struct Group {
-    pub target: pg_sys::Oid,
-    pub column: String,
-    pub role: String,
-    pub request_ids: Vec<i64>,
-    /// How many times this group already waited, and how many of those ran out of time (the
-    /// most of its entries).
+pub struct Attempt {
+    pub entries: Vec<i64>,
+    /// How many times these entries were already tried (the most of them), and how many of
+    /// those tries ran out of time.
     pub tries: i32,
     pub slow_tries: i32,
 }
@@ -59,54 +59,61 @@ const ROLES_IN_QUEUE: &str = "roles AS (
                WHERE q.submitted_by OPERATOR(pg_catalog.>) r.submitted_by
                ORDER BY q.submitted_by LIMIT 1) next)";
 
-/// Reads the due write-backs by group: for each role with entries due, its oldest
-/// [`DUE_PER_ROLE`], so that no role's flood of write-backs pushes another's back. Groups come
-/// ordered by role. Entries of that window whose write-back is gone or settled (its request
-/// deleted, superseded) leave the queue on the way.
-pub fn due_groups() -> Vec<Group> {
-    // Statistics of these tables are rarely current (a job fills and empties them within
-    // minutes): every table is reached through an index, one probe per entry of the window.
-    Spi::run("SET LOCAL enable_seqscan = off")
-        .unwrap_or_else(|e| fail("reading due write-backs", e));
-    Spi::connect_mut(|client| {
+/// Whether the extension in this database is the version this library was built for. A new
+/// library runs on a database whose schema is not yet updated (the server restarted with it,
+/// and `ALTER EXTENSION llmbatching UPDATE` not yet run): the worker still sends, polls and
+/// reads answers, but writes none into rows, whose queue changed shape in 0.2.0. They wait
+/// there for the update, which keeps them.
+pub fn schema_is_current() -> bool {
+    let current = Spi::get_one_with_args::<bool>(
+        "SELECT e.extversion OPERATOR(pg_catalog.=) $1 FROM pg_catalog.pg_extension e
+          WHERE e.extname OPERATOR(pg_catalog.=) 'llmbatching'",
+        &[env!("CARGO_PKG_VERSION").into()],
+    )
+    .unwrap_or_else(|e| fail("reading the extension's version", e))
+    .unwrap_or(false);
+    if !current && !NOTED_OLD_SCHEMA.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        log!(
+            "llmbatching: answers are not written back into rows until ALTER EXTENSION llmbatching UPDATE (this library is version {})",
+            env!("CARGO_PKG_VERSION")
+        );
+    }
+    current
+}
+
+static NOTED_OLD_SCHEMA: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The attempts due: for each role with entries due, its oldest [`ENTRIES_PER_ATTEMPT`], so
+/// that no role's flood of answers pushes another's back. Ordered by role. Entries tried
+/// [`MAX_TRIES`] times make an attempt of their own, which gives them up.
+pub fn due_attempts() -> Vec<Attempt> {
+    if !schema_is_current() {
+        return Vec::new();
+    }
+    Spi::connect(|client| {
         client
-            .update(
+            .select(
                 &format!(
-                    "WITH RECURSIVE {ROLES_IN_QUEUE},
-                     due AS (
-                         SELECT q.request_id, r.submitted_by, q.tries, q.slow_tries,
-                                (SELECT w FROM llmbatching.writebacks w
-                                  WHERE w.request_id OPERATOR(pg_catalog.=) q.request_id
-                                    AND w.submitted_by OPERATOR(pg_catalog.=) r.submitted_by
-                                    AND w.written_at IS NULL) AS pending
-                           FROM roles r
-                          CROSS JOIN LATERAL (
-                              SELECT q.request_id, q.tries, q.slow_tries FROM llmbatching.writeback_queue q
-                               WHERE q.submitted_by OPERATOR(pg_catalog.=) r.submitted_by
-                                 AND q.due_at OPERATOR(pg_catalog.<=) pg_catalog.now()
-                               ORDER BY q.due_at LIMIT $1) q),
-                     settled AS (
-                         DELETE FROM llmbatching.writeback_queue q
-                          WHERE q.request_id OPERATOR(pg_catalog.=) ANY (
-                                    (SELECT pg_catalog.array_agg(d.request_id) FROM due d WHERE (d.pending).request_id IS NULL)::pg_catalog.int8[]))
-                     SELECT (d.pending).target::pg_catalog.oid, (d.pending).target_column::pg_catalog.text, d.submitted_by::pg_catalog.text,
-                            pg_catalog.array_agg(d.request_id ORDER BY d.request_id), pg_catalog.max(d.tries), pg_catalog.max(d.slow_tries)
-                       FROM due d
-                      WHERE (d.pending).request_id IS NOT NULL
-                      GROUP BY 3, 1, 2
-                      ORDER BY 3, 1, 2"
+                    "WITH RECURSIVE {ROLES_IN_QUEUE}
+                     SELECT pg_catalog.array_agg(q.id ORDER BY q.id),
+                            pg_catalog.max(q.tries), pg_catalog.max(q.slow_tries)
+                       FROM roles r
+                      CROSS JOIN LATERAL (
+                          SELECT q.id, q.tries, q.slow_tries FROM llmbatching.writeback_queue q
+                           WHERE q.submitted_by OPERATOR(pg_catalog.=) r.submitted_by
+                             AND q.due_at OPERATOR(pg_catalog.<=) pg_catalog.now()
+                           ORDER BY q.due_at LIMIT $1) q
+                      GROUP BY r.submitted_by, q.tries OPERATOR(pg_catalog.>=) $2
+                      ORDER BY r.submitted_by"
                 ),
                 None,
-                &[DUE_PER_ROLE.into()],
+                &[ENTRIES_PER_ATTEMPT.into(), MAX_TRIES.into()],
             )?
             .map(|row| {
-                Ok(Group {
-                    target: row.get(1)?.unwrap_or(pg_sys::InvalidOid),
-                    column: row.get(2)?.unwrap_or_default(),
-                    role: row.get(3)?.unwrap_or_default(),
-                    request_ids: row.get(4)?.unwrap_or_default(),
-                    tries: row.get(5)?.unwrap_or(0),
-                    slow_tries: row.get(6)?.unwrap_or(0),
+                Ok(Attempt {
+                    entries: row.get(1)?.unwrap_or_default(),
+                    tries: row.get(2)?.unwrap_or(0),
+                    slow_tries: row.get(3)?.unwrap_or(0),
                 })
             })
             .collect::<SpiResult<Vec<_>>>()
@@ -114,29 +121,30 @@ pub fn due_groups() -> Vec<Group> {
     .unwrap_or_else(|e| fail("reading due write-backs", e))
 }
 
-/// Takes a group's entries for an attempt and counts it, before the attempt runs; returns the
-/// group with the entries it took. Committed first, so that an attempt that never comes back
-/// (a process that ends during it) is counted all the same, and a role's code cannot make the
-/// worker return to it forever.
+/// Takes an attempt's entries and counts the attempt, before it runs; returns the attempt with
+/// the entries it took. Committed first, so that an attempt that never comes back (a process
+/// that ends during it) is counted all the same, and a role's code cannot make the worker
+/// return to it forever.
 ///
 /// Only entries still due are taken, and each is then not due again until the attempt is
 /// surely over (its time limit, and the watchdog's past it) and its pause after that: so two
-/// processes writing answers (a writer, and one left from a worker that restarted) never write
-/// the same answers, whatever they read of the queue.
-pub fn begin_attempt(group: &Group, bounds: Bounds) -> Group {
-    let not_before = retry_delay(group.tries) + bounds.longest_run();
+/// processes writing answers (a writer, and one left from a worker that restarted) never take
+/// the same entries, whatever they read of the queue. (An answer in two entries, registered
+/// again, is claimed by one of them: see [`claim`].)
+pub fn begin_attempt(attempt: &Attempt, bounds: Bounds) -> Attempt {
+    let not_before = retry_delay(attempt.tries) + bounds.longest_run();
     let mut taken = Spi::connect_mut(|client| {
         client
             .update(
                 "UPDATE llmbatching.writeback_queue q
                     SET tries = q.tries OPERATOR(pg_catalog.+) 1,
                         due_at = pg_catalog.now() OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs => $2)
-                  WHERE q.request_id OPERATOR(pg_catalog.=) ANY ($1)
+                  WHERE q.id OPERATOR(pg_catalog.=) ANY ($1)
                     AND q.due_at OPERATOR(pg_catalog.<=) pg_catalog.now()
-                 RETURNING q.request_id",
+                 RETURNING q.id",
                 None,
                 &[
-                    group.request_ids.clone().into(),
+                    attempt.entries.clone().into(),
                     not_before.as_secs_f64().into(),
                 ],
             )?
@@ -145,14 +153,18 @@ pub fn begin_attempt(group: &Group, bounds: Bounds) -> Group {
     })
     .unwrap_or_else(|e| fail("counting a write-back attempt", e));
     taken.sort_unstable();
-    Group {
-        request_ids: taken,
-        ..group.clone()
+    Attempt {
+        entries: taken,
+        ..attempt.clone()
     }
 }
 
-/// How long until the next queued write-back is due, for the worker's wake-up.
+/// How long until the next queued write-back is due, for the worker's wake-up; never, while
+/// the database's schema is older than this library (see [`schema_is_current`]).
 pub fn next_due() -> Option<Duration> {
+    if !schema_is_current() {
+        return None;
+    }
     Spi::get_one::<f64>(&format!(
         "WITH RECURSIVE {ROLES_IN_QUEUE}
          SELECT pg_catalog.date_part('epoch', pg_catalog.min(first.due_at) OPERATOR(pg_catalog.-) pg_catalog.clock_timestamp())
@@ -166,6 +178,101 @@ pub fn next_due() -> Option<Duration> {
     .map(|secs| Duration::from_secs_f64(secs.max(0.0)))
 }
 
+/// Write-backs claimed together that share a role and a target column, with their answers.
+#[derive(Debug, Default)]
+pub struct Group {
+    pub role: String,
+    pub target: pg_sys::Oid,
+    pub column: String,
+    pub request_ids: Vec<i64>,
+    row_keys: Vec<JsonB>,
+    texts: Vec<Option<String>>,
+    jsons: Vec<Option<JsonB>>,
+    responses: Vec<Option<JsonB>>,
+}
+
+/// Claims the write-backs still pending of an attempt's entries, marking them written, and
+/// reads their answers, in one statement (one probe of each table per answer); returns them by
+/// group. Runs in the transaction that writes them: a group that cannot be written is put back
+/// (see [`record`]), and a process that ends midway leaves them pending. The claim locks each
+/// write-back: of two processes claiming one (an answer queued twice), the second finds it
+/// written once the first commits.
+pub fn claim(attempt: &Attempt) -> Vec<Group> {
+    // Statistics of these tables are rarely current (a job fills and empties them within
+    // minutes): every table is reached through an index, one probe per answer.
+    Spi::run("SET LOCAL enable_seqscan = off").unwrap_or_else(|e| fail("claiming write-backs", e));
+    let rows = Spi::connect_mut(|client| {
+        client
+            .update(
+                "UPDATE llmbatching.writebacks w SET written_at = pg_catalog.now(), outcome = 'written'
+                   FROM (SELECT DISTINCT i.id
+                           FROM llmbatching.writeback_queue q
+                          CROSS JOIN LATERAL pg_catalog.unnest(q.request_ids) AS i (id)
+                          WHERE q.id OPERATOR(pg_catalog.=) ANY ($1)) i,
+                        llmbatching.requests r
+                  WHERE w.request_id OPERATOR(pg_catalog.=) i.id AND w.written_at IS NULL
+                    AND r.id OPERATOR(pg_catalog.=) i.id AND r.state OPERATOR(pg_catalog.=) 'completed'
+                 RETURNING w.submitted_by::pg_catalog.text, w.target::pg_catalog.oid, w.target_column::pg_catalog.text,
+                           w.request_id, w.row_key, r.result_text, r.result_json,
+                           CASE WHEN r.endpoint OPERATOR(pg_catalog.=) '/v1/embeddings' THEN r.response END",
+                None,
+                &[attempt.entries.clone().into()],
+            )?
+            .map(|row| {
+                Ok(Claimed {
+                    role: row.get(1)?.unwrap_or_default(),
+                    target: row.get(2)?.unwrap_or(pg_sys::InvalidOid),
+                    column: row.get(3)?.unwrap_or_default(),
+                    request_id: row.get(4)?.unwrap_or_default(),
+                    row_key: row.get(5)?.unwrap_or(JsonB(serde_json::Value::Null)),
+                    text: row.get(6)?,
+                    json: row.get(7)?,
+                    response: row.get(8)?,
+                })
+            })
+            .collect::<SpiResult<Vec<_>>>()
+    })
+    .unwrap_or_else(|e| fail("claiming write-backs", e));
+    into_groups(rows)
+}
+
+/// A write-back claimed, with its answer.
+struct Claimed {
+    role: String,
+    target: pg_sys::Oid,
+    column: String,
+    request_id: i64,
+    row_key: JsonB,
+    text: Option<String>,
+    json: Option<JsonB>,
+    response: Option<JsonB>,
+}
+
+/// Claimed write-backs by role and target column, in the order each group first appears.
+fn into_groups(claimed: Vec<Claimed>) -> Vec<Group> {
+    let mut groups: Vec<Group> = Vec::new();
+    let mut index: HashMap<(String, pg_sys::Oid, String), usize> = HashMap::new();
+    for c in claimed {
+        let key = (c.role, c.target, c.column);
+        let at = *index.entry(key.clone()).or_insert_with(|| {
+            groups.push(Group {
+                role: key.0,
+                target: key.1,
+                column: key.2,
+                ..Group::default()
+            });
+            groups.len() - 1
+        });
+        let group = &mut groups[at];
+        group.request_ids.push(c.request_id);
+        group.row_keys.push(c.row_key);
+        group.texts.push(c.text);
+        group.jsons.push(c.json);
+        group.responses.push(c.response);
+    }
+    groups
+}
+
 /// What a group's write ended with.
 pub enum Written {
     /// The ids of the requests whose row was updated; the others' rows are missing.
@@ -174,12 +281,14 @@ pub enum Written {
     Waiting { reason: String, timed_out: bool },
     /// Not written, for good.
     Failed(String),
+    /// Not tried in this attempt (its role's time was used up): tried again at once.
+    Postponed,
 }
 
 /// Writes one group's answers as its role, within `bounds`. Runs inside the worker's
 /// transaction; the role's code runs in a subtransaction of it.
-pub fn write_group(group: &Group, bounds: Bounds) -> Written {
-    if group.tries >= MAX_TRIES {
+pub fn write_group(attempt: &Attempt, group: &mut Group, bounds: Bounds) -> Written {
+    if attempt.tries >= MAX_TRIES {
         return Written::Failed(format!("gave up after {MAX_TRIES} tries"));
     }
     let role = match role_that_may_write(&group.role) {
@@ -190,21 +299,17 @@ pub fn write_group(group: &Group, bounds: Bounds) -> Written {
         Ok(statement) => statement,
         Err(why) => return Written::Failed(why),
     };
-    let values = answer_values(&group.request_ids);
+    let args = [
+        group.request_ids.clone().into(),
+        std::mem::take(&mut group.row_keys).into(),
+        std::mem::take(&mut group.texts).into(),
+        std::mem::take(&mut group.jsons).into(),
+        std::mem::take(&mut group.responses).into(),
+    ];
     let outcome = restricted::run_as(role, bounds, move || {
         Spi::connect_mut(|client| {
             client
-                .update(
-                    &statement,
-                    None,
-                    &[
-                        values.ids.into(),
-                        values.row_keys.into(),
-                        values.texts.into(),
-                        values.jsons.into(),
-                        values.responses.into(),
-                    ],
-                )?
+                .update(&statement, None, &args)?
                 .map(|row| row.get::<i64>(1).map(Option::unwrap_or_default))
                 .collect::<SpiResult<Vec<i64>>>()
         })
@@ -217,7 +322,7 @@ pub fn write_group(group: &Group, bounds: Bounds) -> Written {
             transient,
             timed_out,
         }) => {
-            if transient && !(timed_out && group.slow_tries + 1 >= MAX_SLOW_TRIES) {
+            if transient && !(timed_out && attempt.slow_tries + 1 >= MAX_SLOW_TRIES) {
                 Written::Waiting {
                     reason: message,
                     timed_out,
@@ -234,62 +339,102 @@ fn retry_delay(tries: i32) -> Duration {
     Duration::from_secs(1u64 << tries.clamp(0, 9)).min(Duration::from_secs(300))
 }
 
-/// Records how a group's write ended and takes its entries off the queue (or puts them back
-/// for later).
-pub fn record(group: &Group, written: &Written) {
+/// Records how a group's write ended (it was claimed as written). Returns whether its answers
+/// are still to be written.
+pub fn record(group: &Group, written: &Written) -> bool {
     let ids = group.request_ids.clone();
     match written {
         Written::Done(done) => {
-            run(
-                "UPDATE llmbatching.writebacks w
-                    SET written_at = pg_catalog.now(),
-                        outcome = CASE WHEN w.request_id OPERATOR(pg_catalog.=) ANY ($2) THEN 'written' ELSE 'row missing' END
-                  WHERE w.request_id OPERATOR(pg_catalog.=) ANY ($1) AND w.written_at IS NULL",
-                &[ids.clone().into(), done.clone().into()],
-            );
-            unqueue(ids);
+            if done.len() < ids.len() {
+                run(
+                    "UPDATE llmbatching.writebacks w SET outcome = 'row missing'
+                      WHERE w.request_id OPERATOR(pg_catalog.=) ANY ($1)
+                        AND w.request_id OPERATOR(pg_catalog.<>) ALL ($2)",
+                    &[ids.into(), done.clone().into()],
+                );
+            }
+            false
         }
         Written::Failed(why) => {
             run(
-                "UPDATE llmbatching.writebacks w SET written_at = pg_catalog.now(), outcome = $2
-                  WHERE w.request_id OPERATOR(pg_catalog.=) ANY ($1) AND w.written_at IS NULL",
-                &[
-                    ids.clone().into(),
-                    format!("error: {}", bounded(why)).into(),
-                ],
-            );
-            unqueue(ids);
-        }
-        Written::Waiting { reason, timed_out } => {
-            run(
                 "UPDATE llmbatching.writebacks w SET outcome = $2
-                  WHERE w.request_id OPERATOR(pg_catalog.=) ANY ($1) AND w.written_at IS NULL",
-                &[
-                    ids.clone().into(),
-                    format!("waiting: {}", bounded(reason)).into(),
-                ],
+                  WHERE w.request_id OPERATOR(pg_catalog.=) ANY ($1)",
+                &[ids.into(), format!("error: {}", bounded(why)).into()],
             );
-            // The pause before the next try counts from the end of this one.
+            false
+        }
+        Written::Waiting { reason, .. } => {
             run(
-                "UPDATE llmbatching.writeback_queue q
-                    SET slow_tries = q.slow_tries OPERATOR(pg_catalog.+) CASE WHEN $2 THEN 1 ELSE 0 END,
-                        due_at = pg_catalog.now() OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs => $3)
-                  WHERE q.request_id OPERATOR(pg_catalog.=) ANY ($1)",
-                &[
-                    ids.into(),
-                    (*timed_out).into(),
-                    retry_delay(group.tries).as_secs_f64().into(),
-                ],
+                "UPDATE llmbatching.writebacks w SET written_at = NULL, outcome = $2
+                  WHERE w.request_id OPERATOR(pg_catalog.=) ANY ($1)",
+                &[ids.into(), format!("waiting: {}", bounded(reason)).into()],
             );
+            true
+        }
+        Written::Postponed => {
+            run(
+                "UPDATE llmbatching.writebacks w SET written_at = NULL, outcome = NULL
+                  WHERE w.request_id OPERATOR(pg_catalog.=) ANY ($1)",
+                &[ids.into()],
+            );
+            true
         }
     }
 }
 
-fn unqueue(ids: Vec<i64>) {
+/// Ends an attempt: its entries leave the queue, but those holding answers still to be
+/// written, which are due again after a pause (or at once, when they were only postponed).
+pub fn finish_attempt(attempt: &Attempt, waiting: &[i64], postponed: &[i64], timed_out: bool) {
+    if !waiting.is_empty() || !postponed.is_empty() {
+        run(
+            "UPDATE llmbatching.writeback_queue q
+                SET due_at = CASE WHEN q.request_ids OPERATOR(pg_catalog.&&) $2
+                                  THEN pg_catalog.now() OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs => $5)
+                                  ELSE pg_catalog.now() END,
+                    tries = CASE WHEN q.request_ids OPERATOR(pg_catalog.&&) $2 THEN q.tries
+                                 ELSE q.tries OPERATOR(pg_catalog.-) 1 END,
+                    slow_tries = q.slow_tries OPERATOR(pg_catalog.+)
+                                 CASE WHEN $4 AND q.request_ids OPERATOR(pg_catalog.&&) $2 THEN 1 ELSE 0 END
+              WHERE q.id OPERATOR(pg_catalog.=) ANY ($1)
+                AND (q.request_ids OPERATOR(pg_catalog.&&) $2 OR q.request_ids OPERATOR(pg_catalog.&&) $3)",
+            &[
+                attempt.entries.clone().into(),
+                waiting.to_vec().into(),
+                postponed.to_vec().into(),
+                timed_out.into(),
+                retry_delay(attempt.tries).as_secs_f64().into(),
+            ],
+        );
+    }
     run(
-        "DELETE FROM llmbatching.writeback_queue q WHERE q.request_id OPERATOR(pg_catalog.=) ANY ($1)",
-        &[ids.into()],
+        "DELETE FROM llmbatching.writeback_queue q
+          WHERE q.id OPERATOR(pg_catalog.=) ANY ($1)
+            AND NOT q.request_ids OPERATOR(pg_catalog.&&) $2 AND NOT q.request_ids OPERATOR(pg_catalog.&&) $3",
+        &[
+            attempt.entries.clone().into(),
+            waiting.to_vec().into(),
+            postponed.to_vec().into(),
+        ],
     );
+}
+
+/// An attempt that failed outside the roles' code (its transaction rolled back): the
+/// write-backs still pending of its entries end with the error, and the entries leave the
+/// queue.
+pub fn fail_attempt(attempt: &Attempt, why: &str) {
+    run(
+        "UPDATE llmbatching.writebacks w SET written_at = pg_catalog.now(), outcome = $2
+           FROM (SELECT DISTINCT i.id
+                   FROM llmbatching.writeback_queue q
+                  CROSS JOIN LATERAL pg_catalog.unnest(q.request_ids) AS i (id)
+                  WHERE q.id OPERATOR(pg_catalog.=) ANY ($1)) i
+          WHERE w.request_id OPERATOR(pg_catalog.=) i.id AND w.written_at IS NULL",
+        &[
+            attempt.entries.clone().into(),
+            format!("error: {}", bounded(why)).into(),
+        ],
+    );
+    finish_attempt(attempt, &[], &[], false);
 }
 
 fn run(sql: &str, args: &[pgrx::datum::DatumWithOid]) {
@@ -439,52 +584,57 @@ fn literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
-/// The answers of a group's requests, as the arrays its statement reads.
-struct AnswerValues {
-    ids: Vec<i64>,
-    row_keys: Vec<JsonB>,
-    texts: Vec<Option<String>>,
-    jsons: Vec<Option<JsonB>>,
-    responses: Vec<Option<JsonB>>,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-fn answer_values(ids: &[i64]) -> AnswerValues {
-    let rows = Spi::connect(|client| {
-        client
-            .select(
-                "SELECT r.id, w.row_key, r.result_text, r.result_json,
-                        CASE WHEN r.endpoint OPERATOR(pg_catalog.=) '/v1/embeddings' THEN r.response END
-                   FROM pg_catalog.unnest($1::pg_catalog.int8[]) AS i (id)
-                   JOIN llmbatching.requests r ON r.id OPERATOR(pg_catalog.=) i.id AND r.state OPERATOR(pg_catalog.=) 'completed'
-                   JOIN llmbatching.writebacks w ON w.request_id OPERATOR(pg_catalog.=) i.id AND w.written_at IS NULL",
-                None,
-                &[ids.to_vec().into()],
-            )?
-            .map(|row| {
-                Ok((
-                    row.get::<i64>(1)?.unwrap_or_default(),
-                    row.get::<JsonB>(2)?.unwrap_or(JsonB(serde_json::Value::Null)),
-                    row.get::<String>(3)?,
-                    row.get::<JsonB>(4)?,
-                    row.get::<JsonB>(5)?,
-                ))
-            })
-            .collect::<SpiResult<Vec<_>>>()
-    })
-    .unwrap_or_else(|e| fail("reading answers to write back", e));
-    let mut values = AnswerValues {
-        ids: Vec::with_capacity(rows.len()),
-        row_keys: Vec::with_capacity(rows.len()),
-        texts: Vec::with_capacity(rows.len()),
-        jsons: Vec::with_capacity(rows.len()),
-        responses: Vec::with_capacity(rows.len()),
-    };
-    for (id, key, text, json, response) in rows {
-        values.ids.push(id);
-        values.row_keys.push(key);
-        values.texts.push(text);
-        values.jsons.push(json);
-        values.responses.push(response);
+    fn claimed(role: &str, target: u32, column: &str, id: i64) -> Claimed {
+        Claimed {
+            role: role.into(),
+            target: pg_sys::Oid::from(target),
+            column: column.into(),
+            request_id: id,
+            row_key: JsonB(serde_json::json!({ "id": id })),
+            text: Some(format!("answer {id}")),
+            json: None,
+            response: None,
+        }
     }
-    values
+
+    #[test]
+    fn claimed_write_backs_group_by_role_and_target_column_keeping_each_answer_with_its_row() {
+        let groups = into_groups(vec![
+            claimed("alice", 10, "answer", 1),
+            claimed("bob", 10, "answer", 2),
+            claimed("alice", 10, "label", 3),
+            claimed("alice", 10, "answer", 4),
+            claimed("alice", 11, "answer", 5),
+        ]);
+        let shape: Vec<(&str, u32, &str, &[i64])> = groups
+            .iter()
+            .map(|g| {
+                (
+                    g.role.as_str(),
+                    g.target.to_u32(),
+                    g.column.as_str(),
+                    &g.request_ids[..],
+                )
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                ("alice", 10, "answer", &[1, 4][..]),
+                ("bob", 10, "answer", &[2][..]),
+                ("alice", 10, "label", &[3][..]),
+                ("alice", 11, "answer", &[5][..]),
+            ]
+        );
+        let first = &groups[0];
+        assert_eq!(
+            first.texts,
+            [Some("answer 1".to_string()), Some("answer 4".to_string())]
+        );
+        assert_eq!(first.row_keys[1].0, serde_json::json!({ "id": 4 }));
+    }
 }

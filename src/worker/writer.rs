@@ -15,14 +15,12 @@ use super::{
     shutdown_requested, still_runs, tx, wait_latch,
 };
 use crate::config::Settings;
-use crate::planner;
 use crate::registry;
 use crate::state;
 use crate::state::housekeeping;
 use crate::state::write_back::{self, Written};
 use pgrx::bgworkers::DynamicBackgroundWorker;
 use pgrx::prelude::*;
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// How many roles' worth of write-back time (`write_back_timeout` each) one pass may spend
@@ -137,14 +135,14 @@ pub extern "C-unwind" fn llmbatching_writer_main(arg: pg_sys::Datum) {
     unsafe { pg_sys::proc_exit(0) };
 }
 
-/// Writes the answers that wait in the write-back queue into their rows, one group (a role's
-/// answers into one column) at a time, as that role (see `state::write_back`). Roles take
-/// turns, each may use at most one `write_back_timeout` of the pass, and the pass ends after a
-/// few of them, so that no role's write-backs starve another's. False when the queue could not
-/// be read.
+/// Writes the answers that wait in the write-back queue into their rows: one attempt per role
+/// with entries due, each writing its groups (a role's answers into one column) as that role
+/// (see `state::write_back`). Roles take turns, each may use at most one `write_back_timeout`
+/// of the pass, and the pass ends after a few of them, so that no role's write-backs starve
+/// another's. False when the queue could not be read.
 pub fn write_back_due(settings: &Settings) -> bool {
-    let groups = match catching(|| tx(write_back::due_groups)) {
-        Ok(groups) => groups,
+    let attempts = match catching(|| tx(write_back::due_attempts)) {
+        Ok(attempts) => attempts,
         Err(message) => {
             warning!("llmbatching: reading the write-back queue failed: {message}");
             return false;
@@ -153,60 +151,78 @@ pub fn write_back_due(settings: &Settings) -> bool {
     let bounds = settings.write_back;
     let pass_budget = bounds.time_limit.max(Duration::from_secs(1)) * ROLES_PER_PASS;
     let started = Instant::now();
-    let mut used: HashMap<String, Duration> = HashMap::new();
-    let by_role = planner::split_by_role(groups.into_iter().map(|g| (g.role.clone(), g)).collect());
-    for group in planner::interleave_roles(by_role) {
+    for attempt in attempts {
         if shutdown_requested()
             || started.elapsed() >= pass_budget
             || registry::database_wanted_alone()
         {
             break;
         }
-        let spent = used.entry(group.role.clone()).or_default();
-        if *spent >= bounds.time_limit {
-            continue;
-        }
         report_activity("llmbatching: writing answers back");
-        let attempt_started = Instant::now();
-        write_group(group, bounds);
-        *spent += attempt_started.elapsed();
+        write_attempt(attempt, bounds);
     }
     true
 }
 
-/// One group's attempt: its entries taken and the attempt counted (and committed) first, then
-/// written as its role, and how it ended recorded; an error is the group's outcome, never the
-/// process's. The worker's own statements wait at most a second for a lock the role holds (its
-/// own write-backs, locked from its session): only that role's answers wait.
-fn write_group(group: write_back::Group, bounds: crate::restricted::Bounds) {
+/// One attempt: its entries taken and the attempt counted (and committed) first, then its
+/// answers claimed, written as their role and how each group ended recorded, in one
+/// transaction; an error is the attempt's outcome, never the process's. The worker's own
+/// statements wait at most a second for a lock the role holds (its own write-backs, locked
+/// from its session): only that role's answers wait.
+fn write_attempt(attempt: write_back::Attempt, bounds: crate::restricted::Bounds) {
     let taken = catching(move || {
         tx(move || {
             state::bound_lock_waits();
-            write_back::begin_attempt(&group, bounds)
+            write_back::begin_attempt(&attempt, bounds)
         })
     });
-    let group = match taken {
-        Ok(group) if !group.request_ids.is_empty() => group,
+    let attempt = match taken {
+        Ok(attempt) if !attempt.entries.is_empty() => attempt,
         Ok(_) => return,
         Err(message) => {
             warning!("llmbatching: counting a write-back attempt failed: {message}");
             return;
         }
     };
-    let attempt = group.clone();
+    let this = attempt.clone();
     let done = catching(move || {
         tx(move || {
             state::bound_lock_waits();
-            let written = write_back::write_group(&attempt, bounds);
-            write_back::record(&attempt, &written);
+            write_groups(&this, bounds)
         })
     });
     if let Err(message) = done {
         let _ = catching(move || {
             tx(move || {
                 state::bound_lock_waits();
-                write_back::record(&group, &Written::Failed(message))
+                write_back::fail_attempt(&attempt, &message)
             })
         });
     }
+}
+
+/// Writes an attempt's groups within its role's time, and puts its entries back for what is
+/// still to be written.
+fn write_groups(attempt: &write_back::Attempt, bounds: crate::restricted::Bounds) {
+    let started = Instant::now();
+    let (mut waiting, mut postponed, mut timed_out) = (Vec::new(), Vec::new(), false);
+    for mut group in write_back::claim(attempt) {
+        let written = if started.elapsed() >= bounds.time_limit || shutdown_requested() {
+            Written::Postponed
+        } else {
+            write_back::write_group(attempt, &mut group, bounds)
+        };
+        if write_back::record(&group, &written) {
+            match written {
+                Written::Waiting {
+                    timed_out: slow, ..
+                } => {
+                    timed_out |= slow;
+                    waiting.extend_from_slice(&group.request_ids);
+                }
+                _ => postponed.extend_from_slice(&group.request_ids),
+            }
+        }
+    }
+    write_back::finish_attempt(attempt, &waiting, &postponed, timed_out);
 }
