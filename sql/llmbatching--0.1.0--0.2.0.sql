@@ -108,27 +108,18 @@ BEGIN
                AND o.submitted_by = n.submitted_by AND o.request_id <> n.request_id
             OFFSET 0) older
      WHERE w.request_id = older.request_id AND w.written_at IS NULL;
-    -- Answers already in: queued in entries of up to 1,000 per role. A request already in an
-    -- entry of the queue keeps its count and its time there: registering again never makes
-    -- the worker try sooner or more often.
-    WITH answered AS MATERIALIZED (
-        SELECT w.submitted_by, w.request_id
-          FROM new_rows n
-          JOIN llmbatching.writebacks w ON w.request_id = n.request_id
-          JOIN llmbatching.requests r ON r.id = n.request_id
-         WHERE w.written_at IS NULL AND r.state = 'completed'),
-    fresh AS (
-        SELECT a.submitted_by, a.request_id FROM answered a
-        EXCEPT
-        SELECT q.submitted_by, i.id
-          FROM llmbatching.writeback_queue q CROSS JOIN LATERAL unnest(q.request_ids) AS i (id)
-         WHERE q.submitted_by IN (SELECT a.submitted_by FROM answered a)),
-    q AS (
+    -- Answers already in: queued in entries of up to 1,000 per role. (One may already be in an
+    -- entry, queued when it completed: the worker writes it once all the same, see
+    -- llmbatching.writeback_queue.)
+    WITH q AS (
         INSERT INTO llmbatching.writeback_queue (submitted_by, request_ids)
         SELECT c.submitted_by, array_agg(c.request_id ORDER BY c.request_id)
-          FROM (SELECT f.submitted_by, f.request_id,
-                       (row_number() OVER (PARTITION BY f.submitted_by ORDER BY f.request_id) - 1) / 1000 AS entry
-                  FROM fresh f) c
+          FROM (SELECT w.submitted_by, w.request_id,
+                       (row_number() OVER (PARTITION BY w.submitted_by ORDER BY w.request_id) - 1) / 1000 AS entry
+                  FROM new_rows n
+                  JOIN llmbatching.writebacks w ON w.request_id = n.request_id
+                  JOIN llmbatching.requests r ON r.id = n.request_id
+                 WHERE w.written_at IS NULL AND r.state = 'completed') c
          GROUP BY c.submitted_by, c.entry
         RETURNING 1)
     SELECT count(*) INTO queued FROM q;
@@ -141,11 +132,20 @@ $$;
 ALTER FUNCTION llmbatching.writebacks_registered() SET search_path = pg_catalog, pg_temp;
 
 -- The write-back queue holds entries of up to 1,000 answers of a role, not one row per answer
--- (see schema.sql); the answers queued before stay queued, each in an entry of its own.
+-- (see schema.sql): the answers queued before stay queued, in entries of 1,000 by role, each
+-- taking the earliest time and the most tries of its answers.
 ALTER TABLE llmbatching.writeback_queue
+    DROP CONSTRAINT writeback_queue_pkey,
     ADD COLUMN id bigint GENERATED ALWAYS AS IDENTITY,
     ADD COLUMN request_ids bigint[];
-UPDATE llmbatching.writeback_queue SET request_ids = ARRAY[request_id];
+INSERT INTO llmbatching.writeback_queue (request_id, submitted_by, request_ids, due_at, tries, slow_tries)
+SELECT pg_catalog.min(c.request_id), c.submitted_by, pg_catalog.array_agg(c.request_id ORDER BY c.request_id),
+       pg_catalog.min(c.due_at), pg_catalog.max(c.tries), pg_catalog.max(c.slow_tries)
+  FROM (SELECT q.*, (pg_catalog.row_number() OVER (PARTITION BY q.submitted_by ORDER BY q.request_id) OPERATOR(pg_catalog.-) 1)
+                    OPERATOR(pg_catalog./) 1000 AS entry
+          FROM llmbatching.writeback_queue q) c
+ GROUP BY c.submitted_by, c.entry;
+DELETE FROM llmbatching.writeback_queue q WHERE q.request_ids IS NULL;
 ALTER TABLE llmbatching.writeback_queue
     ALTER COLUMN request_ids SET NOT NULL,
     DROP COLUMN request_id,
@@ -220,15 +220,23 @@ ALTER FUNCTION llmbatching.requests_changed() SET search_path = pg_catalog, pg_t
 CREATE OR REPLACE FUNCTION llmbatching.writeback_reregistered() RETURNS trigger
 LANGUAGE plpgsql
 SECURITY DEFINER
+SET enable_seqscan = off
 AS $$
 BEGIN
-    -- (An answer already queued keeps its entry, its count and its time.)
     IF NEW.written_at IS NULL
-       AND EXISTS (SELECT FROM llmbatching.requests r WHERE r.id = NEW.request_id AND r.state = 'completed')
-       AND NOT EXISTS (SELECT FROM llmbatching.writeback_queue q
-                        WHERE q.submitted_by = NEW.submitted_by AND NEW.request_id = ANY (q.request_ids)) THEN
-        INSERT INTO llmbatching.writeback_queue (submitted_by, request_ids) VALUES (NEW.submitted_by, ARRAY[NEW.request_id]);
-        PERFORM llmbatching.wake_worker();
+       AND EXISTS (SELECT FROM llmbatching.requests r WHERE r.id = NEW.request_id AND r.state = 'completed') THEN
+        -- An answer already in an entry keeps it, with its count and its time: registering
+        -- again never makes the worker try sooner or more often. But not an entry the worker
+        -- is writing now (it locks them), which may be about to leave the queue; the lock
+        -- taken here holds it there until this transaction ends.
+        PERFORM FROM llmbatching.writeback_queue q
+          WHERE q.submitted_by = NEW.submitted_by AND NEW.request_id = ANY (q.request_ids)
+          LIMIT 1
+          FOR KEY SHARE SKIP LOCKED;
+        IF NOT FOUND THEN
+            INSERT INTO llmbatching.writeback_queue (submitted_by, request_ids) VALUES (NEW.submitted_by, ARRAY[NEW.request_id]);
+            PERFORM llmbatching.wake_worker();
+        END IF;
     END IF;
     RETURN NULL;
 END

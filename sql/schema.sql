@@ -227,7 +227,9 @@ CREATE INDEX writebacks_row ON llmbatching.writebacks (target, target_column, ro
 -- next (a locked or slow target is tried again later). An entry holds requests of one role
 -- that completed together (up to 1,000), not one request: the worker takes, counts and clears
 -- the write-backs of a whole chunk of answers with one row of this table. An entry may name
--- requests without a write-back; the worker finds none for them.
+-- requests without a write-back (the worker finds none for them), and a request may be in two
+-- entries (the worker claims each write-back before writing it, so writes it once). Answers
+-- whose table was locked or slow come back in an entry of their own table's, with its counts.
 CREATE TABLE llmbatching.writeback_queue (
     id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     -- The role the write-backs run as: each role's entries are taken in turn.

@@ -466,6 +466,46 @@ fn single_requests_can_be_written_back_before_or_after_they_finish() {
         .unwrap()
         .get(0);
     assert_eq!(second, echo_answer("m", "third"));
+
+    // Registered again while the worker is writing an entry that holds the answer (here an
+    // entry locked as the worker locks those it writes, then removed as it removes them): the
+    // answer gets an entry of its own, and is written.
+    c.batch_execute("UPDATE notes SET summary = NULL WHERE body = 'first'")
+        .unwrap();
+    let entry: i64 = c
+        .query_one(
+            "INSERT INTO llmbatching.writeback_queue (submitted_by, request_ids, due_at)
+             VALUES (current_user, ARRAY[$1::bigint], now() + interval '1 day') RETURNING id",
+            &[&early],
+        )
+        .unwrap()
+        .get(0);
+    let mut writer = cluster.client();
+    let mut writing = writer.transaction().unwrap();
+    writing
+        .execute(
+            "SELECT FROM llmbatching.writeback_queue WHERE id = $1 FOR UPDATE",
+            &[&entry],
+        )
+        .unwrap();
+    c.execute(
+        "SELECT llm_write_back($1, 'notes', 'summary', $2)",
+        &[&early, &key(0)],
+    )
+    .unwrap();
+    writing
+        .execute(
+            "DELETE FROM llmbatching.writeback_queue WHERE id = $1",
+            &[&entry],
+        )
+        .unwrap();
+    writing.commit().unwrap();
+    cluster.wait_for("the answer registered again to be written", SETTLE, || {
+        c.query_one("SELECT summary FROM notes WHERE body = 'first'", &[])
+            .unwrap()
+            .get::<_, Option<String>>(0)
+            == Some(echo_answer("m", "first"))
+    });
 }
 
 #[test]

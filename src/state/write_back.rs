@@ -20,9 +20,9 @@ use pgrx::JsonB;
 use std::collections::HashMap;
 use std::time::Duration;
 
-/// Queue entries of each role taken per attempt (each holds up to 1,000 answers); the rest wait
-/// for the next one.
-const ENTRIES_PER_ATTEMPT: i64 = 10;
+/// Answers of each role taken per attempt (in whole entries, of up to 1,000 answers each); the
+/// rest wait for the next one.
+const ANSWERS_PER_ATTEMPT: i64 = 10_000;
 /// A group that keeps running out of time (not merely waiting for a lock) is given up after
 /// this many tries, so a trigger that always sleeps does not cost the worker time forever.
 const MAX_SLOW_TRIES: i32 = 5;
@@ -38,10 +38,15 @@ fn fail<T>(what: &str, e: impl std::fmt::Display) -> T {
 #[derive(Debug, Clone)]
 pub struct Attempt {
     pub entries: Vec<i64>,
-    /// How many times these entries were already tried (the most of them), and how many of
-    /// those tries ran out of time.
+    /// How many times these entries were already tried (the most of them).
     pub tries: i32,
-    pub slow_tries: i32,
+}
+
+impl Attempt {
+    /// Whether its entries are not tried again, whatever happens to this try.
+    pub fn is_last(&self) -> bool {
+        self.tries + 1 >= MAX_TRIES
+    }
 }
 
 /// The roles with entries in the write-back queue, one index probe each (a skip scan of
@@ -83,9 +88,9 @@ pub fn schema_is_current() -> bool {
 
 static NOTED_OLD_SCHEMA: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// The attempts due: for each role with entries due, its oldest [`ENTRIES_PER_ATTEMPT`], so
-/// that no role's flood of answers pushes another's back. Ordered by role. Entries tried
-/// [`MAX_TRIES`] times make an attempt of their own, which gives them up.
+/// The attempts due: for each role with entries due, its oldest, up to
+/// [`ANSWERS_PER_ATTEMPT`] answers, so that no role's flood of answers pushes another's back.
+/// Ordered by role.
 pub fn due_attempts() -> Vec<Attempt> {
     if !schema_is_current() {
         return Vec::new();
@@ -95,25 +100,27 @@ pub fn due_attempts() -> Vec<Attempt> {
             .select(
                 &format!(
                     "WITH RECURSIVE {ROLES_IN_QUEUE}
-                     SELECT pg_catalog.array_agg(q.id ORDER BY q.id),
-                            pg_catalog.max(q.tries), pg_catalog.max(q.slow_tries)
+                     SELECT pg_catalog.array_agg(q.id ORDER BY q.id), pg_catalog.max(q.tries)
                        FROM roles r
                       CROSS JOIN LATERAL (
-                          SELECT q.id, q.tries, q.slow_tries FROM llmbatching.writeback_queue q
-                           WHERE q.submitted_by OPERATOR(pg_catalog.=) r.submitted_by
-                             AND q.due_at OPERATOR(pg_catalog.<=) pg_catalog.now()
-                           ORDER BY q.due_at LIMIT $1) q
-                      GROUP BY r.submitted_by, q.tries OPERATOR(pg_catalog.>=) $2
+                          SELECT e.id, e.tries,
+                                 pg_catalog.sum(pg_catalog.cardinality(e.request_ids)) OVER (ORDER BY e.due_at, e.id) AS answers
+                            FROM (SELECT q.id, q.tries, q.request_ids, q.due_at FROM llmbatching.writeback_queue q
+                                   WHERE q.submitted_by OPERATOR(pg_catalog.=) r.submitted_by
+                                     AND q.due_at OPERATOR(pg_catalog.<=) pg_catalog.now()
+                                   ORDER BY q.due_at LIMIT $1) e) q
+                      -- (No entry holds more answers than an attempt takes: the first always fits.)
+                      WHERE q.answers OPERATOR(pg_catalog.<=) $1
+                      GROUP BY r.submitted_by
                       ORDER BY r.submitted_by"
                 ),
                 None,
-                &[ENTRIES_PER_ATTEMPT.into(), MAX_TRIES.into()],
+                &[ANSWERS_PER_ATTEMPT.into()],
             )?
             .map(|row| {
                 Ok(Attempt {
                     entries: row.get(1)?.unwrap_or_default(),
                     tries: row.get(2)?.unwrap_or(0),
-                    slow_tries: row.get(3)?.unwrap_or(0),
                 })
             })
             .collect::<SpiResult<Vec<_>>>()
@@ -185,6 +192,11 @@ pub struct Group {
     pub target: pg_sys::Oid,
     pub column: String,
     pub request_ids: Vec<i64>,
+    /// How many times its answers were already tried (the most of them), and how many of those
+    /// tries ran out of time: counted per group, so that one table's troubles never count
+    /// against another's.
+    tries: i32,
+    slow_tries: i32,
     row_keys: Vec<JsonB>,
     texts: Vec<Option<String>>,
     jsons: Vec<Option<JsonB>>,
@@ -194,27 +206,38 @@ pub struct Group {
 /// Claims the write-backs still pending of an attempt's entries, marking them written, and
 /// reads their answers, in one statement (one probe of each table per answer); returns them by
 /// group. Runs in the transaction that writes them: a group that cannot be written is put back
-/// (see [`record`]), and a process that ends midway leaves them pending. The claim locks each
-/// write-back: of two processes claiming one (an answer queued twice), the second finds it
-/// written once the first commits.
+/// (see [`record`] and [`finish_attempt`]), and a process that ends midway leaves them pending
+/// in their entries.
+///
+/// The entries are locked first, for the transaction: a write-back registered again meanwhile
+/// queues an entry of its own instead of counting on one about to leave the queue (see
+/// `writeback_reregistered`). The claim locks each write-back: of two processes claiming one
+/// (an answer in two entries), the second finds it written once the first commits.
 pub fn claim(attempt: &Attempt) -> Vec<Group> {
+    run(
+        "SELECT FROM llmbatching.writeback_queue q WHERE q.id OPERATOR(pg_catalog.=) ANY ($1) FOR UPDATE",
+        &[attempt.entries.clone().into()],
+    );
     // Statistics of these tables are rarely current (a job fills and empties them within
-    // minutes): every table is reached through an index, one probe per answer.
+    // minutes): every table is reached through an index, one probe per answer. (Only for this
+    // statement: the roles' code runs later in this transaction.)
     Spi::run("SET LOCAL enable_seqscan = off").unwrap_or_else(|e| fail("claiming write-backs", e));
     let rows = Spi::connect_mut(|client| {
         client
             .update(
                 "UPDATE llmbatching.writebacks w SET written_at = pg_catalog.now(), outcome = 'written'
-                   FROM (SELECT DISTINCT i.id
+                   FROM (SELECT i.id, pg_catalog.max(q.tries) OPERATOR(pg_catalog.-) 1 AS tries, pg_catalog.max(q.slow_tries) AS slow_tries
                            FROM llmbatching.writeback_queue q
                           CROSS JOIN LATERAL pg_catalog.unnest(q.request_ids) AS i (id)
-                          WHERE q.id OPERATOR(pg_catalog.=) ANY ($1)) i,
+                          WHERE q.id OPERATOR(pg_catalog.=) ANY ($1)
+                          GROUP BY i.id) i,
                         llmbatching.requests r
                   WHERE w.request_id OPERATOR(pg_catalog.=) i.id AND w.written_at IS NULL
                     AND r.id OPERATOR(pg_catalog.=) i.id AND r.state OPERATOR(pg_catalog.=) 'completed'
                  RETURNING w.submitted_by::pg_catalog.text, w.target::pg_catalog.oid, w.target_column::pg_catalog.text,
                            w.request_id, w.row_key, r.result_text, r.result_json,
-                           CASE WHEN r.endpoint OPERATOR(pg_catalog.=) '/v1/embeddings' THEN r.response END",
+                           CASE WHEN r.endpoint OPERATOR(pg_catalog.=) '/v1/embeddings' THEN r.response END,
+                           i.tries, i.slow_tries",
                 None,
                 &[attempt.entries.clone().into()],
             )?
@@ -228,11 +251,15 @@ pub fn claim(attempt: &Attempt) -> Vec<Group> {
                     text: row.get(6)?,
                     json: row.get(7)?,
                     response: row.get(8)?,
+                    tries: row.get(9)?.unwrap_or(0),
+                    slow_tries: row.get(10)?.unwrap_or(0),
                 })
             })
             .collect::<SpiResult<Vec<_>>>()
     })
     .unwrap_or_else(|e| fail("claiming write-backs", e));
+    Spi::run("SET LOCAL enable_seqscan TO DEFAULT")
+        .unwrap_or_else(|e| fail("claiming write-backs", e));
     into_groups(rows)
 }
 
@@ -246,6 +273,8 @@ struct Claimed {
     text: Option<String>,
     json: Option<JsonB>,
     response: Option<JsonB>,
+    tries: i32,
+    slow_tries: i32,
 }
 
 /// Claimed write-backs by role and target column, in the order each group first appears.
@@ -264,6 +293,8 @@ fn into_groups(claimed: Vec<Claimed>) -> Vec<Group> {
             groups.len() - 1
         });
         let group = &mut groups[at];
+        group.tries = group.tries.max(c.tries);
+        group.slow_tries = group.slow_tries.max(c.slow_tries);
         group.request_ids.push(c.request_id);
         group.row_keys.push(c.row_key);
         group.texts.push(c.text);
@@ -287,8 +318,8 @@ pub enum Written {
 
 /// Writes one group's answers as its role, within `bounds`. Runs inside the worker's
 /// transaction; the role's code runs in a subtransaction of it.
-pub fn write_group(attempt: &Attempt, group: &mut Group, bounds: Bounds) -> Written {
-    if attempt.tries >= MAX_TRIES {
+pub fn write_group(group: &mut Group, bounds: Bounds) -> Written {
+    if group.tries >= MAX_TRIES {
         return Written::Failed(format!("gave up after {MAX_TRIES} tries"));
     }
     let role = match role_that_may_write(&group.role) {
@@ -322,7 +353,7 @@ pub fn write_group(attempt: &Attempt, group: &mut Group, bounds: Bounds) -> Writ
             transient,
             timed_out,
         }) => {
-            if transient && !(timed_out && attempt.slow_tries + 1 >= MAX_SLOW_TRIES) {
+            if transient && !(timed_out && group.slow_tries + 1 >= MAX_SLOW_TRIES) {
                 Written::Waiting {
                     reason: message,
                     timed_out,
@@ -339,9 +370,18 @@ fn retry_delay(tries: i32) -> Duration {
     Duration::from_secs(1u64 << tries.clamp(0, 9)).min(Duration::from_secs(300))
 }
 
-/// Records how a group's write ended (it was claimed as written). Returns whether its answers
+/// Answers to queue again, in an entry of their own: a group's that waited, or was not tried.
+pub struct Again {
+    role: String,
+    request_ids: Vec<i64>,
+    tries: i32,
+    slow_tries: i32,
+    due_in: Duration,
+}
+
+/// Records how a group's write ended (it was claimed as written); returns its answers if they
 /// are still to be written.
-pub fn record(group: &Group, written: &Written) -> bool {
+pub fn record(group: &Group, written: &Written) -> Option<Again> {
     let ids = group.request_ids.clone();
     match written {
         Written::Done(done) => {
@@ -353,7 +393,7 @@ pub fn record(group: &Group, written: &Written) -> bool {
                     &[ids.into(), done.clone().into()],
                 );
             }
-            false
+            None
         }
         Written::Failed(why) => {
             run(
@@ -361,15 +401,22 @@ pub fn record(group: &Group, written: &Written) -> bool {
                   WHERE w.request_id OPERATOR(pg_catalog.=) ANY ($1)",
                 &[ids.into(), format!("error: {}", bounded(why)).into()],
             );
-            false
+            None
         }
-        Written::Waiting { reason, .. } => {
+        Written::Waiting { reason, timed_out } => {
             run(
                 "UPDATE llmbatching.writebacks w SET written_at = NULL, outcome = $2
                   WHERE w.request_id OPERATOR(pg_catalog.=) ANY ($1)",
                 &[ids.into(), format!("waiting: {}", bounded(reason)).into()],
             );
-            true
+            // This try counts; the pause before the next counts from the end of this one.
+            Some(Again {
+                role: group.role.clone(),
+                request_ids: group.request_ids.clone(),
+                tries: group.tries + 1,
+                slow_tries: group.slow_tries + i32::from(*timed_out),
+                due_in: retry_delay(group.tries),
+            })
         }
         Written::Postponed => {
             run(
@@ -377,44 +424,36 @@ pub fn record(group: &Group, written: &Written) -> bool {
                   WHERE w.request_id OPERATOR(pg_catalog.=) ANY ($1)",
                 &[ids.into()],
             );
-            true
+            Some(Again {
+                role: group.role.clone(),
+                request_ids: group.request_ids.clone(),
+                tries: group.tries,
+                slow_tries: group.slow_tries,
+                due_in: Duration::ZERO,
+            })
         }
     }
 }
 
-/// Ends an attempt: its entries leave the queue, but those holding answers still to be
-/// written, which are due again after a pause (or at once, when they were only postponed).
-pub fn finish_attempt(attempt: &Attempt, waiting: &[i64], postponed: &[i64], timed_out: bool) {
-    if !waiting.is_empty() || !postponed.is_empty() {
+/// Ends an attempt: its entries leave the queue, and the answers still to be written come back
+/// in entries of their own group, with that group's counts.
+pub fn finish_attempt(attempt: &Attempt, again: &[Again]) {
+    for a in again {
         run(
-            "UPDATE llmbatching.writeback_queue q
-                SET due_at = CASE WHEN q.request_ids OPERATOR(pg_catalog.&&) $2
-                                  THEN pg_catalog.now() OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs => $5)
-                                  ELSE pg_catalog.now() END,
-                    tries = CASE WHEN q.request_ids OPERATOR(pg_catalog.&&) $2 THEN q.tries
-                                 ELSE q.tries OPERATOR(pg_catalog.-) 1 END,
-                    slow_tries = q.slow_tries OPERATOR(pg_catalog.+)
-                                 CASE WHEN $4 AND q.request_ids OPERATOR(pg_catalog.&&) $2 THEN 1 ELSE 0 END
-              WHERE q.id OPERATOR(pg_catalog.=) ANY ($1)
-                AND (q.request_ids OPERATOR(pg_catalog.&&) $2 OR q.request_ids OPERATOR(pg_catalog.&&) $3)",
+            "INSERT INTO llmbatching.writeback_queue (submitted_by, request_ids, due_at, tries, slow_tries)
+             VALUES ($1, $2, pg_catalog.now() OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs => $3), $4, $5)",
             &[
-                attempt.entries.clone().into(),
-                waiting.to_vec().into(),
-                postponed.to_vec().into(),
-                timed_out.into(),
-                retry_delay(attempt.tries).as_secs_f64().into(),
+                a.role.as_str().into(),
+                a.request_ids.clone().into(),
+                a.due_in.as_secs_f64().into(),
+                a.tries.into(),
+                a.slow_tries.into(),
             ],
         );
     }
     run(
-        "DELETE FROM llmbatching.writeback_queue q
-          WHERE q.id OPERATOR(pg_catalog.=) ANY ($1)
-            AND NOT q.request_ids OPERATOR(pg_catalog.&&) $2 AND NOT q.request_ids OPERATOR(pg_catalog.&&) $3",
-        &[
-            attempt.entries.clone().into(),
-            waiting.to_vec().into(),
-            postponed.to_vec().into(),
-        ],
+        "DELETE FROM llmbatching.writeback_queue q WHERE q.id OPERATOR(pg_catalog.=) ANY ($1)",
+        &[attempt.entries.clone().into()],
     );
 }
 
@@ -434,7 +473,7 @@ pub fn fail_attempt(attempt: &Attempt, why: &str) {
             format!("error: {}", bounded(why)).into(),
         ],
     );
-    finish_attempt(attempt, &[], &[], false);
+    finish_attempt(attempt, &[]);
 }
 
 fn run(sql: &str, args: &[pgrx::datum::DatumWithOid]) {
@@ -598,16 +637,23 @@ mod tests {
             text: Some(format!("answer {id}")),
             json: None,
             response: None,
+            tries: 0,
+            slow_tries: 0,
         }
     }
 
     #[test]
     fn claimed_write_backs_group_by_role_and_target_column_keeping_each_answer_with_its_row() {
+        let retried = Claimed {
+            tries: 3,
+            slow_tries: 1,
+            ..claimed("alice", 10, "answer", 4)
+        };
         let groups = into_groups(vec![
             claimed("alice", 10, "answer", 1),
             claimed("bob", 10, "answer", 2),
             claimed("alice", 10, "label", 3),
-            claimed("alice", 10, "answer", 4),
+            retried,
             claimed("alice", 11, "answer", 5),
         ]);
         let shape: Vec<(&str, u32, &str, &[i64])> = groups
@@ -630,6 +676,9 @@ mod tests {
                 ("alice", 11, "answer", &[5][..]),
             ]
         );
+        // Each group counts the tries of its own answers only.
+        let tries: Vec<(i32, i32)> = groups.iter().map(|g| (g.tries, g.slow_tries)).collect();
+        assert_eq!(tries, [(3, 1), (0, 0), (0, 0), (0, 0)]);
         let first = &groups[0];
         assert_eq!(
             first.texts,

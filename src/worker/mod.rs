@@ -312,12 +312,17 @@ fn tx<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe + std::panic::RefUnwindS
 /// back as `Err` with its message, so that one batch's, one answer's or one write-back's failure
 /// stays with it and the worker goes on with the rest.
 fn catching<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+    catching_failure(f).map_err(|failure| failure.message)
+}
+
+/// As [`catching`], telling what kind of error it was (a lock or time limit, or another).
+fn catching_failure<R>(f: impl FnOnce() -> R) -> Result<R, Failure> {
     PgTryBuilder::new(std::panic::AssertUnwindSafe(move || Ok(f())))
         .catch_others(|caught| {
             // SAFETY: PostgreSQL's own recovery after an error outside any transaction block;
             // it does nothing when no transaction is open.
             unsafe { pg_sys::AbortCurrentTransaction() };
-            Err(Failure::from_caught(caught).message)
+            Err(Failure::from_caught(caught))
         })
         .execute()
 }

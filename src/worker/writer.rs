@@ -11,7 +11,7 @@
 //! `write_back::begin_attempt`), so no two write the same answers.
 
 use super::{
-    catching, connect_process, launch_process, refresh_settings, report_activity,
+    catching, catching_failure, connect_process, launch_process, refresh_settings, report_activity,
     shutdown_requested, still_runs, tx, wait_latch,
 };
 use crate::config::Settings;
@@ -166,9 +166,10 @@ pub fn write_back_due(settings: &Settings) -> bool {
 
 /// One attempt: its entries taken and the attempt counted (and committed) first, then its
 /// answers claimed, written as their role and how each group ended recorded, in one
-/// transaction; an error is the attempt's outcome, never the process's. The worker's own
-/// statements wait at most a second for a lock the role holds (its own write-backs, locked
-/// from its session): only that role's answers wait.
+/// transaction. An error is the attempt's outcome, never the process's: a lock the role holds
+/// (its own write-backs or entries, locked from its session; the worker's own statements wait
+/// at most a second for one) or a time limit leaves the entries to their next try, which was
+/// counted; any other error, or any on the last try, ends their write-backs with it.
 fn write_attempt(attempt: write_back::Attempt, bounds: crate::restricted::Bounds) {
     let taken = catching(move || {
         tx(move || {
@@ -185,44 +186,38 @@ fn write_attempt(attempt: write_back::Attempt, bounds: crate::restricted::Bounds
         }
     };
     let this = attempt.clone();
-    let done = catching(move || {
+    let done = catching_failure(move || {
         tx(move || {
             state::bound_lock_waits();
             write_groups(&this, bounds)
         })
     });
-    if let Err(message) = done {
-        let _ = catching(move || {
-            tx(move || {
-                state::bound_lock_waits();
-                write_back::fail_attempt(&attempt, &message)
-            })
-        });
+    match done {
+        Ok(()) => {}
+        Err(failure) if failure.transient && !attempt.is_last() => {}
+        Err(failure) => {
+            let _ = catching(move || {
+                tx(move || {
+                    state::bound_lock_waits();
+                    write_back::fail_attempt(&attempt, &failure.message)
+                })
+            });
+        }
     }
 }
 
-/// Writes an attempt's groups within its role's time, and puts its entries back for what is
-/// still to be written.
+/// Writes an attempt's groups within its role's time, and queues again what is still to be
+/// written.
 fn write_groups(attempt: &write_back::Attempt, bounds: crate::restricted::Bounds) {
     let started = Instant::now();
-    let (mut waiting, mut postponed, mut timed_out) = (Vec::new(), Vec::new(), false);
+    let mut again = Vec::new();
     for mut group in write_back::claim(attempt) {
         let written = if started.elapsed() >= bounds.time_limit || shutdown_requested() {
             Written::Postponed
         } else {
-            write_back::write_group(attempt, &mut group, bounds)
+            write_back::write_group(&mut group, bounds)
         };
-        if write_back::record(&group, &written) {
-            match written {
-                Written::Waiting {
-                    timed_out: slow, ..
-                } => {
-                    timed_out |= slow;
-                    waiting.extend_from_slice(&group.request_ids);
-                }
-                _ => postponed.extend_from_slice(&group.request_ids),
-            }
-        }
+        again.extend(write_back::record(&group, &written));
     }
-    write_back::finish_attempt(attempt, &waiting, &postponed, timed_out);
+    write_back::finish_attempt(attempt, &again);
 }
