@@ -132,24 +132,25 @@ $$;
 ALTER FUNCTION llmbatching.writebacks_registered() SET search_path = pg_catalog, pg_temp;
 
 -- The write-back queue holds entries of up to 1,000 answers of a role, not one row per answer
--- (see schema.sql): the answers queued before stay queued, in entries of 1,000 by role, each
--- taking the earliest time and the most tries of its answers.
+-- (see schema.sql): the answers queued before stay queued, in entries of up to 1,000 of a role
+-- that have been tried as often.
 ALTER TABLE llmbatching.writeback_queue
     DROP CONSTRAINT writeback_queue_pkey,
     ADD COLUMN id bigint GENERATED ALWAYS AS IDENTITY,
     ADD COLUMN request_ids bigint[];
 INSERT INTO llmbatching.writeback_queue (request_id, submitted_by, request_ids, due_at, tries, slow_tries)
 SELECT pg_catalog.min(c.request_id), c.submitted_by, pg_catalog.array_agg(c.request_id ORDER BY c.request_id),
-       pg_catalog.min(c.due_at), pg_catalog.max(c.tries), pg_catalog.max(c.slow_tries)
-  FROM (SELECT q.*, (pg_catalog.row_number() OVER (PARTITION BY q.submitted_by ORDER BY q.request_id) OPERATOR(pg_catalog.-) 1)
-                    OPERATOR(pg_catalog./) 1000 AS entry
+       pg_catalog.max(c.due_at), c.tries, c.slow_tries
+  FROM (SELECT q.*, (pg_catalog.row_number() OVER (PARTITION BY q.submitted_by, q.tries, q.slow_tries ORDER BY q.request_id)
+                     OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 1000 AS entry
           FROM llmbatching.writeback_queue q) c
- GROUP BY c.submitted_by, c.entry;
+ GROUP BY c.submitted_by, c.tries, c.slow_tries, c.entry;
 DELETE FROM llmbatching.writeback_queue q WHERE q.request_ids IS NULL;
 ALTER TABLE llmbatching.writeback_queue
     ALTER COLUMN request_ids SET NOT NULL,
     DROP COLUMN request_id,
-    ADD PRIMARY KEY (id);
+    ADD PRIMARY KEY (id),
+    ADD COLUMN answers integer NOT NULL GENERATED ALWAYS AS (pg_catalog.cardinality(request_ids)) STORED;
 SELECT pg_catalog.pg_extension_config_dump('llmbatching.writeback_queue_id_seq', '');
 CREATE OR REPLACE FUNCTION llmbatching.requests_changed() RETURNS trigger
 LANGUAGE plpgsql
@@ -222,21 +223,35 @@ LANGUAGE plpgsql
 SECURITY DEFINER
 SET enable_seqscan = off
 AS $$
+DECLARE
+    holder xid;
 BEGIN
     IF NEW.written_at IS NULL
        AND EXISTS (SELECT FROM llmbatching.requests r WHERE r.id = NEW.request_id AND r.state = 'completed') THEN
-        -- An answer already in an entry keeps it, with its count and its time: registering
-        -- again never makes the worker try sooner or more often. But not an entry the worker
-        -- is writing now (it locks them), which may be about to leave the queue; the lock
-        -- taken here holds it there until this transaction ends.
-        PERFORM FROM llmbatching.writeback_queue q
-          WHERE q.submitted_by = NEW.submitted_by AND NEW.request_id = ANY (q.request_ids)
-          LIMIT 1
-          FOR KEY SHARE SKIP LOCKED;
-        IF NOT FOUND THEN
-            INSERT INTO llmbatching.writeback_queue (submitted_by, request_ids) VALUES (NEW.submitted_by, ARRAY[NEW.request_id]);
-            PERFORM llmbatching.wake_worker();
+        IF (OLD.target, OLD.target_column, OLD.row_key) IS NOT DISTINCT FROM (NEW.target, NEW.target_column, NEW.row_key) THEN
+            -- The same row and column: an answer already in an entry keeps it, with its count
+            -- and its time (registering again never makes the worker try sooner or more
+            -- often). But not an entry the worker is writing now, which may be about to leave
+            -- the queue: the worker locks those (this registration skips them, or, when it
+            -- comes from the role's own code the worker runs, finds the lock its own
+            -- transaction's); the lock taken here holds the entry there until this commits.
+            SELECT q.xmax INTO holder FROM llmbatching.writeback_queue q
+             WHERE q.submitted_by = NEW.submitted_by AND NEW.request_id = ANY (q.request_ids)
+             LIMIT 1
+             FOR KEY SHARE SKIP LOCKED;
+            IF FOUND AND holder IS DISTINCT FROM pg_current_xact_id_if_assigned()::xid THEN
+                RETURN NULL;
+            END IF;
+        ELSE
+            -- Another row or column starts afresh: the answer leaves the entries that counted
+            -- tries at the old one (but one the worker is writing now, which writes it once).
+            UPDATE llmbatching.writeback_queue q SET request_ids = array_remove(q.request_ids, NEW.request_id)
+             WHERE q.id IN (SELECT e.id FROM llmbatching.writeback_queue e
+                             WHERE e.submitted_by = NEW.submitted_by AND NEW.request_id = ANY (e.request_ids)
+                               FOR UPDATE SKIP LOCKED);
         END IF;
+        INSERT INTO llmbatching.writeback_queue (submitted_by, request_ids) VALUES (NEW.submitted_by, ARRAY[NEW.request_id]);
+        PERFORM llmbatching.wake_worker();
     END IF;
     RETURN NULL;
 END

@@ -343,21 +343,35 @@ LANGUAGE plpgsql
 SECURITY DEFINER
 SET enable_seqscan = off
 AS $$
+DECLARE
+    holder xid;
 BEGIN
     IF NEW.written_at IS NULL
        AND EXISTS (SELECT FROM llmbatching.requests r WHERE r.id = NEW.request_id AND r.state = 'completed') THEN
-        -- An answer already in an entry keeps it, with its count and its time: registering
-        -- again never makes the worker try sooner or more often. But not an entry the worker
-        -- is writing now (it locks them), which may be about to leave the queue; the lock
-        -- taken here holds it there until this transaction ends.
-        PERFORM FROM llmbatching.writeback_queue q
-          WHERE q.submitted_by = NEW.submitted_by AND NEW.request_id = ANY (q.request_ids)
-          LIMIT 1
-          FOR KEY SHARE SKIP LOCKED;
-        IF NOT FOUND THEN
-            INSERT INTO llmbatching.writeback_queue (submitted_by, request_ids) VALUES (NEW.submitted_by, ARRAY[NEW.request_id]);
-            PERFORM llmbatching.wake_worker();
+        IF (OLD.target, OLD.target_column, OLD.row_key) IS NOT DISTINCT FROM (NEW.target, NEW.target_column, NEW.row_key) THEN
+            -- The same row and column: an answer already in an entry keeps it, with its count
+            -- and its time (registering again never makes the worker try sooner or more
+            -- often). But not an entry the worker is writing now, which may be about to leave
+            -- the queue: the worker locks those (this registration skips them, or, when it
+            -- comes from the role's own code the worker runs, finds the lock its own
+            -- transaction's); the lock taken here holds the entry there until this commits.
+            SELECT q.xmax INTO holder FROM llmbatching.writeback_queue q
+             WHERE q.submitted_by = NEW.submitted_by AND NEW.request_id = ANY (q.request_ids)
+             LIMIT 1
+             FOR KEY SHARE SKIP LOCKED;
+            IF FOUND AND holder IS DISTINCT FROM pg_current_xact_id_if_assigned()::xid THEN
+                RETURN NULL;
+            END IF;
+        ELSE
+            -- Another row or column starts afresh: the answer leaves the entries that counted
+            -- tries at the old one (but one the worker is writing now, which writes it once).
+            UPDATE llmbatching.writeback_queue q SET request_ids = array_remove(q.request_ids, NEW.request_id)
+             WHERE q.id IN (SELECT e.id FROM llmbatching.writeback_queue e
+                             WHERE e.submitted_by = NEW.submitted_by AND NEW.request_id = ANY (e.request_ids)
+                               FOR UPDATE SKIP LOCKED);
         END IF;
+        INSERT INTO llmbatching.writeback_queue (submitted_by, request_ids) VALUES (NEW.submitted_by, ARRAY[NEW.request_id]);
+        PERFORM llmbatching.wake_worker();
     END IF;
     RETURN NULL;
 END

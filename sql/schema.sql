@@ -235,6 +235,7 @@ CREATE TABLE llmbatching.writeback_queue (
     -- The role the write-backs run as: each role's entries are taken in turn.
     submitted_by name NOT NULL,
     request_ids  bigint[] NOT NULL,
+    answers      integer NOT NULL GENERATED ALWAYS AS (pg_catalog.cardinality(request_ids)) STORED,
     due_at       timestamptz NOT NULL DEFAULT pg_catalog.now(),
     -- Attempts so far (counted as each starts), and how many of them ran out of time.
     tries        integer NOT NULL DEFAULT 0,

@@ -1213,6 +1213,22 @@ fn a_held_lock_or_slow_trigger_delays_only_its_owner() {
         .unwrap()
         .get(0);
     assert_eq!(entries, 1, "registering again queued the answer again");
+    // Registered for another row or table, it starts afresh there: written at once, whatever
+    // its tries at the locked table; registered back, it waits for that table again.
+    make_table(&mut mallory, "mallory.t3", 3);
+    mallory
+        .execute(
+            "SELECT llm_write_back($1, 'mallory.t3', 'answer', $2)",
+            &[&id, &key],
+        )
+        .unwrap();
+    wait_written(&mut admin, &into("mallory.t3"), 1, Duration::from_secs(60));
+    mallory
+        .execute(
+            "SELECT llm_write_back($1, 'mallory.t1', 'answer', $2)",
+            &[&id, &key],
+        )
+        .unwrap();
     let slow = eventually(
         "the slow trigger's write-backs to be tried",
         Duration::from_secs(60),

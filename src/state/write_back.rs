@@ -20,9 +20,10 @@ use pgrx::JsonB;
 use std::collections::HashMap;
 use std::time::Duration;
 
-/// Answers of each role taken per attempt (in whole entries, of up to 1,000 answers each); the
-/// rest wait for the next one.
+/// Answers of each role taken per attempt (in whole entries, of up to 1,000 answers each, and
+/// at most [`ENTRIES_PER_ATTEMPT`] entries); the rest wait for the next one.
 const ANSWERS_PER_ATTEMPT: i64 = 10_000;
+const ENTRIES_PER_ATTEMPT: i64 = 100;
 /// A group that keeps running out of time (not merely waiting for a lock) is given up after
 /// this many tries, so a trigger that always sleeps does not cost the worker time forever.
 const MAX_SLOW_TRIES: i32 = 5;
@@ -90,7 +91,8 @@ static NOTED_OLD_SCHEMA: std::sync::atomic::AtomicBool = std::sync::atomic::Atom
 
 /// The attempts due: for each role with entries due, its oldest, up to
 /// [`ANSWERS_PER_ATTEMPT`] answers, so that no role's flood of answers pushes another's back.
-/// Ordered by role.
+/// Ordered by role. Entries tried [`MAX_TRIES`] times make an attempt of their own, which gives
+/// them up: their last try is never another group's.
 pub fn due_attempts() -> Vec<Attempt> {
     if !schema_is_current() {
         return Vec::new();
@@ -104,18 +106,22 @@ pub fn due_attempts() -> Vec<Attempt> {
                        FROM roles r
                       CROSS JOIN LATERAL (
                           SELECT e.id, e.tries,
-                                 pg_catalog.sum(pg_catalog.cardinality(e.request_ids)) OVER (ORDER BY e.due_at, e.id) AS answers
-                            FROM (SELECT q.id, q.tries, q.request_ids, q.due_at FROM llmbatching.writeback_queue q
+                                 pg_catalog.sum(e.answers) OVER (ORDER BY e.due_at, e.id) AS answers
+                            FROM (SELECT q.id, q.tries, q.answers, q.due_at FROM llmbatching.writeback_queue q
                                    WHERE q.submitted_by OPERATOR(pg_catalog.=) r.submitted_by
                                      AND q.due_at OPERATOR(pg_catalog.<=) pg_catalog.now()
-                                   ORDER BY q.due_at LIMIT $1) e) q
+                                   ORDER BY q.due_at LIMIT $2) e) q
                       -- (No entry holds more answers than an attempt takes: the first always fits.)
                       WHERE q.answers OPERATOR(pg_catalog.<=) $1
-                      GROUP BY r.submitted_by
+                      GROUP BY r.submitted_by, q.tries OPERATOR(pg_catalog.>=) $3
                       ORDER BY r.submitted_by"
                 ),
                 None,
-                &[ANSWERS_PER_ATTEMPT.into()],
+                &[
+                    ANSWERS_PER_ATTEMPT.into(),
+                    ENTRIES_PER_ATTEMPT.into(),
+                    MAX_TRIES.into(),
+                ],
             )?
             .map(|row| {
                 Ok(Attempt {
@@ -258,8 +264,8 @@ pub fn claim(attempt: &Attempt) -> Vec<Group> {
             .collect::<SpiResult<Vec<_>>>()
     })
     .unwrap_or_else(|e| fail("claiming write-backs", e));
-    Spi::run("SET LOCAL enable_seqscan TO DEFAULT")
-        .unwrap_or_else(|e| fail("claiming write-backs", e));
+    // (Back to the worker's own setting, see `session`.)
+    Spi::run("SET LOCAL enable_seqscan = on").unwrap_or_else(|e| fail("claiming write-backs", e));
     into_groups(rows)
 }
 
