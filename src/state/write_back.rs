@@ -38,6 +38,8 @@ fn fail<T>(what: &str, e: impl std::fmt::Display) -> T {
 /// A role's queue entries due now, to be written in one attempt.
 #[derive(Debug, Clone)]
 pub struct Attempt {
+    /// The role whose answers they are.
+    pub role: String,
     pub entries: Vec<i64>,
     /// How many times these entries were already tried (the most of them).
     pub tries: i32,
@@ -102,7 +104,7 @@ pub fn due_attempts() -> Vec<Attempt> {
             .select(
                 &format!(
                     "WITH RECURSIVE {ROLES_IN_QUEUE}
-                     SELECT pg_catalog.array_agg(q.id ORDER BY q.id), pg_catalog.max(q.tries)
+                     SELECT r.submitted_by::pg_catalog.text, pg_catalog.array_agg(q.id ORDER BY q.id), pg_catalog.max(q.tries)
                        FROM roles r
                       CROSS JOIN LATERAL (
                           SELECT e.id, e.tries,
@@ -125,8 +127,9 @@ pub fn due_attempts() -> Vec<Attempt> {
             )?
             .map(|row| {
                 Ok(Attempt {
-                    entries: row.get(1)?.unwrap_or_default(),
-                    tries: row.get(2)?.unwrap_or(0),
+                    role: row.get(1)?.unwrap_or_default(),
+                    entries: row.get(2)?.unwrap_or_default(),
+                    tries: row.get(3)?.unwrap_or(0),
                 })
             })
             .collect::<SpiResult<Vec<_>>>()

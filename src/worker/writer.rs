@@ -135,6 +135,11 @@ pub extern "C-unwind" fn llmbatching_writer_main(arg: pg_sys::Datum) {
     unsafe { pg_sys::proc_exit(0) };
 }
 
+/// The role whose attempt this process made last: the next pass starts with the role after it,
+/// so that when passes end early (their time used up) every role still comes in turn, not
+/// those first by name.
+static LAST_SERVED: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+
 /// Writes the answers that wait in the write-back queue into their rows: one attempt per role
 /// with entries due, each writing its groups (a role's answers into one column) as that role
 /// (see `state::write_back`). Roles take turns, each may use at most one `write_back_timeout`
@@ -151,7 +156,8 @@ pub fn write_back_due(settings: &Settings) -> bool {
     let bounds = settings.write_back;
     let pass_budget = bounds.time_limit.max(Duration::from_secs(1)) * ROLES_PER_PASS;
     let started = Instant::now();
-    for attempt in attempts {
+    let last = LAST_SERVED.lock().map(|l| l.clone()).unwrap_or_default();
+    for attempt in in_turn(attempts, &last) {
         if shutdown_requested()
             || started.elapsed() >= pass_budget
             || registry::database_wanted_alone()
@@ -159,9 +165,23 @@ pub fn write_back_due(settings: &Settings) -> bool {
             break;
         }
         report_activity("llmbatching: writing answers back");
+        if let Ok(mut served) = LAST_SERVED.lock() {
+            served.clone_from(&attempt.role);
+        }
         write_attempt(attempt, bounds);
     }
     true
+}
+
+/// The attempts (ordered by role) starting with the first role after `last`, then from the
+/// first role on.
+fn in_turn(mut attempts: Vec<write_back::Attempt>, last: &str) -> Vec<write_back::Attempt> {
+    let next = attempts
+        .iter()
+        .position(|a| a.role.as_str() > last)
+        .unwrap_or(0);
+    attempts.rotate_left(next);
+    attempts
 }
 
 /// One attempt: its entries taken and the attempt counted (and committed) first, then its
@@ -220,4 +240,51 @@ fn write_groups(attempt: &write_back::Attempt, bounds: crate::restricted::Bounds
         again.extend(write_back::record(&group, &written));
     }
     write_back::finish_attempt(attempt, &again);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attempt(role: &str) -> write_back::Attempt {
+        write_back::Attempt {
+            role: role.into(),
+            entries: vec![1],
+            tries: 0,
+        }
+    }
+
+    #[test]
+    fn each_pass_starts_with_the_role_after_the_last_one_served() {
+        let roles = |attempts: Vec<write_back::Attempt>| -> Vec<String> {
+            attempts.into_iter().map(|a| a.role).collect()
+        };
+        let all = || {
+            vec![
+                attempt("alice"),
+                attempt("bob"),
+                attempt("bob"),
+                attempt("carol"),
+            ]
+        };
+        assert_eq!(roles(in_turn(all(), "")), ["alice", "bob", "bob", "carol"]);
+        assert_eq!(
+            roles(in_turn(all(), "alice")),
+            ["bob", "bob", "carol", "alice"]
+        );
+        assert_eq!(
+            roles(in_turn(all(), "bob")),
+            ["carol", "alice", "bob", "bob"]
+        );
+        assert_eq!(
+            roles(in_turn(all(), "carol")),
+            ["alice", "bob", "bob", "carol"]
+        );
+        // A role that has left the queue: the next one after it by name.
+        assert_eq!(
+            roles(in_turn(all(), "bert")),
+            ["bob", "bob", "carol", "alice"]
+        );
+        assert!(in_turn(Vec::new(), "bob").is_empty());
+    }
 }
