@@ -108,19 +108,17 @@ BEGIN
                AND o.submitted_by = n.submitted_by AND o.request_id <> n.request_id
             OFFSET 0) older
      WHERE w.request_id = older.request_id AND w.written_at IS NULL;
-    -- Answers already in: queued in entries of up to 1,000 per role. (One may already be in an
-    -- entry, queued when it completed: the worker writes it once all the same, see
-    -- llmbatching.writeback_queue.)
+    -- Answers already in: queued in entries of up to 1,000 per role (those whose ids share
+    -- their thousand). (One may already be in an entry, queued when it completed: the worker
+    -- writes it once all the same, see llmbatching.writeback_queue.)
     WITH q AS (
         INSERT INTO llmbatching.writeback_queue (submitted_by, request_ids)
-        SELECT c.submitted_by, array_agg(c.request_id ORDER BY c.request_id)
-          FROM (SELECT w.submitted_by, w.request_id,
-                       (row_number() OVER (PARTITION BY w.submitted_by ORDER BY w.request_id) - 1) / 1000 AS entry
-                  FROM new_rows n
-                  JOIN llmbatching.writebacks w ON w.request_id = n.request_id
-                  JOIN llmbatching.requests r ON r.id = n.request_id
-                 WHERE w.written_at IS NULL AND r.state = 'completed') c
-         GROUP BY c.submitted_by, c.entry
+        SELECT w.submitted_by, array_agg(w.request_id)
+          FROM new_rows n
+          JOIN llmbatching.writebacks w ON w.request_id = n.request_id
+          JOIN llmbatching.requests r ON r.id = n.request_id
+         WHERE w.written_at IS NULL AND r.state = 'completed'
+         GROUP BY w.submitted_by, w.request_id / 1000
         RETURNING 1)
     SELECT count(*) INTO queued FROM q;
     IF queued > 0 THEN
@@ -139,12 +137,10 @@ ALTER TABLE llmbatching.writeback_queue
     ADD COLUMN id bigint GENERATED ALWAYS AS IDENTITY,
     ADD COLUMN request_ids bigint[];
 INSERT INTO llmbatching.writeback_queue (request_id, submitted_by, request_ids, due_at, tries, slow_tries)
-SELECT pg_catalog.min(c.request_id), c.submitted_by, pg_catalog.array_agg(c.request_id ORDER BY c.request_id),
-       pg_catalog.max(c.due_at), c.tries, c.slow_tries
-  FROM (SELECT q.*, (pg_catalog.row_number() OVER (PARTITION BY q.submitted_by, q.tries, q.slow_tries ORDER BY q.request_id)
-                     OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 1000 AS entry
-          FROM llmbatching.writeback_queue q) c
- GROUP BY c.submitted_by, c.tries, c.slow_tries, c.entry;
+SELECT pg_catalog.min(q.request_id), q.submitted_by, pg_catalog.array_agg(q.request_id),
+       pg_catalog.max(q.due_at), q.tries, q.slow_tries
+  FROM llmbatching.writeback_queue q
+ GROUP BY q.submitted_by, q.tries, q.slow_tries, q.request_id OPERATOR(pg_catalog./) 1000;
 DELETE FROM llmbatching.writeback_queue q WHERE q.request_ids IS NULL;
 ALTER TABLE llmbatching.writeback_queue
     ALTER COLUMN request_ids SET NOT NULL,
@@ -190,17 +186,16 @@ BEGIN
     END IF;
     -- (Not when there are no write-backs at all.)
     IF EXISTS (SELECT FROM llmbatching.writebacks) THEN
-        -- The answers go to the write-back queue in entries of up to 1,000 per role, whether
-        -- or not they have a write-back: the worker's write-back step finds out, one probe per
-        -- answer, where looking here would cost that probe and a queue row per answer more.
+        -- The answers go to the write-back queue in entries of up to 1,000 per role (those
+        -- whose ids share their thousand), whether or not they have a write-back: the worker's
+        -- write-back step finds out, one probe per answer, where looking here would cost that
+        -- probe and a queue row per answer more.
         IF completed > 0 THEN
             INSERT INTO llmbatching.writeback_queue (submitted_by, request_ids)
-            SELECT c.submitted_by, array_agg(c.id ORDER BY c.id)
-              FROM (SELECT n.submitted_by, n.id,
-                           (row_number() OVER (PARTITION BY n.submitted_by ORDER BY n.id) - 1) / 1000 AS entry
-                      FROM new_rows n
-                     WHERE n.state = 'completed' AND n.finished_at = now()) c
-             GROUP BY c.submitted_by, c.entry;
+            SELECT n.submitted_by, array_agg(n.id)
+              FROM new_rows n
+             WHERE n.state = 'completed' AND n.finished_at = now()
+             GROUP BY n.submitted_by, n.id / 1000;
         END IF;
         UPDATE llmbatching.writebacks w
            SET written_at = now(), outcome = 'request ' || n.state
@@ -210,8 +205,9 @@ BEGIN
     END IF;
     -- (A role dropped since it submitted has no channel left to notify.)
     PERFORM pg_notify('llmbatching_' || s.role::oid, '')
-       FROM (SELECT DISTINCT to_regrole(quote_ident(n.submitted_by)) AS role FROM new_rows n
-              WHERE n.state IN ('completed', 'failed', 'cancelled') AND n.finished_at = now()) AS s
+       FROM (SELECT to_regrole(quote_ident(d.submitted_by)) AS role
+               FROM (SELECT DISTINCT n.submitted_by FROM new_rows n
+                      WHERE n.state IN ('completed', 'failed', 'cancelled') AND n.finished_at = now()) AS d) AS s
       WHERE s.role IS NOT NULL;
     RETURN NULL;
 END
