@@ -8,7 +8,8 @@
 //!
 //! Two processes may write answers at once (a writer left running by a worker that restarted,
 //! and its successor's): each attempt first takes its entries of the queue (see
-//! `write_back::begin_attempt`), so no two write the same answers.
+//! `write_back::begin_attempt`) and then claims each write-back before writing it (see
+//! `write_back::claim`), so no two write the same answer.
 
 use super::{
     catching, catching_failure, connect_process, launch_process, refresh_settings, report_activity,
