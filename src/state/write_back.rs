@@ -12,6 +12,7 @@
 //! `waiting: …`) and its entries are tried again later; any other error is the group's final
 //! outcome. Ingesting answers never waits on a user's table: it only fills the queue.
 
+use crate::planner;
 use crate::provider::redact::bounded;
 use crate::restricted::{self, Bounds, Failure};
 use pgrx::prelude::*;
@@ -73,6 +74,11 @@ const ROLES_IN_QUEUE: &str = "roles AS (
 /// reads answers, but writes none into rows, whose queue changed shape in 0.2.0. They wait
 /// there for the update, which keeps them.
 pub fn schema_is_current() -> bool {
+    // Once current, it stays so for the process: a version is never taken back (no script goes
+    // down), and a dropped extension ends the worker and its writer.
+    if SCHEMA_CURRENT.load(std::sync::atomic::Ordering::Relaxed) {
+        return true;
+    }
     let current = Spi::get_one_with_args::<bool>(
         "SELECT e.extversion OPERATOR(pg_catalog.=) $1 FROM pg_catalog.pg_extension e
           WHERE e.extname OPERATOR(pg_catalog.=) 'llmbatching'",
@@ -80,6 +86,7 @@ pub fn schema_is_current() -> bool {
     )
     .unwrap_or_else(|e| fail("reading the extension's version", e))
     .unwrap_or(false);
+    SCHEMA_CURRENT.store(current, std::sync::atomic::Ordering::Relaxed);
     if !current && !NOTED_OLD_SCHEMA.swap(true, std::sync::atomic::Ordering::Relaxed) {
         log!(
             "llmbatching: answers are not written back into rows until ALTER EXTENSION llmbatching UPDATE (this library is version {})",
@@ -89,6 +96,7 @@ pub fn schema_is_current() -> bool {
     current
 }
 
+static SCHEMA_CURRENT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 static NOTED_OLD_SCHEMA: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// The attempts due: for each role with entries due, its oldest, up to
@@ -374,9 +382,16 @@ pub fn write_group(group: &mut Group, bounds: Bounds) -> Written {
     }
 }
 
-/// Waits grow from one second to five minutes.
+/// Waits grow from one second to five minutes (without jitter: each role's answers are tried
+/// on their own, never in lockstep with another's).
 fn retry_delay(tries: i32) -> Duration {
-    Duration::from_secs(1u64 << tries.clamp(0, 9)).min(Duration::from_secs(300))
+    planner::retry_delay(
+        tries.max(0) as u32,
+        Duration::from_secs(1),
+        Duration::from_secs(300),
+        None,
+        1.0,
+    )
 }
 
 /// Answers to queue again, in an entry of their own: a group's that waited, or was not tried.
@@ -386,6 +401,19 @@ pub struct Again {
     tries: i32,
     slow_tries: i32,
     due_in: Duration,
+}
+
+impl Again {
+    /// The group's answers, with its counts raised by `tries` and `slow_tries`, due in `due_in`.
+    fn of(group: &Group, tries: i32, slow_tries: i32, due_in: Duration) -> Again {
+        Again {
+            role: group.role.clone(),
+            request_ids: group.request_ids.clone(),
+            tries: group.tries + tries,
+            slow_tries: group.slow_tries + slow_tries,
+            due_in,
+        }
+    }
 }
 
 /// Records how a group's write ended (it was claimed as written); returns its answers if they
@@ -413,35 +441,29 @@ pub fn record(group: &Group, written: &Written) -> Option<Again> {
             None
         }
         Written::Waiting { reason, timed_out } => {
-            run(
-                "UPDATE llmbatching.writebacks w SET written_at = NULL, outcome = $2
-                  WHERE w.request_id OPERATOR(pg_catalog.=) ANY ($1)",
-                &[ids.into(), format!("waiting: {}", bounded(reason)).into()],
-            );
+            unclaim(ids, Some(format!("waiting: {}", bounded(reason))));
             // This try counts; the pause before the next counts from the end of this one.
-            Some(Again {
-                role: group.role.clone(),
-                request_ids: group.request_ids.clone(),
-                tries: group.tries + 1,
-                slow_tries: group.slow_tries + i32::from(*timed_out),
-                due_in: retry_delay(group.tries),
-            })
+            Some(Again::of(
+                group,
+                1,
+                i32::from(*timed_out),
+                retry_delay(group.tries),
+            ))
         }
         Written::Postponed => {
-            run(
-                "UPDATE llmbatching.writebacks w SET written_at = NULL, outcome = NULL
-                  WHERE w.request_id OPERATOR(pg_catalog.=) ANY ($1)",
-                &[ids.into()],
-            );
-            Some(Again {
-                role: group.role.clone(),
-                request_ids: group.request_ids.clone(),
-                tries: group.tries,
-                slow_tries: group.slow_tries,
-                due_in: Duration::ZERO,
-            })
+            unclaim(ids, None);
+            Some(Again::of(group, 0, 0, Duration::ZERO))
         }
     }
+}
+
+/// Gives claimed write-backs back to be written later, with `outcome` saying why.
+fn unclaim(ids: Vec<i64>, outcome: Option<String>) {
+    run(
+        "UPDATE llmbatching.writebacks w SET written_at = NULL, outcome = $2
+          WHERE w.request_id OPERATOR(pg_catalog.=) ANY ($1)",
+        &[ids.into(), outcome.into()],
+    );
 }
 
 /// Ends an attempt: its entries leave the queue, and the answers still to be written come back
