@@ -84,6 +84,17 @@ GRANT EXECUTE ON FUNCTION llmbatching.llm_worker_start(), llmbatching.llm_worker
 -- The cancelled requests of each batch (see schema.sql).
 CREATE INDEX requests_cancelled ON llmbatching.requests (batch_id) WHERE state = 'cancelled' AND batch_id IS NOT NULL;
 
+-- The queues carry each body's size (and when it was queued), so that the worker measures a
+-- group and plans its batch from the indexes alone.
+DROP INDEX llmbatching.requests_queue;
+CREATE INDEX requests_queue ON llmbatching.requests (provider, account, endpoint, model, id)
+    INCLUDE (body_bytes, queued_at)
+    WHERE state = 'queued' AND reused_from IS NULL;
+DROP INDEX llmbatching.requests_queue_by_role;
+CREATE INDEX requests_queue_by_role ON llmbatching.requests (provider, account, endpoint, model, submitted_by, id)
+    INCLUDE (body_bytes)
+    WHERE state = 'queued' AND reused_from IS NULL;
+
 -- Registering write-backs meets the other registrations of each row in one probe, not two.
 CREATE OR REPLACE FUNCTION llmbatching.writebacks_registered() RETURNS trigger
 LANGUAGE plpgsql
@@ -110,14 +121,20 @@ BEGIN
      WHERE w.request_id = older.request_id AND w.written_at IS NULL;
     -- Answers already in: queued in entries of up to 1,000 per role (those whose ids share
     -- their thousand). (One may already be in an entry, queued when it completed: the worker
-    -- writes it once all the same, see llmbatching.writeback_queue.)
+    -- writes it once all the same, see llmbatching.writeback_queue.) Requests are looked at
+    -- first, and only the answered ones' write-backs after: registrations are mostly for
+    -- requests just submitted, and a second probe per row cost 1.5 s of a million-row
+    -- llm_classify.
     WITH q AS (
         INSERT INTO llmbatching.writeback_queue (submitted_by, request_ids)
         SELECT w.submitted_by, array_agg(w.request_id)
-          FROM new_rows n
-          JOIN llmbatching.writebacks w ON w.request_id = n.request_id
-          JOIN llmbatching.requests r ON r.id = n.request_id
-         WHERE w.written_at IS NULL AND r.state = 'completed'
+          FROM (SELECT n.request_id
+                  FROM new_rows n
+                  JOIN llmbatching.requests r ON r.id = n.request_id
+                 WHERE r.state = 'completed'
+                OFFSET 0) answered
+          JOIN llmbatching.writebacks w ON w.request_id = answered.request_id
+         WHERE w.written_at IS NULL
          GROUP BY w.submitted_by, w.request_id / 1000
         RETURNING 1)
     SELECT count(*) INTO queued FROM q;

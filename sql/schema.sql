@@ -165,10 +165,16 @@ CREATE TABLE llmbatching.requests (
     finished_at     timestamptz
 );
 COMMENT ON TABLE llmbatching.requests IS 'Every LLM request: its body, its state and, once answered, the response';
+-- The queue of each group, oldest first. It carries each body's size and when it was queued:
+-- the worker measures a group (its bytes, its oldest wait) from the index alone.
 CREATE INDEX requests_queue ON llmbatching.requests (provider, account, endpoint, model, id)
+    INCLUDE (body_bytes, queued_at)
     WHERE state = 'queued' AND reused_from IS NULL;
--- The same queue by role, so that a batch takes requests of every waiting role in turn.
+-- The same queue by role, so that a batch takes requests of every waiting role in turn. It
+-- carries each body's size too: a claim plans its batch from the index alone, without a
+-- probe of the table per request.
 CREATE INDEX requests_queue_by_role ON llmbatching.requests (provider, account, endpoint, model, submitted_by, id)
+    INCLUDE (body_bytes)
     WHERE state = 'queued' AND reused_from IS NULL;
 -- Only ever searched for one hash: a hash index is smaller and cheaper to add to than a btree.
 CREATE INDEX requests_hash ON llmbatching.requests USING hash (request_hash);

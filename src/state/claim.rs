@@ -67,19 +67,18 @@ pub fn queued_groups() -> Vec<Group> {
 
 /// Reads what a group holds: its first `max_requests` requests (that many make a group due
 /// whatever else is queued, so the count stops there), their bytes and how long the oldest
-/// waited. Their ids come from the queue index alone, as in [`claim_candidates`].
+/// waited. They come from the queue index alone (`requests_queue` carries the bytes and the
+/// time queued), as in [`claim_candidates`].
 pub fn measure_group(group: &Group, max_requests: usize) -> QueuedGroup {
     Spi::connect(|client| {
         let row = client
             .select(
-                "SELECT pg_catalog.count(*), pg_catalog.sum(r.body_bytes)::bigint,
-                        extract(epoch FROM pg_catalog.clock_timestamp() - pg_catalog.min(r.queued_at))::float8
-                   FROM (SELECT q.id FROM llmbatching.requests q
+                "SELECT pg_catalog.count(*), pg_catalog.sum(first.body_bytes)::bigint,
+                        extract(epoch FROM pg_catalog.clock_timestamp() - pg_catalog.min(first.queued_at))::float8
+                   FROM (SELECT q.body_bytes, q.queued_at FROM llmbatching.requests q
                           WHERE q.state = 'queued' AND q.reused_from IS NULL
                             AND q.provider = $1 AND q.account = $2 AND q.endpoint = $3 AND q.model = $4
-                          ORDER BY q.id LIMIT $5) first
-                  CROSS JOIN LATERAL (SELECT r.body_bytes, r.queued_at FROM llmbatching.requests r
-                                       WHERE r.id = first.id OFFSET 0) r",
+                          ORDER BY q.id LIMIT $5) first",
                 Some(1),
                 &[
                     group.provider.as_str().into(),
@@ -195,14 +194,14 @@ pub fn token_budget(group: &Group, default_cap: Option<i64>) -> Option<TokenBudg
 /// [`planner::interleave_roles`]). Roles whose requests already ride in `per_role_cap` open
 /// batches (0: no cap) wait.
 ///
-/// The ids come from the queue index alone (an index-only scan of `requests_queue_by_role`,
-/// which holds queued requests only). Read in primary-key order instead, as the planner may
+/// The ids and body sizes come from the queue index alone (an index-only scan of
+/// `requests_queue_by_role`, which holds queued requests only and carries their sizes). Read in primary-key order instead, as the planner may
 /// choose when its statistics predate the last claims, every claim would step over all the
 /// requests claimed before it.
 fn claim_candidates(group: &Group, limit: usize, per_role_cap: i64) -> Vec<Candidate> {
     let same_group = "r.state = 'queued' AND r.reused_from IS NULL AND r.provider = $5
                       AND r.account = $6 AND r.endpoint = $1 AND r.model = $2";
-    let rows: Vec<(String, Candidate)> = Spi::connect(|client| {
+    let mut rows: Vec<(String, Candidate)> = Spi::connect(|client| {
         client
             .select(
                 &format!(
@@ -217,17 +216,15 @@ fn claim_candidates(group: &Group, limit: usize, per_role_cap: i64) -> Vec<Candi
                           SELECT r.submitted_by FROM llmbatching.requests r
                            WHERE {same_group} AND r.submitted_by > g.submitted_by
                            ORDER BY r.submitted_by LIMIT 1) next)
-                 SELECT g.submitted_by::text, c.id,
-                        (SELECT b.body_bytes FROM llmbatching.requests b WHERE b.id = c.id)
+                 SELECT g.submitted_by::text, c.id, c.body_bytes
                    FROM roles g
                   CROSS JOIN LATERAL (
-                      SELECT r.id FROM llmbatching.requests r
+                      SELECT r.id, r.body_bytes FROM llmbatching.requests r
                        WHERE {same_group} AND r.submitted_by = g.submitted_by
                        ORDER BY r.id LIMIT $3) c
                   WHERE $4 = 0
                      OR (SELECT pg_catalog.count(*) FROM llmbatching.batches b
-                          WHERE b.state <> 'done' AND g.submitted_by = ANY (b.roles)) < $4
-                  ORDER BY g.submitted_by, c.id"
+                          WHERE b.state <> 'done' AND g.submitted_by = ANY (b.roles)) < $4"
                 ),
                 None,
                 &[
@@ -251,6 +248,9 @@ fn claim_candidates(group: &Group, limit: usize, per_role_cap: i64) -> Vec<Candi
             .collect::<SpiResult<Vec<_>>>()
     })
     .unwrap_or_else(|e| fail("reading queued requests", e));
+    // Ordered here rather than by the statement, whose sort of a batch's worth of rows would
+    // spill to disk.
+    rows.sort_unstable_by(|(role_a, a), (role_b, b)| role_a.cmp(role_b).then(a.id.cmp(&b.id)));
     planner::interleave_roles(planner::split_by_role(rows))
 }
 
@@ -311,8 +311,9 @@ pub fn claim_batch(
     // The state to match comes with each id, not as a constant, so that no queue index can
     // stand for the primary key (see `ingest::CLAIMED_BY`): statistics taken before a large
     // submit show almost no queued request, and the planner would scan the whole queue.
-    let (claimed, formatted, roles) = Spi::connect_mut(|client| {
-        let row = client
+    // (Counted per role, by hashing: a batch's requests come from few roles.)
+    let per_role: Vec<(String, i64, i64)> = Spi::connect_mut(|client| {
+        client
             .update(
                 "WITH claimed AS (
                      UPDATE llmbatching.requests r
@@ -321,20 +322,26 @@ pub fn claim_batch(
                                FROM pg_catalog.unnest($2::pg_catalog.int8[]) AS c(id) OFFSET 0) c
                       WHERE r.id = c.id AND r.state = c.queued AND r.reused_from IS NULL
                      RETURNING r.answer_format IS NOT NULL AS formatted, r.submitted_by)
-                 SELECT pg_catalog.count(*), pg_catalog.count(*) FILTER (WHERE formatted),
-                        coalesce(pg_catalog.array_agg(DISTINCT submitted_by::text), '{}')
-                   FROM claimed",
+                 SELECT c.submitted_by::text, pg_catalog.count(*), pg_catalog.count(*) FILTER (WHERE c.formatted)
+                   FROM claimed c
+                  GROUP BY c.submitted_by",
                 None,
                 &[batch_id.into(), split.batch.into()],
             )?
-            .first();
-        Ok::<_, pgrx::spi::SpiError>((
-            row.get::<i64>(1)?.unwrap_or(0),
-            row.get::<i64>(2)?.unwrap_or(0),
-            row.get::<Vec<String>>(3)?.unwrap_or_default(),
-        ))
+            .map(|row| {
+                Ok((
+                    row.get::<String>(1)?.unwrap_or_default(),
+                    row.get::<i64>(2)?.unwrap_or(0),
+                    row.get::<i64>(3)?.unwrap_or(0),
+                ))
+            })
+            .collect::<SpiResult<Vec<_>>>()
     })
     .unwrap_or_else(|e| fail("claiming queued requests", e));
+    let claimed: i64 = per_role.iter().map(|(_, n, _)| n).sum();
+    let formatted: i64 = per_role.iter().map(|(_, _, f)| f).sum();
+    let mut roles: Vec<String> = per_role.into_iter().map(|(role, _, _)| role).collect();
+    roles.sort_unstable();
     if claimed == 0 {
         run(
             "DELETE FROM llmbatching.batches WHERE id = $1",
