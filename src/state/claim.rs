@@ -194,10 +194,10 @@ pub fn token_budget(group: &Group, default_cap: Option<i64>) -> Option<TokenBudg
 /// [`planner::interleave_roles`]). Roles whose requests already ride in `per_role_cap` open
 /// batches (0: no cap) wait.
 ///
-/// The ids and body sizes come from the queue index alone (an index-only scan of
-/// `requests_queue_by_role`, which holds queued requests only and carries their sizes). Read in primary-key order instead, as the planner may
-/// choose when its statistics predate the last claims, every claim would step over all the
-/// requests claimed before it.
+/// The ids and body sizes come from the queue indexes, which hold queued requests only and
+/// carry their sizes. Read in primary-key order instead, as the planner may choose when its
+/// statistics predate the last claims, every claim would step over all the requests claimed
+/// before it.
 fn claim_candidates(group: &Group, limit: usize, per_role_cap: i64) -> Vec<Candidate> {
     let same_group = "r.state = 'queued' AND r.reused_from IS NULL AND r.provider = $5
                       AND r.account = $6 AND r.endpoint = $1 AND r.model = $2";
@@ -266,8 +266,11 @@ pub fn claim_batch(
     // Every statement here finds requests by their ids, one primary-key probe each: a scan of
     // the table or of an index (for a join by hash or merge), which the planner prefers for a
     // batch's worth of ids when its statistics predate a large submit, would read the whole
-    // table for each claim, and a million queued requests would be read twenty times.
-    for setting in ["enable_seqscan", "enable_hashjoin", "enable_mergejoin"] {
+    // table for each claim, and a million queued requests would be read twenty times. Nor is
+    // anything sorted: the waiting roles come in order from `requests_queue_by_role`, where
+    // sorting the entries of the other queue index (which a planner without statistics may
+    // find as cheap) reads the whole queue for each role.
+    for setting in ["enable_seqscan", "enable_hashjoin", "enable_mergejoin", "enable_sort"] {
         run(&format!("SET LOCAL {setting} = off"), &[]);
     }
     let candidates = claim_candidates(group, limits.max_requests, per_role_cap);
