@@ -166,13 +166,14 @@ CREATE TABLE llmbatching.requests (
 );
 COMMENT ON TABLE llmbatching.requests IS 'Every LLM request: its body, its state and, once answered, the response';
 -- The queue of each group, oldest first. It carries each body's size and when it was queued:
--- the worker measures a group (its bytes, its oldest wait) from the index alone.
+-- the worker measures a group (its bytes, its oldest wait) without a probe of the table per
+-- request (an index-only scan, which visits the table only for pages not yet vacuumed).
 CREATE INDEX requests_queue ON llmbatching.requests (provider, account, endpoint, model, id)
     INCLUDE (body_bytes, queued_at)
     WHERE state = 'queued' AND reused_from IS NULL;
 -- The same queue by role, so that a batch takes requests of every waiting role in turn. It
--- carries each body's size too: a claim plans its batch from the index alone, without a
--- probe of the table per request.
+-- carries each body's size too: a claim plans its batch without a probe of the table per
+-- request.
 CREATE INDEX requests_queue_by_role ON llmbatching.requests (provider, account, endpoint, model, submitted_by, id)
     INCLUDE (body_bytes)
     WHERE state = 'queued' AND reused_from IS NULL;

@@ -67,8 +67,8 @@ pub fn queued_groups() -> Vec<Group> {
 
 /// Reads what a group holds: its first `max_requests` requests (that many make a group due
 /// whatever else is queued, so the count stops there), their bytes and how long the oldest
-/// waited. They come from the queue index alone (`requests_queue` carries the bytes and the
-/// time queued), as in [`claim_candidates`].
+/// waited. They come from the queue index (`requests_queue` carries the bytes and the time
+/// queued), with no probe of the table per request, as in [`claim_candidates`].
 pub fn measure_group(group: &Group, max_requests: usize) -> QueuedGroup {
     Spi::connect(|client| {
         let row = client
@@ -266,10 +266,10 @@ pub fn claim_batch(
     // Every statement here finds requests by their ids, one primary-key probe each: a scan of
     // the table or of an index (for a join by hash or merge), which the planner prefers for a
     // batch's worth of ids when its statistics predate a large submit, would read the whole
-    // table for each claim, and a million queued requests would be read twenty times. Nor is
-    // anything sorted: the waiting roles come in order from `requests_queue_by_role`, where
-    // sorting the entries of the other queue index (which a planner without statistics may
-    // find as cheap) reads the whole queue for each role.
+    // table for each claim, and a million queued requests would be read twenty times. Sorts
+    // are discouraged too: the waiting roles come in order from `requests_queue_by_role`,
+    // where sorting the entries of the other queue index (which a planner without statistics
+    // may find as cheap) reads the whole queue for each role.
     for setting in ["enable_seqscan", "enable_hashjoin", "enable_mergejoin", "enable_sort"] {
         run(&format!("SET LOCAL {setting} = off"), &[]);
     }
