@@ -85,7 +85,7 @@ GRANT EXECUTE ON FUNCTION llmbatching.llm_worker_start(), llmbatching.llm_worker
 CREATE INDEX requests_cancelled ON llmbatching.requests (batch_id) WHERE state = 'cancelled' AND batch_id IS NOT NULL;
 
 -- The queues carry each body's size (and when it was queued), so that the worker measures a
--- group and plans its batch from the indexes alone.
+-- group and plans its batch without a probe of the table per request.
 DROP INDEX llmbatching.requests_queue;
 CREATE INDEX requests_queue ON llmbatching.requests (provider, account, endpoint, model, id)
     INCLUDE (body_bytes, queued_at)
@@ -123,7 +123,7 @@ BEGIN
     -- their thousand). (One may already be in an entry, queued when it completed: the worker
     -- writes it once all the same, see llmbatching.writeback_queue.) Requests are looked at
     -- first, and only the answered ones' write-backs after: registrations are mostly for
-    -- requests just submitted, and a second probe per row cost 1.5 s of a million-row
+    -- requests just submitted, and a second probe per row cost about 3 s of a million-row
     -- llm_classify.
     WITH q AS (
         INSERT INTO llmbatching.writeback_queue (submitted_by, request_ids)

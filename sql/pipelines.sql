@@ -313,7 +313,7 @@ BEGIN
     -- their thousand). (One may already be in an entry, queued when it completed: the worker
     -- writes it once all the same, see llmbatching.writeback_queue.) Requests are looked at
     -- first, and only the answered ones' write-backs after: registrations are mostly for
-    -- requests just submitted, and a second probe per row cost 1.5 s of a million-row
+    -- requests just submitted, and a second probe per row cost about 3 s of a million-row
     -- llm_classify.
     WITH q AS (
         INSERT INTO llmbatching.writeback_queue (submitted_by, request_ids)

@@ -232,8 +232,9 @@ CREATE INDEX writebacks_row ON llmbatching.writebacks (target, target_column, ro
 
 -- Answers that arrived and wait to be written into their rows by the worker, with when to try
 -- next (a locked or slow target is tried again later). An entry holds requests of one role
--- that completed together (up to 1,000: those whose ids share their thousand), not one request: the worker takes, counts and clears
--- the write-backs of a whole chunk of answers with one row of this table. An entry may name
+-- that completed together (up to 1,000: those whose ids share their thousand), not one
+-- request: the worker takes, counts and clears the write-backs of a whole chunk of answers
+-- with one row of this table. An entry may name
 -- requests without a write-back (the worker finds none for them), and a request may be in two
 -- entries (the worker claims each write-back before writing it, so writes it once). Answers
 -- whose table was locked or slow come back in an entry of their own table's, with its counts.
