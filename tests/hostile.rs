@@ -277,6 +277,19 @@ fn plant_calls(c: &mut Client, schema: &str) -> Vec<String> {
     .collect()
 }
 
+/// Makes `dbowner`, a role that is not a superuser, the owner of the database, and has it run
+/// `sql` (its `ALTER DATABASE … SET`s take effect in sessions started afterwards).
+fn owner_sets_database(cluster: &Cluster, sql: &str) {
+    cluster
+        .client()
+        .batch_execute(
+            "CREATE ROLE dbowner LOGIN;
+             ALTER DATABASE postgres OWNER TO dbowner;",
+        )
+        .unwrap();
+    cluster.client_as("dbowner").batch_execute(sql).unwrap();
+}
+
 fn worker_starts(cluster: &Cluster) -> usize {
     cluster.log().matches("llmbatching worker started").count()
 }
@@ -753,16 +766,9 @@ fn planted_overloads_in_public_are_never_called() {
 fn database_and_role_settings_leave_the_worker_serving() {
     let cluster = shared_database(quick(), &[]);
     let mut admin = cluster.client();
-    admin
-        .batch_execute(
-            "CREATE ROLE dbowner LOGIN;
-             ALTER DATABASE postgres OWNER TO dbowner;",
-        )
-        .unwrap();
-    cluster
-        .client_as("dbowner")
-        .batch_execute(
-            "ALTER DATABASE postgres SET default_transaction_read_only = on;
+    owner_sets_database(
+        &cluster,
+        "ALTER DATABASE postgres SET default_transaction_read_only = on;
              ALTER DATABASE postgres SET default_transaction_isolation = 'serializable';
              ALTER DATABASE postgres SET DateStyle = 'SQL, DMY';
              ALTER DATABASE postgres SET IntervalStyle = 'sql_standard';
@@ -772,8 +778,7 @@ fn database_and_role_settings_leave_the_worker_serving() {
              ALTER DATABASE postgres SET statement_timeout = '5ms';
              ALTER DATABASE postgres SET lock_timeout = '1ms';
              ALTER DATABASE postgres SET search_path = pg_catalog;",
-        )
-        .unwrap();
+    );
     // Settings of the worker's own role in this database, as an administrator might leave them
     // for interactive use.
     admin
@@ -1494,4 +1499,192 @@ fn code_that_swallows_its_time_limit_cannot_hold_the_worker() {
             "the attempt that ended the worker was not counted"
         );
     }
+}
+
+#[test]
+fn code_that_asks_errors_to_end_the_process_fails_only_its_own_write() {
+    let cluster = shared_database(quick(), &[]);
+    // A database owner who is not a superuser asks every error to end its session.
+    owner_sets_database(&cluster, "ALTER DATABASE postgres SET exit_on_error = on");
+    cluster.restart("fast");
+    let sane = "-c exit_on_error=off";
+    let mut admin = connect(&cluster, "postgres", sane, None);
+    let mut mallory = connect(&cluster, "mallory", sane, None);
+    let mut bob = connect(&cluster, "bob", sane, None);
+    let worker = cluster.worker_pid();
+    let log_start = cluster.log().len();
+
+    // Mallory's trigger asks the same, in its own code, and then fails.
+    make_table(&mut mallory, "mallory.boom", 3);
+    mallory
+        .batch_execute(
+            "CREATE FUNCTION mallory.boom() RETURNS trigger LANGUAGE plpgsql AS $f$
+             BEGIN
+                 PERFORM pg_catalog.set_config('exit_on_error', 'on', true);
+                 PERFORM pg_catalog.set_config('exit_on_error', 'on', false);
+                 RAISE EXCEPTION 'mallory boom';
+             END
+             $f$;
+             CREATE TRIGGER boom BEFORE UPDATE ON mallory.boom
+                 FOR EACH ROW EXECUTE FUNCTION mallory.boom();",
+        )
+        .unwrap();
+    let prompt = "'Classify: ' || body";
+    assert_eq!(classify(&mut mallory, "mallory.boom", prompt), 3);
+    // Bob's answers do not fit his column: an ordinary error, under the database's setting.
+    bob.batch_execute(
+        "CREATE TABLE bob.numbers (id int PRIMARY KEY, body text, answer int);
+         INSERT INTO bob.numbers VALUES (1, 'bob number 1', NULL), (2, 'bob number 2', NULL);",
+    )
+    .unwrap();
+    assert_eq!(classify(&mut bob, "bob.numbers", prompt), 2);
+    make_table(&mut bob, "bob.tickets", 5);
+    assert_eq!(classify(&mut bob, "bob.tickets", prompt), 5);
+
+    for (outcome, _) in wait_final(&mut admin, &into("mallory.boom"), 3, BOUND) {
+        let outcome = outcome.unwrap_or_default();
+        // Her code fails where it asks (or, failing that, where it raises): her write alone.
+        assert!(
+            outcome.starts_with("error:")
+                && (outcome.contains("exit_on_error") || outcome.contains("mallory boom")),
+            "mallory's failing trigger: {outcome}"
+        );
+    }
+    for (outcome, _) in wait_final(&mut admin, &into("bob.numbers"), 2, BOUND) {
+        let outcome = outcome.unwrap_or_default();
+        assert!(
+            outcome.starts_with("error:"),
+            "bob's misfit answer: {outcome}"
+        );
+    }
+    wait_written(&mut admin, &into("bob.tickets"), 5, BOUND);
+    assert_answers(&mut admin, "bob.tickets", 5);
+    let log = cluster.log().split_off(log_start);
+    assert!(
+        !log.contains("FATAL:  mallory boom") && !log.contains("FATAL:  invalid input syntax"),
+        "an error in a role's code ended a process of the worker"
+    );
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("llmbatching") && l.contains("exited with exit code 1")),
+        "a process of the worker exited on an error"
+    );
+    assert_eq!(cluster.worker_pid(), worker, "the worker restarted");
+}
+
+#[test]
+fn requests_a_role_keeps_locked_hold_up_only_that_role() {
+    // Batches stay in flight long enough to lock a request of one before it is read back.
+    let cluster = shared_database(
+        EmulatorConfig {
+            in_progress_ms: 4000,
+            ..quick()
+        },
+        &[("llmbatching.batch_wait", "1h")],
+    );
+    let mut admin = cluster.client();
+    let mut mallory = cluster.client_as("mallory");
+    let mut alice = cluster.client_as("alice");
+    let submit = |c: &mut Client, model: &str, prompt: &str| -> i64 {
+        c.query_one("SELECT llmbatching.llm_submit($1, $2)", &[&model, &prompt])
+            .unwrap()
+            .get(0)
+    };
+    let state_of = |c: &mut Client, id: i64| -> (String, i32) {
+        let row = c
+            .query_one(
+                "SELECT state, attempts FROM llmbatching.requests WHERE id = $1",
+                &[&id],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    let mut locker = cluster.client_as("mallory");
+
+    // A queued request of mallory's, held locked: the claim takes alice's without it.
+    let held_queued = submit(&mut mallory, "shared", "mallory's queued request");
+    let alice_queued = submit(&mut alice, "shared", "alice's request beside a held one");
+    let mut lock = locker.transaction().unwrap();
+    lock.execute(
+        "SELECT id FROM llmbatching.requests WHERE id = $1 FOR UPDATE",
+        &[&held_queued],
+    )
+    .unwrap();
+    cluster.set(&[("llmbatching.batch_wait", "0")]);
+    wait_completed(
+        &mut admin,
+        &format!("id = {alice_queued}"),
+        1,
+        Duration::from_secs(40),
+    );
+    assert_eq!(state_of(&mut admin, held_queued).0, "queued");
+    lock.commit().unwrap();
+    wait_completed(&mut admin, &format!("id = {held_queued}"), 1, BOUND);
+
+    // Requests of mallory's in flight, held locked while their batch is read back: one to be
+    // answered, one to fail with a write-back to settle. Alice's answer in the same batch is
+    // stored all the same; mallory's wait for her, and none is sent twice.
+    cluster.set(&[("llmbatching.batch_wait", "1h")]);
+    let held_answered = submit(&mut mallory, "shared2", "mallory's request in flight");
+    mallory
+        .batch_execute(
+            "CREATE TABLE mallory.failing (id int PRIMARY KEY, body text, answer text);
+             INSERT INTO mallory.failing VALUES (1, 'EMULATOR_FAIL mallory', NULL);
+             SELECT llmbatching.llm_classify('mallory.failing', 'answer', 'body', 'shared2');",
+        )
+        .unwrap();
+    let held_failing: i64 = one(
+        &mut admin,
+        "SELECT request_id FROM llmbatching.writebacks WHERE target = 'mallory.failing'::regclass",
+    );
+    let alice_in_flight = submit(&mut alice, "shared2", "alice's request beside held ones");
+    cluster.set(&[("llmbatching.batch_wait", "0")]);
+    eventually("the batch to be in flight", BOUND, || {
+        let states: Vec<String> = [held_answered, held_failing, alice_in_flight]
+            .iter()
+            .map(|id| state_of(&mut admin, *id).0)
+            .collect();
+        if states.iter().all(|s| s == "submitted") {
+            Ok(())
+        } else {
+            Err(format!("{states:?}"))
+        }
+    });
+    let mut lock = locker.transaction().unwrap();
+    lock.batch_execute(&format!(
+        "SELECT id FROM llmbatching.requests WHERE id = {held_answered} FOR UPDATE;
+         SELECT request_id FROM llmbatching.writebacks WHERE request_id = {held_failing} FOR UPDATE;"
+    ))
+    .unwrap();
+    wait_completed(
+        &mut admin,
+        &format!("id = {alice_in_flight}"),
+        1,
+        Duration::from_secs(40),
+    );
+    assert_eq!(state_of(&mut admin, held_answered).0, "submitted");
+    assert_eq!(state_of(&mut admin, held_failing).0, "submitted");
+    lock.commit().unwrap();
+    wait_completed(&mut admin, &format!("id = {held_answered}"), 1, BOUND);
+    eventually(
+        "mallory's failing request to fail",
+        BOUND,
+        || match state_of(&mut admin, held_failing).0.as_str() {
+            "failed" => Ok(()),
+            other => Err(other.to_string()),
+        },
+    );
+    for id in [held_queued, held_answered, held_failing, alice_in_flight] {
+        assert_eq!(
+            state_of(&mut admin, id).1,
+            1,
+            "request {id} was sent more than once"
+        );
+    }
+    assert_eq!(
+        wait_final(&mut admin, &into("mallory.failing"), 1, BOUND)[0]
+            .0
+            .as_deref(),
+        Some("request failed")
+    );
 }

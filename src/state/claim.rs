@@ -8,6 +8,7 @@ use pgrx::spi::SpiResult;
 use std::time::Duration;
 
 /// A group of queued requests that share one provider, account, endpoint and model.
+#[derive(Clone)]
 pub struct Group {
     pub provider: String,
     pub account: String,
@@ -254,14 +255,43 @@ fn claim_candidates(group: &Group, limit: usize, per_role_cap: i64) -> Vec<Candi
     planner::interleave_roles(planner::split_by_role(rows))
 }
 
+/// Of the candidates, those still queued that no other transaction holds, locked now without
+/// waiting: a role may keep one of its own queued requests locked (`SELECT … FOR UPDATE`, or a
+/// cancellation not yet committed), and the claim would wait for it with every other role's
+/// requests of the group.
+fn unheld(candidates: Vec<Candidate>) -> Vec<Candidate> {
+    let ids: Vec<i64> = candidates.iter().map(|c| c.id).collect();
+    let locked: std::collections::HashSet<i64> = Spi::connect(|client| {
+        client
+            .select(
+                "SELECT r.id FROM llmbatching.requests r,
+                        (SELECT c.id, 'queued'::text AS queued
+                           FROM pg_catalog.unnest($1::pg_catalog.int8[]) AS c(id) OFFSET 0) c
+                  WHERE r.id = c.id AND r.state = c.queued AND r.reused_from IS NULL
+                    FOR NO KEY UPDATE OF r SKIP LOCKED",
+                None,
+                &[ids.into()],
+            )?
+            .map(|row| row.get::<i64>(1).map(Option::unwrap_or_default))
+            .collect::<SpiResult<_>>()
+    })
+    .unwrap_or_else(|e| fail("locking queued requests", e));
+    candidates
+        .into_iter()
+        .filter(|c| locked.contains(&c.id))
+        .collect()
+}
+
 /// Claims queued requests of a group, every waiting role's in turn, into a new batch (state
 /// `pending`); returns its id, or None when nothing could be claimed. Requests that could
-/// never fit are failed.
+/// never fit are failed. With `skip_held`, requests another transaction holds locked are left
+/// for a later claim (see [`unheld`]); without it, the claim waits for them.
 pub fn claim_batch(
     group: &Group,
     limits: BatchLimits,
     budget: Option<TokenBudget>,
     per_role_cap: i64,
+    skip_held: bool,
 ) -> Option<i64> {
     // Every statement here finds requests by their ids, one primary-key probe each: a scan of
     // the table or of an index (for a join by hash or merge), which the planner prefers for a
@@ -270,10 +300,18 @@ pub fn claim_batch(
     // are discouraged too: the waiting roles come in order from `requests_queue_by_role`,
     // where sorting the entries of the other queue index (which a planner without statistics
     // may find as cheap) reads the whole queue for each role.
-    for setting in ["enable_seqscan", "enable_hashjoin", "enable_mergejoin", "enable_sort"] {
+    for setting in [
+        "enable_seqscan",
+        "enable_hashjoin",
+        "enable_mergejoin",
+        "enable_sort",
+    ] {
         run(&format!("SET LOCAL {setting} = off"), &[]);
     }
-    let candidates = claim_candidates(group, limits.max_requests, per_role_cap);
+    let mut candidates = claim_candidates(group, limits.max_requests, per_role_cap);
+    if skip_held {
+        candidates = unheld(candidates);
+    }
     let split = planner::take_batch(&candidates, limits, budget);
     if !split.too_many_bytes.is_empty() {
         run(

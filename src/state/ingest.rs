@@ -48,6 +48,45 @@ fn ids_where(sql: &str, args: &[pgrx::datum::DatumWithOid]) -> HashSet<i64> {
     .unwrap_or_else(|e| fail("reading the requests a batch's results name", e))
 }
 
+/// Of the requests `ids` still `submitted` in batch `batch_id`, locks, without waiting, those no
+/// other transaction holds, with the rows that applying their results changes too: their
+/// write-backs and the identical requests waiting on them. Returns the ids it locked with all
+/// of those, and how many it could not: a role may keep its own rows locked (`SELECT … FOR
+/// UPDATE`, or a cancellation not yet committed), and waiting for it would hold up every other
+/// role's answers. Those are left for a later reading, neither failed nor sent again. (Ids no
+/// longer submitted in the batch are in neither: applying their results changes nothing.)
+pub fn lock_unheld(batch_id: i64, ids: Vec<i64>) -> (HashSet<i64>, usize) {
+    let pending = format!(
+        "SELECT r.id FROM llmbatching.requests r,
+                {}
+          WHERE {CLAIMED_BY}",
+        claimed_rows("pg_catalog.unnest($2::bigint[]) AS s(id)")
+    );
+    let submitted = ids_where(&pending, &[batch_id.into(), ids.clone().into()]);
+    let mut unheld = ids_where(
+        &format!("{pending} FOR NO KEY UPDATE OF r SKIP LOCKED"),
+        &[batch_id.into(), ids.into()],
+    );
+    // The dependent rows of the requests it locked: all of them, and those it could lock.
+    let dependents = [
+        "SELECT w.request_id FROM llmbatching.writebacks w
+          WHERE w.request_id = ANY ($1) AND w.written_at IS NULL",
+        "SELECT f.reused_from FROM llmbatching.requests f
+          WHERE f.reused_from = ANY ($1) AND f.state = 'queued'",
+    ];
+    for dependent in dependents {
+        let locked: Vec<i64> = unheld.iter().copied().collect();
+        let all = ids_where(dependent, &[locked.clone().into()]);
+        let got = ids_where(
+            &format!("{dependent} FOR NO KEY UPDATE SKIP LOCKED"),
+            &[locked.into()],
+        );
+        unheld.retain(|id| !all.contains(id) || got.contains(id));
+    }
+    let held = submitted.difference(&unheld).count();
+    (unheld, held)
+}
+
 /// Fails one request of a batch whose answer could not be stored.
 pub fn fail_request(batch_id: i64, request_id: i64, reason: &str) {
     run(
@@ -165,16 +204,26 @@ fn enforce_answer_formats(
         .collect()
 }
 
-/// Applies one chunk of result lines of a batch.
+/// Applies one chunk of result lines of a batch; returns how many were left for a later
+/// reading. With `skip_held`, results whose rows another transaction holds are left (see
+/// [`lock_unheld`]); without it, applying waits for them.
 ///
 /// Every statement here finds its rows by primary key, one probe per line (see [`CLAIMED_BY`]).
 pub fn apply_results(
     batch_id: i64,
-    results: Vec<LineResult>,
+    mut results: Vec<LineResult>,
     max_attempts: i32,
     any_answer_formats: bool,
-) {
+    skip_held: bool,
+) -> usize {
     run("SET LOCAL enable_seqscan = off", &[]);
+    let mut held = 0;
+    if skip_held {
+        let ids = results.iter().map(|r| r.request_id).collect();
+        let (unheld, left) = lock_unheld(batch_id, ids);
+        results.retain(|r| unheld.contains(&r.request_id));
+        held = left;
+    }
     let (mut done_ids, mut responses, mut texts, mut answers) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut input_tokens, mut cached_tokens, mut output_tokens, mut reasoning_tokens) =
@@ -262,6 +311,7 @@ pub fn apply_results(
             ],
         );
     }
+    held
 }
 
 /// Ends a batch: every request of it that no result line settled goes back to the queue (or

@@ -52,8 +52,11 @@ const PURGE_EVERY: Duration = Duration::from_secs(60);
 /// The longest the queue goes unread after a look that claimed nothing (see
 /// `Worker::queue_quiet_until`).
 const QUEUE_QUIET: Duration = Duration::from_secs(1);
-/// How long a group whose claim failed (a request of it held locked by a role) waits.
+/// How long a group whose claim failed waits.
 const CLAIM_FAILURE_PAUSE: Duration = Duration::from_secs(30);
+/// How long a group, once a request of it was found held locked by its role, is claimed
+/// without waiting for such locks (which costs a lock per request).
+const CLAIM_SKIPPING_HELD: Duration = Duration::from_secs(600);
 /// How often a worker that no commit wakes looks for new work.
 const UNWOKEN_POLL: Duration = Duration::from_secs(1);
 /// How often a worker that commits wake looks all the same.
@@ -289,6 +292,8 @@ struct Worker {
     said_claim_failed: Option<Instant>,
     /// Groups whose last claim failed, and until when they wait.
     claims_paused: HashMap<String, Instant>,
+    /// Groups a role held a request of locked, and until when their claims skip such requests.
+    claims_skipping_held: HashMap<String, Instant>,
     /// The process writing answers back, while one runs.
     writer: writer::Writer,
     /// The process reading a batch back, while one runs.
@@ -347,6 +352,7 @@ impl Worker {
             said_copy: false,
             said_claim_failed: None,
             claims_paused: HashMap::new(),
+            claims_skipping_held: HashMap::new(),
             writer: writer::Writer::default(),
             reader: reader::Reader::default(),
             queue_quiet_until: None,
@@ -571,42 +577,60 @@ impl Worker {
                 let account = self.connections.account_identity(&route);
                 let model = registry::short_hash(&[&group.model]);
                 let identities = self.connections.identities();
-                let taken = catching(move || {
-                    tx(move || {
-                        // A role may hold one of its own queued requests locked (SELECT … FOR
-                        // UPDATE): the claim waits for it at most this long, then this group waits
-                        // for a later round, and nothing else does.
-                        state::bound_lock_waits();
-                        if let Some(account) = account {
-                            registry::lock_account_for_claim(account);
-                        }
-                        let (open_elsewhere, tokens_elsewhere) =
-                            account.map_or((0, 0), |a| registry::usage_elsewhere(a, model));
-                        // A due group that cannot go now waits for a batch to end: a batch step.
-                        if claim::open_batch_count() + open_elsewhere >= max_open {
-                            return false;
-                        }
-                        let budget =
-                            claim::token_budget(&group, default_token_cap).map(|b| TokenBudget {
-                                available: b
-                                    .available
-                                    .saturating_sub(tokens_elsewhere.max(0) as usize),
-                                ..b
+                let try_claim = |skip_held: bool| {
+                    let (group, identities) = (group.clone(), identities.clone());
+                    catching_failure(move || {
+                        tx(move || {
+                            // A role may hold one of its own queued requests locked: the claim
+                            // waits for it at most this long (and then claims without it).
+                            state::bound_lock_waits();
+                            if let Some(account) = account {
+                                registry::lock_account_for_claim(account);
+                            }
+                            let (open_elsewhere, tokens_elsewhere) =
+                                account.map_or((0, 0), |a| registry::usage_elsewhere(a, model));
+                            // A due group that cannot go now waits for a batch to end: a batch step.
+                            if claim::open_batch_count() + open_elsewhere >= max_open {
+                                return false;
+                            }
+                            let budget = claim::token_budget(&group, default_token_cap).map(|b| {
+                                TokenBudget {
+                                    available: b
+                                        .available
+                                        .saturating_sub(tokens_elsewhere.max(0) as usize),
+                                    ..b
+                                }
                             });
-                        let taken =
-                            claim::claim_batch(&group, limits, budget, per_role_cap).is_some();
-                        if taken {
-                            publish_usage(&identities);
-                        }
-                        taken
+                            let taken =
+                                claim::claim_batch(&group, limits, budget, per_role_cap, skip_held)
+                                    .is_some();
+                            if taken {
+                                publish_usage(&identities);
+                            }
+                            taken
+                        })
                     })
-                })
-                .unwrap_or_else(|message| {
+                };
+                let skipping_held = self
+                    .claims_skipping_held
+                    .get(&key)
+                    .is_some_and(|until| Instant::now() < *until);
+                let mut outcome = try_claim(skipping_held);
+                if let Err(failure) = &outcome {
+                    if failure.transient && !skipping_held {
+                        // A lock held a request back: claim at once without the held ones,
+                        // and keep doing so for a while rather than wait each time.
+                        self.claims_skipping_held
+                            .insert(key.clone(), Instant::now() + CLAIM_SKIPPING_HELD);
+                        outcome = try_claim(true);
+                    }
+                }
+                let taken = outcome.unwrap_or_else(|failure| {
                     // The group waits (its other requests too): trying again at once would
                     // spend the lock wait again every round.
                     self.claims_paused
                         .insert(key, Instant::now() + CLAIM_FAILURE_PAUSE);
-                    self.say_claim_failed(&message);
+                    self.say_claim_failed(&failure.message);
                     false
                 });
                 if taken {

@@ -5,12 +5,12 @@
 //! reads it itself when it cannot; both read through [`Reading`]. Reading a batch twice is
 //! harmless: only requests still `submitted` in it are updated.
 
-use super::{catching, tx};
+use super::{catching, catching_failure, tx};
 use crate::config::Settings;
 use crate::provider::redact::{redact_all, redact_json_all};
 use crate::provider::{BatchStatus, Kind, ProviderError};
 use crate::results::{self, LineRead, LineResult, Outcome};
-use crate::state::{ingest, BatchRow};
+use crate::state::{self, ingest, BatchRow};
 use pgrx::prelude::*;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -106,7 +106,12 @@ impl<'a> Reading<'a> {
             tx(|| ingest::pause_model(&batch.model, pause, &reason));
         }
         let max_attempts = settings.max_attempts;
-        tx(|| ingest::close_batch(batch.id, &reason, max_attempts, token_limited));
+        // (A request its role holds locked would hold up the closing: it fails after a bounded
+        // wait, and the batch is read again later.)
+        tx(|| {
+            state::bound_lock_waits();
+            ingest::close_batch(batch.id, &reason, max_attempts, token_limited)
+        });
         log!(
             "llmbatching: batch {} read back: {lines} result lines (download {:.2}s, applying {:.2}s)",
             batch.id,
@@ -144,13 +149,14 @@ impl<'a> Reading<'a> {
                 batch.id
             );
         }
-        let mut unread = 0;
+        let (mut unread, mut held) = (0, 0);
         for path in files {
             if (self.stopping)() {
                 return Err(ProviderError::Local(STOPPED.into()));
             }
-            let (_, left) = self.apply_file(path, settings.max_attempts, last_read, &mut filter)?;
-            unread += left;
+            let applied = self.apply_file(path, settings.max_attempts, last_read, &mut filter)?;
+            unread += applied.unread;
+            held += applied.held;
         }
         if filter.duplicates() > 0 {
             warning!(
@@ -162,6 +168,13 @@ impl<'a> Reading<'a> {
         if unread > 0 {
             return Err(ProviderError::Malformed(format!(
                 "{unread} result lines could not be read; the files are read again"
+            )));
+        }
+        // Their answers are in the files: read them again later rather than end the batch,
+        // which would send those requests again.
+        if held > 0 {
+            return Err(ProviderError::Local(format!(
+                "{held} requests were held locked by their own role; the files are read again for them"
             )));
         }
         Ok((filter.requests_named(), started.elapsed()))
@@ -214,22 +227,19 @@ impl<'a> Reading<'a> {
     }
 
     /// Reads a result file again and applies the lines `filter` keeps, in chunks of one
-    /// transaction each. Returns how many lines named a request, and how many of those could
-    /// not be read and were left for the next reading (`last_read` false: it is read again;
-    /// true: they fail, with the line kept, rather than be sent again).
+    /// transaction each.
     fn apply_file(
         &self,
         path: &Path,
         max_attempts: i32,
         last_read: bool,
         filter: &mut results::LineFilter,
-    ) -> Result<(i64, i64), ProviderError> {
+    ) -> Result<Applied, ProviderError> {
         let mut chunk = Vec::with_capacity(INGEST_CHUNK);
         let mut chunk_bytes = 0usize;
-        let (mut attributed, mut unread, mut unread_first) = (0i64, 0i64, None);
+        let (mut unread, mut unread_first, mut held) = (0usize, None, 0usize);
         let mut stopped = false;
         let (unattributed, first_problem) = self.read_file(path, |result| {
-            attributed += 1;
             if !filter.apply(&result) {
                 return ControlFlow::Continue(());
             }
@@ -244,7 +254,7 @@ impl<'a> Reading<'a> {
             chunk.push(self.redacted(result));
             if chunk.len() >= INGEST_CHUNK || chunk_bytes >= INGEST_CHUNK_BYTES {
                 chunk_bytes = 0;
-                self.apply_chunk(std::mem::take(&mut chunk), max_attempts);
+                held += self.apply_chunk(std::mem::take(&mut chunk), max_attempts);
                 stopped = (self.stopping)();
                 if stopped {
                     return ControlFlow::Break(());
@@ -256,17 +266,17 @@ impl<'a> Reading<'a> {
             return Err(ProviderError::Local(STOPPED.into()));
         }
         if !chunk.is_empty() {
-            self.apply_chunk(chunk, max_attempts);
+            held += self.apply_chunk(chunk, max_attempts);
         }
         if unattributed > 0 || unread > 0 {
             warning!(
                 "llmbatching: batch {}: {} result lines could not be read (first: {})",
                 self.batch.id,
-                unattributed as i64 + unread,
+                unattributed + unread,
                 self.redact(&first_problem.or(unread_first).unwrap_or_default())
             );
         }
-        Ok((attributed, unread))
+        Ok(Applied { unread, held })
     }
 
     /// A provider's error texts in a result, redacted (see [`redact`]).
@@ -289,32 +299,64 @@ impl<'a> Reading<'a> {
         result
     }
 
-    /// Applies a chunk of results in a transaction. A chunk that fails is applied again one
-    /// result at a time, and a result that fails alone fails its request only: an answer no
-    /// statement can store never stops the others, nor the worker.
-    fn apply_chunk(&self, chunk: Vec<LineResult>, max_attempts: i32) {
+    /// Applies a chunk of results in a transaction; returns how many were left for a later
+    /// reading because their role holds their rows locked. Waiting for such a lock is bounded:
+    /// past it, the chunk is applied again without the rows others hold (see
+    /// `ingest::lock_unheld`). A chunk that fails otherwise is applied again one result at a
+    /// time, and a result that fails alone fails its request only: an answer no statement can
+    /// store never stops the others, nor the worker.
+    fn apply_chunk(&self, chunk: Vec<LineResult>, max_attempts: i32) -> usize {
         let (id, formats) = (self.batch.id, self.batch.has_answer_formats);
-        let whole = chunk.clone();
-        let Err(message) =
-            catching(move || tx(move || ingest::apply_results(id, whole, max_attempts, formats)))
-        else {
-            return;
+        let apply = move |results: Vec<LineResult>, skip_held: bool| {
+            catching_failure(move || {
+                tx(move || {
+                    state::bound_lock_waits();
+                    ingest::apply_results(id, results, max_attempts, formats, skip_held)
+                })
+            })
         };
-        warning!(
-            "llmbatching: batch {id}: {} answers could not be stored together ({message}); storing them one at a time",
-            chunk.len()
-        );
-        for result in chunk {
-            let request = result.request_id;
-            let alone = catching(move || {
-                tx(move || ingest::apply_results(id, vec![result], max_attempts, formats))
-            });
-            if let Err(message) = alone {
-                let reason = format!("the answer could not be stored: {message}");
-                let _ = catching(move || tx(move || ingest::fail_request(id, request, &reason)));
+        let failure = match apply(chunk.clone(), false) {
+            Ok(held) => return held,
+            Err(failure) => failure,
+        };
+        if failure.transient {
+            if let Ok(held) = apply(chunk.clone(), true) {
+                return held;
             }
         }
+        warning!(
+            "llmbatching: batch {id}: {} answers could not be stored together ({}); storing them one at a time",
+            chunk.len(),
+            failure.message
+        );
+        let mut held = 0;
+        for result in chunk {
+            let request = result.request_id;
+            match apply(vec![result], true) {
+                Ok(left) => held += left,
+                Err(failure) if failure.transient => held += 1,
+                Err(failure) => {
+                    let reason = format!("the answer could not be stored: {}", failure.message);
+                    let _ = catching(move || {
+                        tx(move || {
+                            state::bound_lock_waits();
+                            ingest::fail_request(id, request, &reason)
+                        })
+                    });
+                }
+            }
+        }
+        held
     }
+}
+
+/// What applying a result file left for the next reading.
+struct Applied {
+    /// Requests whose best line could not be read (`last_read` false: the files are read
+    /// again; true: they fail, with the line kept, rather than be sent again).
+    unread: usize,
+    /// Requests whose rows their role held locked.
+    held: usize,
 }
 
 /// Whether the provider failed the batch for the model's enqueued-token limit.
