@@ -10,7 +10,8 @@
 //! - B4 memory: the peak private memory of the worker (above idle) and of its reader while they
 //!   carry a ~200 MB batch.
 //! - B5 end to end: many requests over 20 batches, against doing the same job by hand with the
-//!   official `openai` SDK and psycopg (benches/baseline_sdk.py) on the same emulator and database.
+//!   official `openai` SDK and psycopg (benches/baseline_sdk.py) on the same emulator and database,
+//!   with the CPU seconds each side used (the server's processes, the emulator, the script).
 //! - B6 WAL: bytes of WAL per request over its whole life, against inserting it once and
 //!   updating it once.
 //! - B7 concurrency: 16 sessions submitting at once (pgbench), against the same sessions doing

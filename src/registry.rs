@@ -32,7 +32,10 @@ pub enum Exit {
     Yielded = 2,
 }
 
-#[derive(Copy, Clone, Default)]
+/// Room for a role's name (NAMEDATALEN, with its terminating zero).
+const NAME_BYTES: usize = 64;
+
+#[derive(Copy, Clone)]
 #[repr(C)]
 struct DatabaseEntry {
     /// 0: a free entry.
@@ -40,6 +43,20 @@ struct DatabaseEntry {
     worker_pid: i32,
     start_requested: bool,
     exit: Exit,
+    /// The role whose write-backs were tried last (see [`write_back_turn`]), zero-terminated.
+    write_back_turn: [u8; NAME_BYTES],
+}
+
+impl Default for DatabaseEntry {
+    fn default() -> Self {
+        DatabaseEntry {
+            database: 0,
+            worker_pid: 0,
+            start_requested: false,
+            exit: Exit::Other,
+            write_back_turn: [0; NAME_BYTES],
+        }
+    }
 }
 
 #[derive(Copy, Clone, Default)]
@@ -250,6 +267,35 @@ pub fn worker_ending(why: Exit) {
         for entry in registry.usage.iter_mut().filter(|e| e.database == here) {
             *entry = UsageEntry::default();
         }
+    }
+}
+
+// --- the write-backs' turns ---
+
+/// The role of this database whose write-backs were tried last, by whichever process wrote
+/// them; None without preloading. Kept here rather than in the process, so that a writer ended
+/// in the middle of a role's code (by the watchdog) leaves the next one to start after that
+/// role, not with the first role by name again.
+pub fn write_back_turn() -> Option<String> {
+    if !preloaded() {
+        return None;
+    }
+    let registry = REGISTRY.share();
+    let turn = &registry.entry(this_database())?.write_back_turn;
+    let len = turn.iter().position(|b| *b == 0).unwrap_or(NAME_BYTES);
+    Some(String::from_utf8_lossy(&turn[..len]).into_owned())
+}
+
+/// Notes that `role`'s write-backs are tried now (see [`write_back_turn`]).
+pub fn set_write_back_turn(role: &str) {
+    if !preloaded() {
+        return;
+    }
+    let mut registry = REGISTRY.exclusive();
+    if let Some(entry) = registry.entry_mut(this_database()) {
+        let name = &role.as_bytes()[..role.len().min(NAME_BYTES - 1)];
+        entry.write_back_turn = [0; NAME_BYTES];
+        entry.write_back_turn[..name.len()].copy_from_slice(name);
     }
 }
 

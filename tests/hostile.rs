@@ -290,6 +290,27 @@ fn owner_sets_database(cluster: &Cluster, sql: &str) {
     cluster.client_as("dbowner").batch_execute(sql).unwrap();
 }
 
+/// A trigger on `schema.tarpit` that swallows its time limit (which reaches it as
+/// query_canceled, which PL/pgSQL can catch by name) and sleeps again, forever.
+fn add_tarpit(c: &mut Client, schema: &str) {
+    c.batch_execute(&format!(
+        "CREATE FUNCTION {schema}.tarpit() RETURNS trigger LANGUAGE plpgsql AS $f$
+         BEGIN
+             LOOP
+                 BEGIN
+                     PERFORM pg_sleep(1000);
+                 EXCEPTION WHEN query_canceled THEN
+                     NULL;
+                 END;
+             END LOOP;
+         END
+         $f$;
+         CREATE TRIGGER tarpit BEFORE UPDATE ON {schema}.tarpit
+             FOR EACH ROW EXECUTE FUNCTION {schema}.tarpit();"
+    ))
+    .unwrap();
+}
+
 fn worker_starts(cluster: &Cluster) -> usize {
     cluster.log().matches("llmbatching worker started").count()
 }
@@ -1435,24 +1456,7 @@ fn code_that_swallows_its_time_limit_cannot_hold_the_worker() {
     let mut admin = cluster.client();
     let mut mallory = cluster.client_as("mallory");
     make_table(&mut mallory, "mallory.tarpit", 1);
-    // The time limit reaches the trigger as query_canceled, which PL/pgSQL can catch by name.
-    mallory
-        .batch_execute(
-            "CREATE FUNCTION mallory.tarpit() RETURNS trigger LANGUAGE plpgsql AS $f$
-             BEGIN
-                 LOOP
-                     BEGIN
-                         PERFORM pg_sleep(1000);
-                     EXCEPTION WHEN query_canceled THEN
-                         NULL;
-                     END;
-                 END LOOP;
-             END
-             $f$;
-             CREATE TRIGGER tarpit BEFORE UPDATE ON mallory.tarpit
-                 FOR EACH ROW EXECUTE FUNCTION mallory.tarpit();",
-        )
-        .unwrap();
+    add_tarpit(&mut mallory, "mallory");
     assert_eq!(classify(&mut mallory, "mallory.tarpit", "body"), 1);
     eventually("mallory's write-back to be tried", BOUND, || {
         let tries: Option<i32> = admin
@@ -1499,6 +1503,43 @@ fn code_that_swallows_its_time_limit_cannot_hold_the_worker() {
             "the attempt that ended the worker was not counted"
         );
     }
+}
+
+#[test]
+fn a_role_whose_code_ends_the_writer_does_not_go_first_each_time() {
+    let cluster = shared_database(
+        quick(),
+        &[
+            ("llmbatching.write_back_timeout", "1s"),
+            ("llmbatching.write_back_lock_timeout", "200ms"),
+            ("llmbatching.batch_wait", "1h"),
+        ],
+    );
+    let mut admin = cluster.client();
+    // Bob's answers and aaron's arrive together. Aaron comes first by name; his table's
+    // trigger swallows its time limit, so each attempt at it ends the writer (the watchdog),
+    // and his answers are more than one attempt takes.
+    let mut bob = cluster.client_as("bob");
+    make_table(&mut bob, "bob.tickets", 5);
+    assert_eq!(classify(&mut bob, "bob.tickets", "'Classify: ' || body"), 5);
+    add_user(&mut admin, "aaron");
+    let mut aaron = cluster.client_as("aaron");
+    make_table(&mut aaron, "aaron.tarpit", 30_000);
+    add_tarpit(&mut aaron, "aaron");
+    assert_eq!(classify(&mut aaron, "aaron.tarpit", "body"), 30_000);
+    cluster.set(&[("llmbatching.batch_wait", "0")]);
+    wait_written(&mut admin, &into("bob.tickets"), 5, BOUND);
+    assert_answers(&mut admin, "bob.tickets", 5);
+    // Each writer that follows one the watchdog ended starts after aaron: bob waits for one
+    // of aaron's attempts, not for every one his answers fill.
+    let ended = cluster
+        .log()
+        .matches("terminating background worker")
+        .count();
+    assert!(
+        ended <= 2,
+        "bob's answers waited for {ended} writers that aaron's code ended"
+    );
 }
 
 #[test]
@@ -1687,4 +1728,87 @@ fn requests_a_role_keeps_locked_hold_up_only_that_role() {
             .as_deref(),
         Some("request failed")
     );
+}
+
+#[test]
+fn housekeeping_waits_for_no_row_a_role_keeps_locked() {
+    // Finished rows are purged a second after they finish.
+    let cluster = shared_database(quick(), &[("llmbatching.retention", "1s")]);
+    let mut admin = cluster.client();
+    let mut mallory = cluster.client_as("mallory");
+    // A write-back of mallory's, written, and so due to be purged.
+    make_table(&mut mallory, "mallory.kept", 1);
+    assert_eq!(classify(&mut mallory, "mallory.kept", "body"), 1);
+    wait_written(&mut admin, &into("mallory.kept"), 1, BOUND);
+    // Two identical requests of hers, the second waiting on the first, which she cancels.
+    admin
+        .batch_execute(
+            "INSERT INTO llmbatching.model_pauses VALUES ('paused', now() + interval '1 hour', 'test')",
+        )
+        .unwrap();
+    let row = mallory
+        .query_one(
+            "SELECT llmbatching.llm_submit('paused', 'twice'), llmbatching.llm_submit('paused', 'twice')",
+            &[],
+        )
+        .unwrap();
+    let (first, second): (i64, i64) = (row.get(0), row.get(1));
+    // She keeps the written write-back and the waiting request locked, in a transaction left
+    // open, and then cancels the request the other waits on.
+    let mut locker = cluster.client_as("mallory");
+    let mut lock = locker.transaction().unwrap();
+    lock.batch_execute(&format!(
+        "SELECT FROM llmbatching.writebacks WHERE target = 'mallory.kept'::regclass FOR KEY SHARE;
+         SELECT FROM llmbatching.requests WHERE id = {second} FOR UPDATE;"
+    ))
+    .unwrap();
+    mallory
+        .execute("SELECT llmbatching.llm_cancel($1)", &[&first])
+        .unwrap();
+
+    // The worker's rounds go on: alice's answers are written meanwhile.
+    let mut alice = cluster.client_as("alice");
+    make_table(&mut alice, "alice.notes", 3);
+    assert_eq!(
+        classify(&mut alice, "alice.notes", "'Classify: ' || body"),
+        3
+    );
+    eventually("alice's answers", Duration::from_secs(40), || {
+        let written: i64 = one(
+            &mut admin,
+            "SELECT count(*) FROM alice.notes WHERE answer IS NOT NULL",
+        );
+        if written == 3 {
+            Ok(())
+        } else {
+            Err(format!("{written} written"))
+        }
+    });
+    assert_answers(&mut admin, "alice.notes", 3);
+    lock.commit().unwrap();
+    // Released, the waiting request takes the cancelled one's place, and the written rows go.
+    eventually("the waiting request to be promoted", BOUND, || {
+        let waits_on: Option<i64> = admin
+            .query_one(
+                "SELECT reused_from FROM llmbatching.requests WHERE id = $1",
+                &[&second],
+            )
+            .unwrap()
+            .get(0);
+        match waits_on {
+            None => Ok(()),
+            Some(id) => Err(format!("waits on {id}")),
+        }
+    });
+    eventually("mallory's written write-back to be purged", BOUND, || {
+        let left: i64 = one(
+            &mut admin,
+            "SELECT count(*) FROM llmbatching.writebacks WHERE target = 'mallory.kept'::regclass",
+        );
+        if left == 0 {
+            Ok(())
+        } else {
+            Err(format!("{left} left"))
+        }
+    });
 }

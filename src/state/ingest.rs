@@ -318,6 +318,9 @@ pub fn apply_results(
 /// fails, out of attempts) with `reason`, and the batch is `done`. With `refund_attempt` the
 /// requests get back the attempt this batch used.
 pub fn close_batch(batch_id: i64, reason: &str, max_attempts: i32, refund_attempt: bool) {
+    // A request its role holds locked (a cancellation left uncommitted) holds up the closing
+    // for at most this long; the caller then tries again later.
+    super::bound_lock_waits();
     requeue_or_fail(
         "(SELECT id, $4::text FROM llmbatching.requests WHERE batch_id = $1 AND state = 'submitted')",
         &[batch_id.into(), max_attempts.into(), (refund_attempt as i32).into(), reason.into()],

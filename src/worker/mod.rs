@@ -517,7 +517,21 @@ impl Worker {
             return;
         }
         self.last_purge = Some(std::time::Instant::now());
-        let (requests, batches) = tx(move || housekeeping::purge_finished(retention));
+        // A finished row its role keeps locked holds the purge up for a second at most; it is
+        // then tried again at the next purge.
+        let purged = catching(move || {
+            tx(move || {
+                state::bound_lock_waits();
+                housekeeping::purge_finished(retention)
+            })
+        });
+        let (requests, batches) = match purged {
+            Ok(purged) => purged,
+            Err(message) => {
+                warning!("llmbatching: purging finished rows failed, tried again later: {message}");
+                return;
+            }
+        };
         if requests + batches > 0 {
             log!("llmbatching: purged {requests} finished requests and {batches} batches past llmbatching.retention");
         }
@@ -875,7 +889,7 @@ impl Worker {
         };
         if lines == 0 {
             let _ = std::fs::remove_file(&path);
-            tx(|| ingest::close_batch(batch.id, "the batch held no requests", i32::MAX, false));
+            close_batch(batch.id, "the batch held no requests", i32::MAX);
             return None;
         }
         let name = format!("llmbatching-{}-{}.jsonl", self.instance_tag(), batch.id);
@@ -920,16 +934,10 @@ impl Worker {
         settings: &Settings,
     ) -> Option<(&'static str, Call)> {
         if batch.cancel_requested {
-            let (id, max_attempts) = (batch.id, settings.max_attempts);
-            tx(move || {
-                ingest::close_batch(
-                    id,
-                    "the batch was cancelled before it was sent",
-                    max_attempts,
-                    false,
-                )
-            });
-            self.delete_files(batch, settings);
+            let reason = "the batch was cancelled before it was sent";
+            if close_batch(batch.id, reason, settings.max_attempts) {
+                self.delete_files(batch, settings);
+            }
             return None;
         }
         // The lines sent: a provider without metadata finds a lost batch again by their number.
@@ -1168,6 +1176,12 @@ impl Worker {
     }
 }
 
+/// Ends a batch whose requests were never sent (see `ingest::close_batch`); false when a
+/// request its role holds locked held the closing up: the batch is closed at a later round.
+fn close_batch(id: i64, reason: &str, max_attempts: i32) -> bool {
+    catching(move || tx(move || ingest::close_batch(id, reason, max_attempts, false))).is_ok()
+}
+
 /// Records a failed step of a batch (`message`, redacted, says what failed). Passing faults are
 /// retried with backoff; a refusal that persists ends the batch, and its requests go back to
 /// the queue (or fail, out of attempts). True when the batch was given up on.
@@ -1186,18 +1200,23 @@ pub fn record_step_failure(
         !error.is_retryable() && batch.step_failures + 1 >= REFUSALS_BEFORE_GIVING_UP
     };
     if final_refusal {
-        warning!(
-            "llmbatching: batch {}: {message}; giving up on this batch",
-            batch.id
-        );
-        let (id, max_attempts, message) = (batch.id, settings.max_attempts, message.to_owned());
+        let (id, max_attempts, last_error) = (batch.id, settings.max_attempts, message.to_owned());
         // The provider's words go to the batch, which only administrators read; the
-        // requests of every role in it get a neutral reason.
-        tx(move || {
-            send::record_last_error(id, &message);
-            ingest::close_batch(id, REFUSED_BATCH, max_attempts, false)
+        // requests of every role in it get a neutral reason. (Held up by a request its role
+        // keeps locked, the batch is given up at a later try.)
+        let closed = catching(move || {
+            tx(move || {
+                send::record_last_error(id, &last_error);
+                ingest::close_batch(id, REFUSED_BATCH, max_attempts, false)
+            })
         });
-        return true;
+        if closed.is_ok() {
+            warning!(
+                "llmbatching: batch {}: {message}; giving up on this batch",
+                batch.id
+            );
+            return true;
+        }
     }
     let base = settings.poll_interval.min(Duration::from_secs(2));
     // An ended batch's files are asked for again within a minute at most: the answers are

@@ -108,10 +108,7 @@ impl<'a> Reading<'a> {
         let max_attempts = settings.max_attempts;
         // (A request its role holds locked would hold up the closing: it fails after a bounded
         // wait, and the batch is read again later.)
-        tx(|| {
-            state::bound_lock_waits();
-            ingest::close_batch(batch.id, &reason, max_attempts, token_limited)
-        });
+        tx(|| ingest::close_batch(batch.id, &reason, max_attempts, token_limited));
         log!(
             "llmbatching: batch {} read back: {lines} result lines (download {:.2}s, applying {:.2}s)",
             batch.id,

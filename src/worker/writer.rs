@@ -138,7 +138,8 @@ pub extern "C-unwind" fn llmbatching_writer_main(arg: pg_sys::Datum) {
 
 /// The role whose attempt this process made last: the next pass starts with the role after it,
 /// so that when passes end early (their time used up) every role still comes in turn, not
-/// those first by name.
+/// those first by name. (Preloaded, the registry keeps it for the database, across processes:
+/// see `registry::write_back_turn`.)
 static LAST_SERVED: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
 
 /// Writes the answers that wait in the write-back queue into their rows: one attempt per role
@@ -157,7 +158,8 @@ pub fn write_back_due(settings: &Settings) -> bool {
     let bounds = settings.write_back;
     let pass_budget = bounds.time_limit.max(Duration::from_secs(1)) * ROLES_PER_PASS;
     let started = Instant::now();
-    let last = LAST_SERVED.lock().map(|l| l.clone()).unwrap_or_default();
+    let last = registry::write_back_turn()
+        .unwrap_or_else(|| LAST_SERVED.lock().map(|l| l.clone()).unwrap_or_default());
     for attempt in in_turn(attempts, &last) {
         if shutdown_requested()
             || started.elapsed() >= pass_budget
@@ -169,6 +171,7 @@ pub fn write_back_due(settings: &Settings) -> bool {
         if let Ok(mut served) = LAST_SERVED.lock() {
             served.clone_from(&attempt.role);
         }
+        registry::set_write_back_turn(&attempt.role);
         write_attempt(attempt, bounds);
     }
     true
