@@ -1705,6 +1705,22 @@ fn requests_a_role_keeps_locked_hold_up_only_that_role() {
     );
     assert_eq!(state_of(&mut admin, held_answered).0, "submitted");
     assert_eq!(state_of(&mut admin, held_failing).0, "submitted");
+    // The batch, still open for mallory's, no longer counts against alice's open batches.
+    eventually("the held batch to count for mallory alone", BOUND, || {
+        let roles: Vec<String> = admin
+            .query_one(
+                "SELECT b.roles::text[] FROM llmbatching.batches b
+                   JOIN llmbatching.requests r ON r.batch_id = b.id WHERE r.id = $1",
+                &[&held_answered],
+            )
+            .unwrap()
+            .get(0);
+        if roles == ["mallory"] {
+            Ok(())
+        } else {
+            Err(format!("{roles:?}"))
+        }
+    });
     lock.commit().unwrap();
     wait_completed(&mut admin, &format!("id = {held_answered}"), 1, BOUND);
     eventually(

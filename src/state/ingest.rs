@@ -87,6 +87,19 @@ pub fn lock_unheld(batch_id: i64, ids: Vec<i64>) -> (HashSet<i64>, usize) {
     (unheld, held)
 }
 
+/// After a reading that left requests their roles hold locked: the batch now carries only
+/// those roles' requests, so only their caps on open batches count it (see
+/// `claim::claim_candidates`), not the caps of every role whose answers it already gave.
+pub fn keep_roles_still_waiting(batch_id: i64) {
+    run(
+        "UPDATE llmbatching.batches b
+            SET roles = ARRAY(SELECT DISTINCT r.submitted_by FROM llmbatching.requests r
+                               WHERE r.batch_id = b.id AND r.state = 'submitted' ORDER BY 1)
+          WHERE b.id = $1",
+        &[batch_id.into()],
+    );
+}
+
 /// Fails one request of a batch whose answer could not be stored.
 pub fn fail_request(batch_id: i64, request_id: i64, reason: &str) {
     run(

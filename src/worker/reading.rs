@@ -170,6 +170,7 @@ impl<'a> Reading<'a> {
         // Their answers are in the files: read them again later rather than end the batch,
         // which would send those requests again.
         if held > 0 {
+            tx(move || ingest::keep_roles_still_waiting(batch_id));
             return Err(ProviderError::Local(format!(
                 "{held} requests were held locked by their own role; the files are read again for them"
             )));
