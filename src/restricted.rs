@@ -35,9 +35,9 @@ unsafe extern "C-unwind" {
 
 /// The time limit reaches the role's code as an ordinary error (`query_canceled`), which
 /// PL/pgSQL can catch by name and go on. So a second, later timer ends the process itself
-/// (FATAL, which nothing catches; the writer's worker starts another, or the launcher the worker
-/// that wrote in its stead): the attempt was counted before the code ran, so no process comes
-/// back to it forever.
+/// (FATAL, which nothing catches; only a writer runs a role's code, and its worker starts
+/// another): the attempt was counted before the code ran, so no process comes back to it
+/// forever.
 static WATCHDOG: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
 
 unsafe extern "C-unwind" fn watchdog_expired() {

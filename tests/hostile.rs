@@ -1490,17 +1490,18 @@ fn code_that_swallows_its_time_limit_cannot_hold_the_worker() {
     );
     // The attempt that ended the worker was counted before it ran: the entry is tried again
     // later with a growing pause (or given up), never at once forever.
-    let queued: Option<(i32, bool)> = admin
+    // It counts as a try that ran out of time, so such code is given up after a few.
+    let queued: Option<(i32, i32)> = admin
         .query_opt(
-            "SELECT tries, due_at > now() FROM llmbatching.writeback_queue WHERE submitted_by = 'mallory'",
+            "SELECT tries, slow_tries FROM llmbatching.writeback_queue WHERE submitted_by = 'mallory'",
             &[],
         )
         .unwrap()
         .map(|r| (r.get(0), r.get(1)));
-    if let Some((tries, _)) = queued {
+    if let Some((tries, slow_tries)) = queued {
         assert!(
-            tries >= 1,
-            "the attempt that ended the worker was not counted"
+            tries >= 1 && slow_tries >= 1,
+            "the attempt that ended the worker was not counted: {tries} tries, {slow_tries} slow"
         );
     }
 }
@@ -1827,4 +1828,50 @@ fn housekeeping_waits_for_no_row_a_role_keeps_locked() {
             Err(format!("{left} left"))
         }
     });
+}
+
+#[test]
+fn code_that_ends_its_process_never_runs_in_the_worker() {
+    // No background worker slot is free for a writer (a role could fill them with parallel
+    // queries): the worker itself must not run a role's code, which the watchdog may end.
+    let cluster = shared_database(
+        quick(),
+        &[
+            ("max_worker_processes", "2"),
+            ("max_logical_replication_workers", "0"),
+            ("max_parallel_workers", "0"),
+            ("llmbatching.write_back_timeout", "1s"),
+        ],
+    );
+    let mut admin = cluster.client();
+    let worker = cluster.worker_pid();
+    let mut mallory = cluster.client_as("mallory");
+    make_table(&mut mallory, "mallory.tarpit", 1);
+    add_tarpit(&mut mallory, "mallory");
+    assert_eq!(classify(&mut mallory, "mallory.tarpit", "body"), 1);
+    wait_completed(&mut admin, "submitted_by = 'mallory'", 1, BOUND);
+    // Longer than the watchdog would give the tarpit (its time limit and 5 s more), while bob's
+    // requests come and go.
+    let mut bob = cluster.client_as("bob");
+    for round in 0..8 {
+        let id: i64 = bob
+            .query_one(
+                "SELECT llmbatching.llm_submit('m', $1)",
+                &[&format!("bob's request {round}")],
+            )
+            .unwrap()
+            .get(0);
+        wait_completed(&mut admin, &format!("id = {id}"), 1, BOUND);
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert_eq!(cluster.worker_pid(), worker, "the worker was ended");
+    assert!(
+        !cluster.log().contains("terminating background worker"),
+        "the watchdog had to end a process"
+    );
+    let written: i64 = one(
+        &mut admin,
+        "SELECT count(*) FROM mallory.tarpit WHERE answer IS NOT NULL",
+    );
+    assert_eq!(written, 0);
 }

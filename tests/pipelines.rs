@@ -603,15 +603,21 @@ fn readers_of(c: &mut postgres::Client) -> Vec<String> {
         .collect()
 }
 
+/// Classifies five rows of `tickets`, noting which process applies each answer to its
+/// request and which writes it into its row.
+fn classify_noted_tickets(c: &mut postgres::Client) {
+    tickets_noting_their_writer(c, 5, 0.0);
+    note_readers(c, 0.0);
+    c.batch_execute("SELECT llm_classify('tickets', 'label', 'body', 'm')")
+        .unwrap();
+}
+
 /// Classifies five rows of a table whose trigger records which process wrote each answer, and
 /// waits until all are written. Returns the processes that applied the answers to their
 /// requests, and those that wrote them into the rows.
 fn classify_recording_the_writer(cluster: &Cluster) -> (Vec<String>, Vec<String>) {
     let mut c = cluster.client();
-    tickets_noting_their_writer(&mut c, 5, 0.0);
-    note_readers(&mut c, 0.0);
-    c.batch_execute("SELECT llm_classify('tickets', 'label', 'body', 'm')")
-        .unwrap();
+    classify_noted_tickets(&mut c);
     cluster.wait_for("the five answers to be written", SETTLE, || {
         cluster.count("SELECT count(*) FROM tickets WHERE label IS NOT NULL") == 5
     });
@@ -621,8 +627,7 @@ fn classify_recording_the_writer(cluster: &Cluster) -> (Vec<String>, Vec<String>
 }
 
 #[test]
-fn answers_are_read_and_written_back_by_processes_of_their_own_or_by_the_worker_when_none_can_start(
-) {
+fn answers_are_read_and_written_back_by_processes_of_their_own_and_wait_for_a_writer_slot() {
     // The reader and the writer run beside the worker, so answers are applied and written
     // while the next batches move.
     let cluster = Cluster::with_extension(&[]);
@@ -636,19 +641,36 @@ fn answers_are_read_and_written_back_by_processes_of_their_own_or_by_the_worker_
     drop(cluster);
 
     // With no background worker slot left for them (only the launcher and the worker fit),
-    // the worker reads and writes the answers itself.
+    // the worker reads the answers itself, but never runs a role's code: the answers wait for
+    // a writer, which starts once there is room for one.
     let cluster = Cluster::with_extension(&[
         ("max_worker_processes", "2"),
         ("max_logical_replication_workers", "0"),
         ("max_parallel_workers", "0"),
     ]);
+    let mut c = cluster.client();
+    classify_noted_tickets(&mut c);
+    cluster.wait_for("the five answers to be read back", SETTLE, || {
+        cluster.count("SELECT count(*) FROM read_by") == 5
+    });
+    assert_eq!(readers_of(&mut c), ["llmbatching worker"]);
+    cluster.wait_for("the log to say why the answers wait", SETTLE, || {
+        cluster
+            .log()
+            .contains("no background worker slot is free for the writer")
+    });
     assert_eq!(
-        classify_recording_the_writer(&cluster),
-        (
-            vec!["llmbatching worker".to_string()],
-            vec!["llmbatching worker".to_string()]
-        )
+        cluster.count("SELECT count(*) FROM tickets WHERE label IS NOT NULL"),
+        0
     );
+    drop(c);
+    cluster.set(&[("max_worker_processes", "4")]);
+    cluster.restart("fast");
+    cluster.wait_for("the five answers to be written", SETTLE, || {
+        cluster.count("SELECT count(*) FROM tickets WHERE label IS NOT NULL") == 5
+    });
+    let mut c = cluster.client();
+    assert_eq!(writers_of(&mut c), ["llmbatching writer"]);
 }
 
 #[test]

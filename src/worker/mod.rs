@@ -488,7 +488,7 @@ impl Worker {
         let next_group_due = self.form_batches(&settings);
         tx(housekeeping::flag_cancelled_batches);
         self.start_due_steps(&settings);
-        self.writer.write_due(&settings);
+        self.writer.write_due();
         if registry::preloaded() {
             let identities = self.connections.identities();
             tx(move || publish_usage(&identities));

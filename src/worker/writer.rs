@@ -4,7 +4,11 @@
 //! the database's worker keeps a writer running, a dynamic background worker that writes them
 //! into their rows and ends once nothing more is due within a few seconds. So rows are written
 //! while the worker claims, uploads and applies the next batches, on the other core. Where no
-//! writer can start (`max_worker_processes` reached) the worker writes the answers itself.
+//! writer can start (`max_worker_processes` reached), the answers wait for a slot: the worker
+//! never runs a role's code itself. That code may end the process it runs in (the watchdog ends
+//! code that ignores its time limit), and the worker serves every role: a role able to fill
+//! the free slots (with parallel queries, say) could otherwise end it, and keep it from
+//! starting again while the slots stay full.
 //!
 //! Two processes may write answers at once (a writer left running by a worker that restarted,
 //! and its successor's): each attempt first takes its entries of the queue (see
@@ -40,6 +44,8 @@ const AFTER_FAILURE: Duration = Duration::from_secs(1);
 pub struct Writer {
     handle: Option<DynamicBackgroundWorker>,
     last_launch: Option<Instant>,
+    /// When the log last said that no writer could start.
+    said_no_slot: Option<Instant>,
 }
 
 impl Writer {
@@ -52,9 +58,9 @@ impl Writer {
         running
     }
 
-    /// Sees that the answers due are written: by a writer, started now if none runs, or by
-    /// this process when none can start.
-    pub fn write_due(&mut self, settings: &Settings) {
+    /// Sees that the answers due are written: by a writer, started now if none runs. When none
+    /// can start, they wait (see the module's documentation), and the log says why.
+    pub fn write_due(&mut self) {
         if self.running()
             || self
                 .last_launch
@@ -76,10 +82,22 @@ impl Writer {
             None,
         ) {
             Ok(handle) => self.handle = Some(handle),
-            Err(()) => {
-                write_back_due(settings);
-            }
+            Err(()) => self.say_no_slot(),
         }
+    }
+
+    /// Logs, at most once a minute, that answers wait for a slot for the writer.
+    fn say_no_slot(&mut self) {
+        if self
+            .said_no_slot
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(60))
+        {
+            return;
+        }
+        self.said_no_slot = Some(Instant::now());
+        warning!(
+            "llmbatching: answers wait to be written back: no background worker slot is free for the writer (max_worker_processes)"
+        );
     }
 
     /// When the worker should next see to the write-backs: while a writer runs, it watches the
@@ -147,7 +165,7 @@ static LAST_SERVED: std::sync::Mutex<String> = std::sync::Mutex::new(String::new
 /// (see `state::write_back`). Roles take turns, each may use at most one `write_back_timeout`
 /// of the pass, and the pass ends after a few of them, so that no role's write-backs starve
 /// another's. False when the queue could not be read.
-pub fn write_back_due(settings: &Settings) -> bool {
+fn write_back_due(settings: &Settings) -> bool {
     let attempts = match catching(|| tx(write_back::due_attempts)) {
         Ok(attempts) => attempts,
         Err(message) => {
