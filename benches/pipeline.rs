@@ -397,8 +397,6 @@ fn print_batch_timeline(c: &mut Client) {
     }
 }
 
-/// B5: the whole job through llmbatching, then by hand with the SDK on a fresh database.
-/// B5 with `n` requests; returns the seconds llmbatching and the by-hand script took.
 /// CPU time, in seconds, from the fields of `/proc/<pid>/stat` numbered `fields` (14 utime, 15
 /// stime, 16 cutime, 17 cstime: children that ended and were waited for). Counted after the
 /// command's name, which may hold spaces.
@@ -450,6 +448,8 @@ fn own_cpu_seconds() -> (f64, f64) {
     )
 }
 
+/// B5: the whole job through llmbatching, then by hand with the SDK on a fresh database.
+/// B5 with `n` requests; returns the seconds llmbatching and the by-hand script took.
 fn b5_end_to_end(n: i64) -> Option<(f64, f64)> {
     let python = std::env::var("BENCH_PYTHON").unwrap_or_else(|_| {
         concat!(env!("CARGO_MANIFEST_DIR"), "/target/bench-venv/bin/python").to_string()

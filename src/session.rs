@@ -137,7 +137,9 @@ unsafe fn setting_record(name: &CStr) -> *mut pg_sys::config_generic {
 
 /// Refuses a check: the setting keeps its value, and whoever set it gets an ERROR.
 unsafe fn refuse() -> bool {
-    pg_sys::GUC_check_errdetail_string = pg_sys::pstrdup(REFUSED.as_ptr());
+    // Where PostgreSQL's own `GUC_check_errdetail` puts it: freed once the error is reported.
+    pg_sys::GUC_check_errdetail_string =
+        pg_sys::MemoryContextStrdup(pg_sys::ErrorContext, REFUSED.as_ptr());
     false
 }
 

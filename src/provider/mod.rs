@@ -109,6 +109,10 @@ pub enum ProviderError {
     /// A statement of the worker's own failed (the batch's step is tried again later).
     #[error("{0}")]
     Database(String),
+    /// A batch's answers were read, but this many requests their roles hold locked could not
+    /// take theirs: the files are read again for them, however late (their answers are there).
+    #[error("{0} requests were held locked by their own role; the files are read again for them")]
+    Held(usize),
 }
 
 impl ProviderError {
@@ -120,7 +124,8 @@ impl ProviderError {
             ProviderError::Transient { .. }
             | ProviderError::Malformed(_)
             | ProviderError::Local(_)
-            | ProviderError::Database(_) => true,
+            | ProviderError::Database(_)
+            | ProviderError::Held(_) => true,
             ProviderError::Rejected { status, .. } => matches!(status, 401 | 403),
         }
     }

@@ -259,7 +259,7 @@ fn claim_candidates(group: &Group, limit: usize, per_role_cap: i64) -> Vec<Candi
 /// waiting: a role may keep one of its own queued requests locked (`SELECT … FOR UPDATE`, or a
 /// cancellation not yet committed), and the claim would wait for it with every other role's
 /// requests of the group.
-fn unheld(candidates: Vec<Candidate>) -> Vec<Candidate> {
+fn unheld(candidates: Vec<Candidate>) -> (Vec<Candidate>, usize) {
     let ids: Vec<i64> = candidates.iter().map(|c| c.id).collect();
     let locked: std::collections::HashSet<i64> = Spi::connect(|client| {
         client
@@ -276,10 +276,17 @@ fn unheld(candidates: Vec<Candidate>) -> Vec<Candidate> {
             .collect::<SpiResult<_>>()
     })
     .unwrap_or_else(|e| fail("locking queued requests", e));
-    candidates
-        .into_iter()
-        .filter(|c| locked.contains(&c.id))
-        .collect()
+    let (kept, held): (Vec<Candidate>, Vec<Candidate>) =
+        candidates.into_iter().partition(|c| locked.contains(&c.id));
+    (kept, held.len())
+}
+
+/// What a claim did: the batch it made, if any, and whether requests held locked by their
+/// role were left behind while the batch took less than it could (then the group is not
+/// claimed again at once: see `Worker::form_batches`).
+pub struct Claim {
+    pub batch: Option<i64>,
+    pub left_held: bool,
 }
 
 /// Claims queued requests of a group, every waiting role's in turn, into a new batch (state
@@ -292,7 +299,7 @@ pub fn claim_batch(
     budget: Option<TokenBudget>,
     per_role_cap: i64,
     skip_held: bool,
-) -> Option<i64> {
+) -> Claim {
     // Every statement here finds requests by their ids, one primary-key probe each: a scan of
     // the table or of an index (for a join by hash or merge), which the planner prefers for a
     // batch's worth of ids when its statistics predate a large submit, would read the whole
@@ -309,9 +316,14 @@ pub fn claim_batch(
         run(&format!("SET LOCAL {setting} = off"), &[]);
     }
     let mut candidates = claim_candidates(group, limits.max_requests, per_role_cap);
+    let mut held = 0;
     if skip_held {
-        candidates = unheld(candidates);
+        (candidates, held) = unheld(candidates);
     }
+    let claim = |batch: Option<i64>, claimed: usize| Claim {
+        batch,
+        left_held: held > 0 && claimed < limits.max_requests,
+    };
     let split = planner::take_batch(&candidates, limits, budget);
     if !split.too_many_bytes.is_empty() {
         run(
@@ -332,7 +344,7 @@ pub fn claim_batch(
         );
     }
     if split.batch.is_empty() {
-        return None;
+        return claim(None, 0);
     }
     let batch_id = Spi::get_one_with_args::<i64>(
         "INSERT INTO llmbatching.batches (endpoint, model, request_count, estimated_tokens, provider, account)
@@ -346,9 +358,11 @@ pub fn claim_batch(
             group.account.as_str().into(),
         ],
     )
-    .unwrap_or_else(|e| fail("creating a batch", e))?;
+    .unwrap_or_else(|e| fail("creating a batch", e))
+    .expect("INSERT … RETURNING returns the new batch's id");
     // Only the worker claims requests, but a role may cancel one of them meanwhile: the claim
-    // takes those still queued (no row is locked in advance, which would write every row twice).
+    // takes those still queued (no row is locked in advance, which would write every row twice,
+    // unless a role was seen holding one: see `unheld`).
     // The state to match comes with each id, not as a constant, so that no queue index can
     // stand for the primary key (see `ingest::CLAIMED_BY`): statistics taken before a large
     // submit show almost no queued request, and the planner would scan the whole queue.
@@ -388,7 +402,7 @@ pub fn claim_batch(
             "DELETE FROM llmbatching.batches WHERE id = $1",
             &[batch_id.into()],
         );
-        return None;
+        return claim(None, 0);
     }
     run(
         "UPDATE llmbatching.batches SET request_count = $2, answer_formats = $3, roles = $4::name[]
@@ -400,5 +414,5 @@ pub fn claim_batch(
             roles.into(),
         ],
     );
-    Some(batch_id)
+    claim(Some(batch_id), claimed as usize)
 }

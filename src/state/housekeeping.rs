@@ -34,21 +34,23 @@ pub fn copy_problem() -> Option<String> {
 
 /// Requests waiting on an identical request that was cancelled (or purged) wait on the oldest
 /// of themselves instead, which is then sent. Those their role holds locked are left for a
-/// later round (waiting for them would hold up every role's round).
+/// later round (waiting for them would hold up every role's round); the oldest is the heir all
+/// the same, so identical requests are never split between two that are sent.
 pub fn promote_orphaned_duplicates() {
     run(
         "WITH orphans AS (
-             SELECT f.id, f.reused_from
+             SELECT f.id, pg_catalog.min(f.id) OVER (PARTITION BY f.reused_from) AS heir
                FROM llmbatching.requests f
                LEFT JOIN llmbatching.requests leader ON leader.id = f.reused_from
               WHERE f.state = 'queued' AND f.reused_from IS NOT NULL
-                AND (leader.id IS NULL OR leader.state = 'cancelled')
-                FOR NO KEY UPDATE OF f SKIP LOCKED),
-         heirs AS (
-             SELECT o.id, pg_catalog.min(o.id) OVER (PARTITION BY o.reused_from) AS heir
-               FROM orphans o)
-         UPDATE llmbatching.requests f SET reused_from = NULLIF(h.heir, f.id)
-           FROM heirs h WHERE f.id = h.id",
+                AND (leader.id IS NULL OR leader.state = 'cancelled')),
+         unheld AS (
+             SELECT f.id FROM llmbatching.requests f
+              WHERE f.id IN (SELECT o.id FROM orphans o) AND f.state = 'queued'
+                FOR NO KEY UPDATE SKIP LOCKED)
+         UPDATE llmbatching.requests f SET reused_from = NULLIF(o.heir, f.id)
+           FROM orphans o JOIN unheld u ON u.id = o.id
+          WHERE f.id = o.id",
         &[],
     );
 }

@@ -49,12 +49,13 @@ fn ids_where(sql: &str, args: &[pgrx::datum::DatumWithOid]) -> HashSet<i64> {
 }
 
 /// Of the requests `ids` still `submitted` in batch `batch_id`, locks, without waiting, those no
-/// other transaction holds, with the rows that applying their results changes too: their
-/// write-backs and the identical requests waiting on them. Returns the ids it locked with all
-/// of those, and how many it could not: a role may keep its own rows locked (`SELECT … FOR
-/// UPDATE`, or a cancellation not yet committed), and waiting for it would hold up every other
-/// role's answers. Those are left for a later reading, neither failed nor sent again. (Ids no
-/// longer submitted in the batch are in neither: applying their results changes nothing.)
+/// other transaction holds, with the rows that applying their results changes too: the
+/// identical requests waiting on them, and the write-backs of both. Returns the ids it locked
+/// with all of those, and how many it could not: a role may keep its own rows locked (`SELECT …
+/// FOR UPDATE`, or a cancellation not yet committed), and waiting for it would hold up every
+/// other role's answers. Those are left for a later reading, neither failed nor sent again.
+/// (Ids no longer submitted in the batch are in neither: applying their results changes
+/// nothing.)
 pub fn lock_unheld(batch_id: i64, ids: Vec<i64>) -> (HashSet<i64>, usize) {
     let pending = format!(
         "SELECT r.id FROM llmbatching.requests r,
@@ -67,24 +68,50 @@ pub fn lock_unheld(batch_id: i64, ids: Vec<i64>) -> (HashSet<i64>, usize) {
         &format!("{pending} FOR NO KEY UPDATE OF r SKIP LOCKED"),
         &[batch_id.into(), ids.into()],
     );
-    // The dependent rows of the requests it locked: all of them, and those it could lock.
-    let dependents = [
-        "SELECT w.request_id FROM llmbatching.writebacks w
-          WHERE w.request_id = ANY ($1) AND w.written_at IS NULL",
-        "SELECT f.reused_from FROM llmbatching.requests f
-          WHERE f.reused_from = ANY ($1) AND f.state = 'queued'",
-    ];
-    for dependent in dependents {
-        let locked: Vec<i64> = unheld.iter().copied().collect();
-        let all = ids_where(dependent, &[locked.clone().into()]);
-        let got = ids_where(
-            &format!("{dependent} FOR NO KEY UPDATE SKIP LOCKED"),
-            &[locked.into()],
-        );
-        unheld.retain(|id| !all.contains(id) || got.contains(id));
+    let locked: Vec<i64> = unheld.iter().copied().collect();
+    // The identical requests waiting on those: every one, and those it could lock.
+    let waiting = "SELECT f.id, f.reused_from FROM llmbatching.requests f
+                    WHERE f.reused_from = ANY ($1) AND f.state = 'queued'";
+    let followers = pairs_where(waiting, &[locked.clone().into()]);
+    let followers_locked = ids_where(
+        &format!("SELECT l.id FROM ({waiting} FOR NO KEY UPDATE OF f SKIP LOCKED) l"),
+        &[locked.clone().into()],
+    );
+    // The write-backs of the requests and of those waiting on them.
+    let mut with_followers = locked;
+    with_followers.extend(followers.iter().map(|(id, _)| *id));
+    let writebacks = "SELECT w.request_id FROM llmbatching.writebacks w
+                       WHERE w.request_id = ANY ($1) AND w.written_at IS NULL";
+    let writebacks_all = ids_where(writebacks, &[with_followers.clone().into()]);
+    let writebacks_locked = ids_where(
+        &format!("{writebacks} FOR NO KEY UPDATE SKIP LOCKED"),
+        &[with_followers.into()],
+    );
+    let held = |id: &i64| writebacks_all.contains(id) && !writebacks_locked.contains(id);
+    unheld.retain(|id| !held(id));
+    for (follower, leader) in &followers {
+        if !followers_locked.contains(follower) || held(follower) {
+            unheld.remove(leader);
+        }
     }
     let held = submitted.difference(&unheld).count();
     (unheld, held)
+}
+
+/// The (id, other id) pairs `sql` selects.
+fn pairs_where(sql: &str, args: &[pgrx::datum::DatumWithOid]) -> Vec<(i64, i64)> {
+    Spi::connect(|client| {
+        client
+            .select(sql, None, args)?
+            .map(|row| {
+                Ok((
+                    row.get::<i64>(1)?.unwrap_or(0),
+                    row.get::<i64>(2)?.unwrap_or(0),
+                ))
+            })
+            .collect::<SpiResult<Vec<_>>>()
+    })
+    .unwrap_or_else(|e| fail("reading the requests waiting on a batch's", e))
 }
 
 /// After a reading that left requests their roles hold locked: the batch now carries only

@@ -148,8 +148,7 @@ pub fn due_attempts() -> Vec<Attempt> {
 /// Takes an attempt's entries and counts the attempt, before it runs; returns the attempt with
 /// the entries it took. Committed first, so that an attempt that never comes back (a process
 /// that ends during it) is counted all the same, and a role's code cannot make the worker
-/// return to it forever. It is counted as one that ran out of time, too (the watchdog ends only
-/// such code): an attempt that comes back queues its answers again with its true counts.
+/// return to it forever.
 ///
 /// Only entries still due are taken, and each is then not due again until the attempt is
 /// surely over (its time limit, and the watchdog's past it) and its pause after that: so two
@@ -163,7 +162,6 @@ pub fn begin_attempt(attempt: &Attempt, bounds: Bounds) -> Attempt {
             .update(
                 "UPDATE llmbatching.writeback_queue q
                     SET tries = q.tries OPERATOR(pg_catalog.+) 1,
-                        slow_tries = q.slow_tries OPERATOR(pg_catalog.+) 1,
                         due_at = pg_catalog.now() OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs => $2)
                   WHERE q.id OPERATOR(pg_catalog.=) ANY ($1)
                     AND q.due_at OPERATOR(pg_catalog.<=) pg_catalog.now()
@@ -245,7 +243,7 @@ pub fn claim(attempt: &Attempt) -> Vec<Group> {
         client
             .update(
                 "UPDATE llmbatching.writebacks w SET written_at = pg_catalog.now(), outcome = 'written'
-                   FROM (SELECT i.id, pg_catalog.max(q.tries) OPERATOR(pg_catalog.-) 1 AS tries, pg_catalog.max(q.slow_tries) OPERATOR(pg_catalog.-) 1 AS slow_tries
+                   FROM (SELECT i.id, pg_catalog.max(q.tries) OPERATOR(pg_catalog.-) 1 AS tries, pg_catalog.max(q.slow_tries) AS slow_tries
                            FROM llmbatching.writeback_queue q
                           CROSS JOIN LATERAL pg_catalog.unnest(q.request_ids) AS i (id)
                           WHERE q.id OPERATOR(pg_catalog.=) ANY ($1)
@@ -340,11 +338,6 @@ pub enum Written {
 pub fn write_group(group: &mut Group, bounds: Bounds) -> Written {
     if group.tries >= MAX_TRIES {
         return Written::Failed(format!("gave up after {MAX_TRIES} tries"));
-    }
-    if group.slow_tries >= MAX_SLOW_TRIES {
-        return Written::Failed(format!(
-            "gave up after {MAX_SLOW_TRIES} tries that ran out of time"
-        ));
     }
     let role = match role_that_may_write(&group.role) {
         Ok(role) => role,

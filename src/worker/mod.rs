@@ -605,7 +605,7 @@ impl Worker {
                                 account.map_or((0, 0), |a| registry::usage_elsewhere(a, model));
                             // A due group that cannot go now waits for a batch to end: a batch step.
                             if claim::open_batch_count() + open_elsewhere >= max_open {
-                                return false;
+                                return (false, false);
                             }
                             let budget = claim::token_budget(&group, default_token_cap).map(|b| {
                                 TokenBudget {
@@ -615,13 +615,12 @@ impl Worker {
                                     ..b
                                 }
                             });
-                            let taken =
-                                claim::claim_batch(&group, limits, budget, per_role_cap, skip_held)
-                                    .is_some();
-                            if taken {
+                            let claim =
+                                claim::claim_batch(&group, limits, budget, per_role_cap, skip_held);
+                            if claim.batch.is_some() {
                                 publish_usage(&identities);
                             }
-                            taken
+                            (claim.batch.is_some(), claim.left_held)
                         })
                     })
                 };
@@ -639,14 +638,21 @@ impl Worker {
                         outcome = try_claim(true);
                     }
                 }
-                let taken = outcome.unwrap_or_else(|failure| {
+                let (taken, left_held) = outcome.unwrap_or_else(|failure| {
                     // The group waits (its other requests too): trying again at once would
                     // spend the lock wait again every round.
                     self.claims_paused
-                        .insert(key, Instant::now() + CLAIM_FAILURE_PAUSE);
+                        .insert(key.clone(), Instant::now() + CLAIM_FAILURE_PAUSE);
                     self.say_claim_failed(&failure.message);
-                    false
+                    (false, false)
                 });
+                if left_held {
+                    // The held requests still make the group look due (they wait longest):
+                    // the others of the group gather for a batch's wait, as they would without
+                    // them, rather than go in batches of one, or be looked at every second.
+                    let pause = wait.max(QUEUE_QUIET);
+                    self.claims_paused.insert(key, Instant::now() + pause);
+                }
                 if taken {
                     *unsent.entry(route).or_insert(0) += 1;
                 }
@@ -1194,8 +1200,10 @@ pub fn record_step_failure(
     // The results of an ended batch are asked for again for the whole window, whatever the
     // error (giving up would send again answers the provider has), and given up once it has
     // passed (or an administrator said so), whatever the error.
+    // (Not while requests are held locked: their answers are in the files, and giving up
+    // would send them again.)
     let final_refusal = if batch.state == "ingesting" {
-        !reading::within_result_window(batch, settings)
+        !reading::within_result_window(batch, settings) && !matches!(error, ProviderError::Held(_))
     } else {
         !error.is_retryable() && batch.step_failures + 1 >= REFUSALS_BEFORE_GIVING_UP
     };

@@ -197,7 +197,10 @@ fn read(task: Task) {
             match outcome {
                 Ok(()) => return,
                 Err(e) => {
-                    let message = reading.redact(&format!("download failed: {e}"));
+                    let message = match e {
+                        ProviderError::Held(_) => e.to_string(),
+                        _ => reading.redact(&format!("download failed: {e}")),
+                    };
                     (e, message)
                 }
             }

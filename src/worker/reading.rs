@@ -171,9 +171,7 @@ impl<'a> Reading<'a> {
         // which would send those requests again.
         if held > 0 {
             tx(move || ingest::keep_roles_still_waiting(batch_id));
-            return Err(ProviderError::Local(format!(
-                "{held} requests were held locked by their own role; the files are read again for them"
-            )));
+            return Err(ProviderError::Held(held));
         }
         Ok((filter.requests_named(), started.elapsed()))
     }
@@ -313,13 +311,17 @@ impl<'a> Reading<'a> {
                 })
             })
         };
-        let failure = match apply(chunk.clone(), false) {
+        // A batch read again (an earlier reading failed: requests held locked, say) skips held
+        // rows from the start, rather than wait a second for each chunk that holds one.
+        let read_before = self.batch.step_failures > 0;
+        let mut failure = match apply(chunk.clone(), read_before) {
             Ok(held) => return held,
             Err(failure) => failure,
         };
-        if failure.transient {
-            if let Ok(held) = apply(chunk.clone(), true) {
-                return held;
+        if failure.transient && !read_before {
+            match apply(chunk.clone(), true) {
+                Ok(held) => return held,
+                Err(again) => failure = again,
             }
         }
         warning!(
