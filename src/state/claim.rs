@@ -255,6 +255,22 @@ fn claim_candidates(group: &Group, limit: usize, per_role_cap: i64) -> Vec<Candi
     planner::interleave_roles(planner::split_by_role(rows))
 }
 
+/// How a claim's statements find each candidate: by primary key, and only while it is still
+/// queued and sent itself (a role may cancel one meanwhile). The state to match comes with
+/// each id (`c.queued`), not as a constant, so that no queue index can stand for the primary
+/// key (see `ingest::CLAIMED_BY`): statistics taken before a large submit show almost no queued
+/// request, and the planner would scan the whole queue.
+const STILL_QUEUED: &str = "r.id = c.id AND r.state = c.queued AND r.reused_from IS NULL";
+
+/// The candidates' ids (the statement's parameter `param`, a bigint[]) as the subquery `c`
+/// that [`STILL_QUEUED`] matches, not to be flattened into the outer statement.
+fn queued_ids(param: &str) -> String {
+    format!(
+        "(SELECT c.id, 'queued'::text AS queued
+            FROM pg_catalog.unnest({param}::pg_catalog.int8[]) AS c(id) OFFSET 0) c"
+    )
+}
+
 /// Of the candidates, those still queued that no other transaction holds, locked now without
 /// waiting: a role may keep one of its own queued requests locked (`SELECT … FOR UPDATE`, or a
 /// cancellation not yet committed), and the claim would wait for it with every other role's
@@ -264,11 +280,12 @@ fn unheld(candidates: Vec<Candidate>) -> (Vec<Candidate>, usize) {
     let locked: std::collections::HashSet<i64> = Spi::connect(|client| {
         client
             .select(
-                "SELECT r.id FROM llmbatching.requests r,
-                        (SELECT c.id, 'queued'::text AS queued
-                           FROM pg_catalog.unnest($1::pg_catalog.int8[]) AS c(id) OFFSET 0) c
-                  WHERE r.id = c.id AND r.state = c.queued AND r.reused_from IS NULL
-                    FOR NO KEY UPDATE OF r SKIP LOCKED",
+                &format!(
+                    "SELECT r.id FROM llmbatching.requests r, {}
+                      WHERE {STILL_QUEUED}
+                        FOR NO KEY UPDATE OF r SKIP LOCKED",
+                    queued_ids("$1")
+                ),
                 None,
                 &[ids.into()],
             )?
@@ -361,25 +378,24 @@ pub fn claim_batch(
     .unwrap_or_else(|e| fail("creating a batch", e))
     .expect("INSERT … RETURNING returns the new batch's id");
     // Only the worker claims requests, but a role may cancel one of them meanwhile: the claim
-    // takes those still queued (no row is locked in advance, which would write every row twice,
-    // unless a role was seen holding one: see `unheld`).
-    // The state to match comes with each id, not as a constant, so that no queue index can
-    // stand for the primary key (see `ingest::CLAIMED_BY`): statistics taken before a large
-    // submit show almost no queued request, and the planner would scan the whole queue.
+    // takes those still queued (see `STILL_QUEUED`; no row is locked in advance, which would
+    // write every row twice, unless a role was seen holding one: see `unheld`).
     // (Counted per role, by hashing: a batch's requests come from few roles.)
     let per_role: Vec<(String, i64, i64)> = Spi::connect_mut(|client| {
         client
             .update(
-                "WITH claimed AS (
-                     UPDATE llmbatching.requests r
-                        SET state = 'submitted', batch_id = $1, attempts = r.attempts + 1, submitted_at = pg_catalog.now()
-                       FROM (SELECT c.id, 'queued'::text AS queued
-                               FROM pg_catalog.unnest($2::pg_catalog.int8[]) AS c(id) OFFSET 0) c
-                      WHERE r.id = c.id AND r.state = c.queued AND r.reused_from IS NULL
-                     RETURNING r.answer_format IS NOT NULL AS formatted, r.submitted_by)
-                 SELECT c.submitted_by::text, pg_catalog.count(*), pg_catalog.count(*) FILTER (WHERE c.formatted)
-                   FROM claimed c
-                  GROUP BY c.submitted_by",
+                &format!(
+                    "WITH claimed AS (
+                         UPDATE llmbatching.requests r
+                            SET state = 'submitted', batch_id = $1, attempts = r.attempts + 1, submitted_at = pg_catalog.now()
+                           FROM {}
+                          WHERE {STILL_QUEUED}
+                         RETURNING r.answer_format IS NOT NULL AS formatted, r.submitted_by)
+                     SELECT c.submitted_by::text, pg_catalog.count(*), pg_catalog.count(*) FILTER (WHERE c.formatted)
+                       FROM claimed c
+                      GROUP BY c.submitted_by",
+                    queued_ids("$2")
+                ),
                 None,
                 &[batch_id.into(), split.batch.into()],
             )?

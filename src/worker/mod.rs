@@ -289,7 +289,7 @@ struct Worker {
     /// Whether the log already says this database is a copy.
     said_copy: bool,
     /// When the log last said that a claim failed.
-    said_claim_failed: Option<Instant>,
+    said_claim_failed: OncePerMinute,
     /// Groups whose last claim failed, and until when they wait.
     claims_paused: HashMap<String, Instant>,
     /// Groups a role held a request of locked, and until when their claims skip such requests.
@@ -350,7 +350,7 @@ impl Worker {
             last_purge: None,
             failed_rounds: 0,
             said_copy: false,
-            said_claim_failed: None,
+            said_claim_failed: OncePerMinute::default(),
             claims_paused: HashMap::new(),
             claims_skipping_held: HashMap::new(),
             writer: writer::Writer::default(),
@@ -670,13 +670,9 @@ impl Worker {
 
     /// Logs, at most once a minute, that a claim failed (its group waits for a later round).
     fn say_claim_failed(&mut self, message: &str) {
-        if self
-            .said_claim_failed
-            .is_some_and(|at| at.elapsed() < Duration::from_secs(60))
-        {
+        if !self.said_claim_failed.due() {
             return;
         }
-        self.said_claim_failed = Some(Instant::now());
         warning!(
             "llmbatching: claiming queued requests failed, their group waits for a later round: {}",
             self.redact(message)
@@ -1179,6 +1175,24 @@ impl Worker {
         if record_step_failure(batch, &message, &error, settings) {
             self.delete_files(batch, settings);
         }
+    }
+}
+
+/// A warning about a condition that may last, said at most once a minute.
+#[derive(Default)]
+struct OncePerMinute(Option<Instant>);
+
+impl OncePerMinute {
+    /// Whether to say it now; if so, not again for a minute.
+    fn due(&mut self) -> bool {
+        if self
+            .0
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(60))
+        {
+            return false;
+        }
+        self.0 = Some(Instant::now());
+        true
     }
 }
 

@@ -17,7 +17,7 @@
 
 use super::{
     catching, catching_failure, connect_process, launch_process, refresh_settings, report_activity,
-    shutdown_requested, still_runs, tx, wait_latch,
+    shutdown_requested, still_runs, tx, wait_latch, OncePerMinute,
 };
 use crate::config::Settings;
 use crate::registry;
@@ -45,7 +45,7 @@ pub struct Writer {
     handle: Option<DynamicBackgroundWorker>,
     last_launch: Option<Instant>,
     /// When the log last said that no writer could start.
-    said_no_slot: Option<Instant>,
+    said_no_slot: OncePerMinute,
 }
 
 impl Writer {
@@ -88,13 +88,9 @@ impl Writer {
 
     /// Logs, at most once a minute, that answers wait for a slot for the writer.
     fn say_no_slot(&mut self) {
-        if self
-            .said_no_slot
-            .is_some_and(|at| at.elapsed() < Duration::from_secs(60))
-        {
+        if !self.said_no_slot.due() {
             return;
         }
-        self.said_no_slot = Some(Instant::now());
         warning!(
             "llmbatching: answers wait to be written back: no background worker slot is free for the writer (max_worker_processes)"
         );
