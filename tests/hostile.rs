@@ -1760,6 +1760,11 @@ fn requests_a_role_keeps_locked_hold_up_only_that_role() {
             "request {id} was sent more than once"
         );
     }
+    let twice = cluster.emulator.stats().ran_more_than_once();
+    assert!(
+        twice.is_empty(),
+        "the provider ran these more than once: {twice:?}"
+    );
     assert_eq!(
         wait_final(&mut admin, &into("mallory.failing"), 1, BOUND)[0]
             .0
