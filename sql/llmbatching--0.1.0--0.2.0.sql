@@ -165,6 +165,20 @@ ALTER TABLE llmbatching.writeback_queue
     ADD PRIMARY KEY (id),
     ADD COLUMN answers integer NOT NULL GENERATED ALWAYS AS (pg_catalog.cardinality(request_ids)) STORED;
 SELECT pg_catalog.pg_extension_config_dump('llmbatching.writeback_queue_id_seq', '');
+-- Answers kept while their role holds their request locked (see schema.sql).
+CREATE TABLE llmbatching.held_answers (
+    request_id  bigint PRIMARY KEY,
+    batch_id    bigint NOT NULL,
+    result      text NOT NULL,
+    held_since  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    tries       integer NOT NULL DEFAULT 0,
+    next_try_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+CREATE INDEX held_answers_due ON llmbatching.held_answers (next_try_at);
+COMMENT ON TABLE llmbatching.held_answers IS 'Answers kept until the role holding their request locked lets go';
+SELECT pg_catalog.pg_extension_config_dump('llmbatching.held_answers', '');
+-- It holds answers of every role: the worker's alone.
+REVOKE ALL ON llmbatching.held_answers FROM PUBLIC;
 CREATE OR REPLACE FUNCTION llmbatching.requests_changed() RETURNS trigger
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -270,3 +284,47 @@ BEGIN
 END
 $$;
 ALTER FUNCTION llmbatching.writeback_reregistered() SET search_path = pg_catalog, pg_temp;
+-- The purge leaves rows their role keeps locked for a later purge (see security.sql).
+CREATE OR REPLACE FUNCTION llmbatching.purge_before(cutoff timestamptz, OUT requests bigint, OUT batches bigint)
+LANGUAGE plpgsql STRICT
+-- (As the extension's owner: locking a row to skip a held one takes UPDATE rights no policy
+-- gives on finished rows. Only administrators and the worker may call it.)
+SECURITY DEFINER
+AS $$
+BEGIN
+    WITH due AS (
+             SELECT r.id FROM llmbatching.requests r
+               JOIN llmbatching.batches b ON b.id = r.batch_id
+              WHERE b.state = 'done' AND b.finished_at < cutoff
+                AND r.state IN ('completed', 'failed', 'cancelled') AND r.finished_at < cutoff
+             UNION ALL
+             SELECT r.id FROM llmbatching.requests r
+              WHERE r.batch_id IS NULL AND r.state IN ('completed', 'failed', 'cancelled')
+                AND r.finished_at < cutoff),
+         unheld AS (
+             SELECT r.id FROM llmbatching.requests r
+              WHERE r.id IN (SELECT d.id FROM due d)
+                FOR UPDATE SKIP LOCKED),
+         written AS (
+             SELECT w.request_id FROM llmbatching.writebacks w
+              WHERE w.request_id IN (SELECT u.id FROM unheld u)),
+         written_unheld AS (
+             SELECT w.request_id FROM llmbatching.writebacks w
+              WHERE w.request_id IN (SELECT u.id FROM unheld u)
+                FOR UPDATE SKIP LOCKED),
+         gone AS (
+             DELETE FROM llmbatching.requests r
+              WHERE r.id IN (SELECT u.id FROM unheld u)
+                AND r.id NOT IN (SELECT x.request_id FROM written x
+                                 EXCEPT ALL
+                                 SELECT y.request_id FROM written_unheld y)
+             RETURNING 1)
+    SELECT count(*) INTO requests FROM gone;
+    WITH gone AS (DELETE FROM llmbatching.batches b
+                   WHERE b.state = 'done' AND b.finished_at < cutoff
+                     AND NOT EXISTS (SELECT FROM llmbatching.requests r WHERE r.batch_id = b.id)
+                  RETURNING 1)
+    SELECT count(*) INTO batches FROM gone;
+END
+$$;
+ALTER FUNCTION llmbatching.purge_before(timestamptz) SET search_path = pg_catalog, pg_temp;

@@ -252,6 +252,25 @@ CREATE TABLE llmbatching.writeback_queue (
 CREATE INDEX writeback_queue_due ON llmbatching.writeback_queue (submitted_by, due_at);
 COMMENT ON TABLE llmbatching.writeback_queue IS 'Answers waiting to be written back into their rows';
 
+-- Answers that came back while their request's role kept the request (or its write-back, or an
+-- identical request waiting on it) locked: `SELECT ... FOR UPDATE` in a transaction left open, or
+-- a cancellation not yet committed. Waiting for the lock would hold up every other role's
+-- answers, and leaving the request for a later reading would keep its whole batch open and
+-- read again. So the answer is kept here, in the transaction that applies the others, and the
+-- batch ends; the worker applies it once the lock is gone (trying again later and later while
+-- it stays). Only the worker reads it: it holds answers of every role.
+CREATE TABLE llmbatching.held_answers (
+    request_id  bigint PRIMARY KEY,
+    batch_id    bigint NOT NULL,
+    -- The result line as read (provider-neutral, redacted), as JSON: see results::LineResult.
+    result      text NOT NULL,
+    held_since  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    tries       integer NOT NULL DEFAULT 0,
+    next_try_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+CREATE INDEX held_answers_due ON llmbatching.held_answers (next_try_at);
+COMMENT ON TABLE llmbatching.held_answers IS 'Answers kept until the role holding their request locked lets go';
+
 -- Prices in US dollars per million tokens, for the standard (synchronous) API and the batch
 -- API, per provider: a row's provider is a kind ('openai', 'anthropic', 'azure') or a server's
 -- name, which takes precedence (see llmbatching.price_of). Cached input tokens are billed at
@@ -327,6 +346,7 @@ SELECT pg_catalog.pg_extension_config_dump('llmbatching.batches_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('llmbatching.writebacks', '');
 SELECT pg_catalog.pg_extension_config_dump('llmbatching.writeback_queue', '');
 SELECT pg_catalog.pg_extension_config_dump('llmbatching.writeback_queue_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('llmbatching.held_answers', '');
 SELECT pg_catalog.pg_extension_config_dump('llmbatching.model_limits', '');
 SELECT pg_catalog.pg_extension_config_dump('llmbatching.model_pauses', '');
 SELECT pg_catalog.pg_extension_config_dump('llmbatching.prices', '');

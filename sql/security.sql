@@ -53,26 +53,47 @@ CREATE TRIGGER check_request BEFORE INSERT ON llmbatching.requests
 
 -- Deletes requests that finished before `cutoff` and done batches left without requests;
 -- returns how many of each went. A request that a batch carried goes with its batch, once the
--- batch is done before the cutoff (it is done after every request it carried has finished):
--- these are found through the batches, so the index of finished requests need only hold the
--- few that finished without a batch, and a batch's answers arriving never add to it.
+-- batch is done before the cutoff (it is done once every request it carried has finished, or
+-- has its answer kept aside): these are found through the batches, so the index of finished
+-- requests need only hold the few that finished without a batch, and a batch's answers
+-- arriving never add to it. A request its role keeps locked, or whose write-back (which goes
+-- with it) its role keeps locked, is left for a later purge: waiting for it would hold up the
+-- purge of every other role's rows.
 CREATE FUNCTION llmbatching.purge_before(cutoff timestamptz, OUT requests bigint, OUT batches bigint)
 LANGUAGE plpgsql STRICT
+-- (As the extension's owner: locking a row to skip a held one takes UPDATE rights no policy
+-- gives on finished rows. Only administrators and the worker may call it.)
+SECURITY DEFINER
 AS $$
-DECLARE
-    carried bigint;
 BEGIN
-    WITH gone AS (DELETE FROM llmbatching.requests r
-                   USING llmbatching.batches b
-                   WHERE b.state = 'done' AND b.finished_at < cutoff AND r.batch_id = b.id
-                     AND r.state IN ('completed', 'failed', 'cancelled') AND r.finished_at < cutoff
-                  RETURNING 1)
-    SELECT count(*) INTO carried FROM gone;
-    WITH gone AS (DELETE FROM llmbatching.requests r
-                   WHERE r.batch_id IS NULL AND r.state IN ('completed', 'failed', 'cancelled')
-                     AND r.finished_at < cutoff
-                  RETURNING 1)
-    SELECT carried + count(*) INTO requests FROM gone;
+    WITH due AS (
+             SELECT r.id FROM llmbatching.requests r
+               JOIN llmbatching.batches b ON b.id = r.batch_id
+              WHERE b.state = 'done' AND b.finished_at < cutoff
+                AND r.state IN ('completed', 'failed', 'cancelled') AND r.finished_at < cutoff
+             UNION ALL
+             SELECT r.id FROM llmbatching.requests r
+              WHERE r.batch_id IS NULL AND r.state IN ('completed', 'failed', 'cancelled')
+                AND r.finished_at < cutoff),
+         unheld AS (
+             SELECT r.id FROM llmbatching.requests r
+              WHERE r.id IN (SELECT d.id FROM due d)
+                FOR UPDATE SKIP LOCKED),
+         written AS (
+             SELECT w.request_id FROM llmbatching.writebacks w
+              WHERE w.request_id IN (SELECT u.id FROM unheld u)),
+         written_unheld AS (
+             SELECT w.request_id FROM llmbatching.writebacks w
+              WHERE w.request_id IN (SELECT u.id FROM unheld u)
+                FOR UPDATE SKIP LOCKED),
+         gone AS (
+             DELETE FROM llmbatching.requests r
+              WHERE r.id IN (SELECT u.id FROM unheld u)
+                AND r.id NOT IN (SELECT x.request_id FROM written x
+                                 EXCEPT ALL
+                                 SELECT y.request_id FROM written_unheld y)
+             RETURNING 1)
+    SELECT count(*) INTO requests FROM gone;
     WITH gone AS (DELETE FROM llmbatching.batches b
                    WHERE b.state = 'done' AND b.finished_at < cutoff
                      AND NOT EXISTS (SELECT FROM llmbatching.requests r WHERE r.batch_id = b.id)

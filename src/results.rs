@@ -3,11 +3,12 @@
 //! [`LineFilter`] decides which line of a request counts. Pure: no database, no network.
 
 use crate::request::AnswerFormat;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::HashMap;
 
 /// What one result line says about its request.
-#[derive(Debug, PartialEq, Clone)]
+#[derive(Debug, PartialEq, Clone, Serialize, Deserialize)]
 pub enum Outcome {
     /// The model answered.
     Completed {
@@ -33,8 +34,9 @@ pub enum Outcome {
     },
 }
 
-/// One result line, attributed to the request it belongs to.
-#[derive(Debug, PartialEq, Clone)]
+/// One result line, attributed to the request it belongs to. (Kept as JSON while its request is
+/// held locked: see `state::held`.)
+#[derive(Debug, PartialEq, Clone, Serialize, Deserialize)]
 pub struct LineResult {
     pub request_id: i64,
     pub outcome: Outcome,
@@ -236,7 +238,7 @@ pub fn check_answer(
 }
 
 /// The tokens one answer used.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Usage {
     pub input: Option<i32>,
     /// Input tokens served from the provider's prompt cache (billed at the cached price).
@@ -244,4 +246,44 @@ pub struct Usage {
     pub output: Option<i32>,
     /// Output tokens spent on reasoning (billed as output).
     pub reasoning: Option<i32>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kept_result_reads_back_as_it_was() {
+        let outcomes = [
+            Outcome::Completed {
+                response: r#"{"output": "x"}"#.into(),
+                text: Some("positive \u{1F600} \"quoted\"".into()),
+                usage: Usage {
+                    input: Some(5),
+                    cached: None,
+                    output: Some(2),
+                    reasoning: Some(0),
+                },
+            },
+            Outcome::Failed {
+                message: "refused".into(),
+                response: None,
+            },
+            Outcome::Retry {
+                reason: "expired".into(),
+            },
+            Outcome::Unreadable {
+                reason: "not JSON".into(),
+                line: "{".into(),
+            },
+        ];
+        for (id, outcome) in outcomes.into_iter().enumerate() {
+            let result = LineResult {
+                request_id: id as i64,
+                outcome,
+            };
+            let kept = serde_json::to_string(&result).unwrap();
+            assert_eq!(serde_json::from_str::<LineResult>(&kept).unwrap(), result);
+        }
+    }
 }

@@ -1716,22 +1716,36 @@ fn requests_a_role_keeps_locked_hold_up_only_that_role() {
     assert_eq!(state_of(&mut admin, held_failing).0, "submitted");
     assert_eq!(state_of(&mut admin, leader).0, "submitted");
     assert_eq!(state_of(&mut admin, follower).0, "queued");
-    // The batch, still open for mallory's, no longer counts against alice's open batches.
-    eventually("the held batch to count for mallory alone", BOUND, || {
-        let roles: Vec<String> = admin
+    // The batch ends all the same, so it counts against no one's open batches and is not read
+    // again: the answers of the three requests mallory holds (the follower's leader among them)
+    // are kept aside, where no role can read them.
+    eventually(
+        "the batch to end with mallory's answers kept",
+        BOUND,
+        || {
+            let row = admin
             .query_one(
-                "SELECT b.roles::text[] FROM llmbatching.batches b
+                "SELECT b.state, (SELECT pg_catalog.array_agg(h.request_id ORDER BY h.request_id)
+                                    FROM llmbatching.held_answers h WHERE h.batch_id = b.id)
+                   FROM llmbatching.batches b
                    JOIN llmbatching.requests r ON r.batch_id = b.id WHERE r.id = $1",
                 &[&held_answered],
             )
-            .unwrap()
-            .get(0);
-        if roles == ["mallory"] {
-            Ok(())
-        } else {
-            Err(format!("{roles:?}"))
-        }
-    });
+            .unwrap();
+            let (state, kept): (String, Option<Vec<i64>>) = (row.get(0), row.get(1));
+            let mut expected = vec![held_answered, held_failing, leader];
+            expected.sort();
+            if state == "done" && kept.as_ref() == Some(&expected) {
+                Ok(())
+            } else {
+                Err(format!("{state}, kept {kept:?}"))
+            }
+        },
+    );
+    for role in [&mut mallory, &mut alice] {
+        let message = refused(role, "SELECT * FROM llmbatching.held_answers");
+        assert!(message.contains("permission denied"), "{message}");
+    }
     lock.commit().unwrap();
     wait_completed(
         &mut admin,
@@ -1771,6 +1785,12 @@ fn requests_a_role_keeps_locked_hold_up_only_that_role() {
             .as_deref(),
         Some("request failed")
     );
+    eventually("the kept answers to be cleared", BOUND, || {
+        match one::<i64>(&mut admin, "SELECT count(*) FROM llmbatching.held_answers") {
+            0 => Ok(()),
+            left => Err(format!("{left} left")),
+        }
+    });
 }
 
 #[test]
@@ -1828,6 +1848,24 @@ fn housekeeping_waits_for_no_row_a_role_keeps_locked() {
         }
     });
     assert_answers(&mut admin, "alice.notes", 3);
+    // And alice's finished rows are purged, while mallory's held one is left for later.
+    let write_backs = |c: &mut Client, table: &str| -> i64 {
+        one(
+            c,
+            &format!(
+                "SELECT count(*) FROM llmbatching.writebacks WHERE target = '{table}'::regclass"
+            ),
+        )
+    };
+    eventually(
+        "alice's finished rows to be purged",
+        BOUND,
+        || match write_backs(&mut admin, "alice.notes") {
+            0 => Ok(()),
+            left => Err(format!("{left} left")),
+        },
+    );
+    assert_eq!(write_backs(&mut admin, "mallory.kept"), 1);
     lock.commit().unwrap();
     // Released, the waiting request takes the cancelled one's place, and the written rows go.
     eventually("the waiting request to be promoted", BOUND, || {

@@ -53,10 +53,10 @@ fn ids_where(sql: &str, args: &[pgrx::datum::DatumWithOid]) -> HashSet<i64> {
 /// identical requests waiting on them, and the write-backs of both. Returns the ids it locked
 /// with all of those, and how many it could not: a role may keep its own rows locked (`SELECT …
 /// FOR UPDATE`, or a cancellation not yet committed), and waiting for it would hold up every
-/// other role's answers. Those are left for a later reading, neither failed nor sent again.
-/// (Ids no longer submitted in the batch are in neither: applying their results changes
+/// other role's answers. Those are kept aside (see `held`), neither failed nor sent again.
+/// (Ids no longer submitted in the batch are in neither set: applying their results changes
 /// nothing.)
-pub fn lock_unheld(batch_id: i64, ids: Vec<i64>) -> (HashSet<i64>, usize) {
+pub fn lock_unheld(batch_id: i64, ids: Vec<i64>) -> (HashSet<i64>, HashSet<i64>) {
     let pending = format!(
         "SELECT r.id FROM llmbatching.requests r,
                 {}
@@ -94,7 +94,7 @@ pub fn lock_unheld(batch_id: i64, ids: Vec<i64>) -> (HashSet<i64>, usize) {
             unheld.remove(leader);
         }
     }
-    let held = submitted.difference(&unheld).count();
+    let held = submitted.difference(&unheld).copied().collect();
     (unheld, held)
 }
 
@@ -244,8 +244,8 @@ fn enforce_answer_formats(
         .collect()
 }
 
-/// Applies one chunk of result lines of a batch; returns how many were left for a later
-/// reading. With `skip_held`, results whose rows another transaction holds are left (see
+/// Applies one chunk of result lines of a batch; returns those left out because their rows
+/// are held. With `skip_held`, results whose rows another transaction holds are left (see
 /// [`lock_unheld`]); without it, applying waits for them.
 ///
 /// Every statement here finds its rows by primary key, one probe per line (see [`CLAIMED_BY`]).
@@ -255,14 +255,20 @@ pub fn apply_results(
     max_attempts: i32,
     any_answer_formats: bool,
     skip_held: bool,
-) -> usize {
+) -> Vec<LineResult> {
     run("SET LOCAL enable_seqscan = off", &[]);
-    let mut held = 0;
+    let mut held = Vec::new();
     if skip_held {
         let ids = results.iter().map(|r| r.request_id).collect();
-        let (unheld, left) = lock_unheld(batch_id, ids);
-        results.retain(|r| unheld.contains(&r.request_id));
-        held = left;
+        let (unheld, held_ids) = lock_unheld(batch_id, ids);
+        let (applied, left): (Vec<_>, Vec<_>) = results
+            .into_iter()
+            .partition(|r| unheld.contains(&r.request_id));
+        results = applied;
+        held = left
+            .into_iter()
+            .filter(|r| held_ids.contains(&r.request_id))
+            .collect();
     }
     let (mut done_ids, mut responses, mut texts, mut answers) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -356,14 +362,22 @@ pub fn apply_results(
 
 /// Ends a batch: every request of it that no result line settled goes back to the queue (or
 /// fails, out of attempts) with `reason`, and the batch is `done`. With `refund_attempt` the
-/// requests get back the attempt this batch used.
+/// requests get back the attempt this batch used. Requests whose answer is kept aside (see
+/// `held`) wait for it.
 pub fn close_batch(batch_id: i64, reason: &str, max_attempts: i32, refund_attempt: bool) {
     // A request its role holds locked (a cancellation left uncommitted) holds up the closing
     // for at most this long; the caller then tries again later.
     super::bound_lock_waits();
     requeue_or_fail(
-        "(SELECT id, $4::text FROM llmbatching.requests WHERE batch_id = $1 AND state = 'submitted')",
-        &[batch_id.into(), max_attempts.into(), (refund_attempt as i32).into(), reason.into()],
+        "(SELECT r.id, $4::text FROM llmbatching.requests r
+           WHERE r.batch_id = $1 AND r.state = 'submitted'
+             AND NOT EXISTS (SELECT FROM llmbatching.held_answers h WHERE h.request_id = r.id))",
+        &[
+            batch_id.into(),
+            max_attempts.into(),
+            (refund_attempt as i32).into(),
+            reason.into(),
+        ],
     );
     run(
         "UPDATE llmbatching.batches b SET state = 'done', finished_at = pg_catalog.now(),

@@ -1,6 +1,7 @@
 //! The worker's access to the state tables, one module per step of a request's life: claiming
 //! queued requests into batches ([`claim`]), carrying a batch through the provider ([`send`]),
-//! reading its answers back ([`ingest`]), writing them into the rows they came from
+//! reading its answers back ([`ingest`], and [`held`] for answers whose request its role keeps
+//! locked), writing them into the rows they came from
 //! ([`write_back`]) and keeping the tables tidy ([`housekeeping`]).
 //!
 //! Every function here runs inside a transaction the worker opens around it and makes no network
@@ -9,6 +10,7 @@
 //! `pg_catalog`.
 
 pub mod claim;
+pub mod held;
 pub mod housekeeping;
 pub mod ingest;
 pub mod send;

@@ -30,7 +30,7 @@ use crate::provider::{
 use crate::registry::{self, Exit};
 use crate::restricted::Failure;
 use crate::session;
-use crate::state::{self, claim, housekeeping, ingest, send, BatchRow};
+use crate::state::{self, claim, held, housekeeping, ingest, send, BatchRow};
 use crate::transfers::Transfers;
 use crate::wakeup;
 use connections::Connections;
@@ -284,6 +284,8 @@ struct Worker {
     staging: PathBuf,
     instance: Option<String>,
     last_purge: Option<std::time::Instant>,
+    /// When answers kept aside for held requests were last looked at (see `state::held`).
+    last_held_look: Option<Instant>,
     /// Rounds in a row that ended in an error, for the pause before the next.
     failed_rounds: u32,
     /// Whether the log already says this database is a copy.
@@ -348,6 +350,7 @@ impl Worker {
             staging,
             instance: None,
             last_purge: None,
+            last_held_look: None,
             failed_rounds: 0,
             said_copy: false,
             said_claim_failed: OncePerMinute::default(),
@@ -485,6 +488,7 @@ impl Worker {
         self.purge_if_due(&settings);
         self.connections.new_round();
         tx(housekeeping::promote_orphaned_duplicates);
+        self.apply_held_answers(&settings);
         let next_group_due = self.form_batches(&settings);
         tx(housekeeping::flag_cancelled_batches);
         self.start_due_steps(&settings);
@@ -503,6 +507,33 @@ impl Worker {
             .min()
             .unwrap_or(idle)
             .clamp(Duration::from_millis(10), idle)
+    }
+
+    /// Applies the answers kept aside while their roles held their requests locked (see
+    /// `state::held`) whose locks are gone, looking once a second at most. Those still held
+    /// are kept for a later look, later each time.
+    fn apply_held_answers(&mut self, settings: &Settings) {
+        if self
+            .last_held_look
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.last_held_look = Some(Instant::now());
+        let due = match catching(|| tx(held::due)) {
+            Ok(due) => due,
+            Err(message) => {
+                warning!("llmbatching: reading held answers failed: {message}");
+                return;
+            }
+        };
+        for (batch_id, results) in due {
+            let ids: Vec<i64> = results.iter().map(|r| r.request_id).collect();
+            reading::apply_chunk(batch_id, true, results, settings.max_attempts, true);
+            if let Err(message) = catching(move || tx(move || held::forget_settled(ids))) {
+                warning!("llmbatching: clearing held answers failed: {message}");
+            }
+        }
     }
 
     /// Deletes finished rows older than `llmbatching.retention`, at most once a minute.

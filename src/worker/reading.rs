@@ -10,7 +10,7 @@ use crate::config::Settings;
 use crate::provider::redact::{redact_all, redact_json_all};
 use crate::provider::{BatchStatus, Kind, ProviderError};
 use crate::results::{self, LineRead, LineResult, Outcome};
-use crate::state::{self, ingest, BatchRow};
+use crate::state::{self, held, ingest, BatchRow};
 use pgrx::prelude::*;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -295,59 +295,82 @@ impl<'a> Reading<'a> {
         result
     }
 
-    /// Applies a chunk of results in a transaction; returns how many were left for a later
-    /// reading because their role holds their rows locked. Waiting for such a lock is bounded:
-    /// past it, the chunk is applied again without the rows others hold (see
-    /// `ingest::lock_unheld`). A chunk that fails otherwise is applied again one result at a
-    /// time, and a result that fails alone fails its request only: an answer no statement can
-    /// store never stops the others, nor the worker.
+    /// Applies a chunk of results (see [`apply_chunk`]). A batch read again (an earlier
+    /// reading failed) skips held rows from the start, rather than wait a second for each chunk
+    /// that holds one.
     fn apply_chunk(&self, chunk: Vec<LineResult>, max_attempts: i32) -> usize {
-        let (id, formats) = (self.batch.id, self.batch.has_answer_formats);
-        let apply = move |results: Vec<LineResult>, skip_held: bool| {
-            catching_failure(move || {
-                tx(move || {
-                    state::bound_lock_waits();
-                    ingest::apply_results(id, results, max_attempts, formats, skip_held)
-                })
-            })
-        };
-        // A batch read again (an earlier reading failed: requests held locked, say) skips held
-        // rows from the start, rather than wait a second for each chunk that holds one.
         let read_before = self.batch.step_failures > 0;
-        let mut failure = match apply(chunk.clone(), read_before) {
-            Ok(held) => return held,
-            Err(failure) => failure,
-        };
-        if failure.transient && !read_before {
-            match apply(chunk.clone(), true) {
-                Ok(held) => return held,
-                Err(again) => failure = again,
-            }
-        }
-        warning!(
-            "llmbatching: batch {id}: {} answers could not be stored together ({}); storing them one at a time",
-            chunk.len(),
-            failure.message
-        );
-        let mut held = 0;
-        for result in chunk {
-            let request = result.request_id;
-            match apply(vec![result], true) {
-                Ok(left) => held += left,
-                Err(failure) if failure.transient => held += 1,
-                Err(failure) => {
-                    let reason = format!("the answer could not be stored: {}", failure.message);
-                    let _ = catching(move || {
-                        tx(move || {
-                            state::bound_lock_waits();
-                            ingest::fail_request(id, request, &reason)
-                        })
-                    });
-                }
-            }
-        }
-        held
+        apply_chunk(
+            self.batch.id,
+            self.batch.has_answer_formats,
+            chunk,
+            max_attempts,
+            read_before,
+        )
     }
+}
+
+/// Applies a chunk of results of batch `id` in a transaction; returns how many could not be
+/// applied nor kept aside (see `held`), left for a later reading of the batch. Waiting for a
+/// lock is bounded: past it, the chunk is applied again without the rows others hold, whose
+/// answers are kept aside in the same transaction (see `ingest::lock_unheld`). With
+/// `skip_held`, that is done from the start. A chunk that fails otherwise is applied again one
+/// result at a time, and a result that fails alone fails its request only: an answer no
+/// statement can store never stops the others, nor the worker.
+pub fn apply_chunk(
+    id: i64,
+    formats: bool,
+    chunk: Vec<LineResult>,
+    max_attempts: i32,
+    skip_held: bool,
+) -> usize {
+    let apply = move |results: Vec<LineResult>, skip_held: bool| {
+        catching_failure(move || {
+            tx(move || {
+                state::bound_lock_waits();
+                let left = ingest::apply_results(id, results, max_attempts, formats, skip_held);
+                held::keep(id, &left);
+            })
+        })
+    };
+    let mut failure = match apply(chunk.clone(), skip_held) {
+        Ok(()) => return 0,
+        Err(failure) => failure,
+    };
+    if failure.transient && !skip_held {
+        match apply(chunk.clone(), true) {
+            Ok(()) => return 0,
+            Err(again) => failure = again,
+        }
+    }
+    warning!(
+        "llmbatching: batch {id}: {} answers could not be stored together ({}); storing them one at a time",
+        chunk.len(),
+        failure.message
+    );
+    let mut left = 0;
+    for result in chunk {
+        let request = result.request_id;
+        let one = vec![result];
+        match apply(one.clone(), true) {
+            Ok(()) => {}
+            // (Kept aside, it is tried again later; if even that fails, the batch is read
+            // again.)
+            Err(failure) if failure.transient => {
+                left += catching(move || tx(move || held::keep(id, &one))).is_err() as usize
+            }
+            Err(failure) => {
+                let reason = format!("the answer could not be stored: {}", failure.message);
+                let _ = catching(move || {
+                    tx(move || {
+                        state::bound_lock_waits();
+                        ingest::fail_request(id, request, &reason)
+                    })
+                });
+            }
+        }
+    }
+    left
 }
 
 /// What applying a result file left for the next reading.
@@ -355,7 +378,8 @@ struct Applied {
     /// Requests whose best line could not be read (`last_read` false: the files are read
     /// again; true: they fail, with the line kept, rather than be sent again).
     unread: usize,
-    /// Requests whose rows their role held locked.
+    /// Requests whose rows their role held locked, and whose answers could not be kept aside
+    /// either.
     held: usize,
 }
 
