@@ -84,7 +84,9 @@ BEGIN
       INTO requests_sent_again, estimated_input_tokens, estimated_cost
       FROM llmbatching.requests r
       LEFT JOIN LATERAL llmbatching.price_of(r.provider, r.model) p ON true
-     WHERE r.batch_id = b.id AND r.state = 'submitted';
+     WHERE r.batch_id = b.id AND r.state = 'submitted'
+       -- (Not those whose answer is kept while their role holds them: it is applied later.)
+       AND NOT EXISTS (SELECT FROM llmbatching.held_answers h WHERE h.request_id = r.id AND h.batch_id = b.id);
     given_up := confirm;
     IF confirm THEN
         UPDATE llmbatching.batches x SET results_given_up_at = now(), next_check_at = now() WHERE x.id = b.id;

@@ -169,12 +169,15 @@ SELECT pg_catalog.pg_extension_config_dump('llmbatching.writeback_queue_id_seq',
 CREATE TABLE llmbatching.held_answers (
     request_id  bigint PRIMARY KEY,
     batch_id    bigint NOT NULL,
+    -- The request's role: each role's kept answers are looked at in turn.
+    submitted_by name NOT NULL,
     result      text NOT NULL,
     held_since  timestamptz NOT NULL DEFAULT pg_catalog.now(),
     tries       integer NOT NULL DEFAULT 0,
     next_try_at timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
 CREATE INDEX held_answers_due ON llmbatching.held_answers (next_try_at);
+CREATE INDEX held_answers_role ON llmbatching.held_answers (submitted_by, next_try_at);
 COMMENT ON TABLE llmbatching.held_answers IS 'Answers kept until the role holding their request locked lets go';
 SELECT pg_catalog.pg_extension_config_dump('llmbatching.held_answers', '');
 -- It holds answers of every role: the worker's alone.
@@ -328,3 +331,49 @@ BEGIN
 END
 $$;
 ALTER FUNCTION llmbatching.purge_before(timestamptz) SET search_path = pg_catalog, pg_temp;
+-- A purge leaves a write-back its role keeps locked (see pipelines.sql).
+CREATE OR REPLACE FUNCTION llmbatching.requests_deleted() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+AS $$
+BEGIN
+    DELETE FROM llmbatching.writebacks w
+     WHERE w.request_id IN (SELECT l.request_id FROM llmbatching.writebacks l
+                             WHERE l.request_id IN (SELECT o.id FROM old_rows o)
+                               FOR UPDATE OF l SKIP LOCKED);
+    RETURN NULL;
+END
+$$;
+ALTER FUNCTION llmbatching.requests_deleted() SET search_path = pg_catalog, pg_temp;
+-- Giving up a batch's results counts only what would be sent again (see copies.sql).
+CREATE OR REPLACE FUNCTION llmbatching.llm_give_up_results(batch bigint, confirm boolean DEFAULT false)
+RETURNS TABLE (requests_sent_again bigint, estimated_input_tokens bigint, estimated_cost numeric, given_up boolean)
+LANGUAGE plpgsql
+SECURITY DEFINER
+AS $$
+DECLARE
+    b llmbatching.batches;
+BEGIN
+    SELECT * INTO b FROM llmbatching.batches x WHERE x.id = llm_give_up_results.batch;
+    IF NOT FOUND OR b.state <> 'ingesting' THEN
+        RAISE EXCEPTION 'invalid argument "batch": % is not a batch whose results are being read', llm_give_up_results.batch
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'SELECT id, last_error FROM llmbatching.batches WHERE state = ''ingesting'' lists them.';
+    END IF;
+    SELECT count(*), coalesce(sum((r.body_bytes + 3) / 4), 0),
+           round(coalesce(sum((r.body_bytes + 3) / 4 * p.batch_input), 0) / 1000000, 6)
+      INTO requests_sent_again, estimated_input_tokens, estimated_cost
+      FROM llmbatching.requests r
+      LEFT JOIN LATERAL llmbatching.price_of(r.provider, r.model) p ON true
+     WHERE r.batch_id = b.id AND r.state = 'submitted'
+       -- (Not those whose answer is kept while their role holds them: it is applied later.)
+       AND NOT EXISTS (SELECT FROM llmbatching.held_answers h WHERE h.request_id = r.id AND h.batch_id = b.id);
+    given_up := confirm;
+    IF confirm THEN
+        UPDATE llmbatching.batches x SET results_given_up_at = now(), next_check_at = now() WHERE x.id = b.id;
+        PERFORM llmbatching.wake_worker();
+    END IF;
+    RETURN NEXT;
+END
+$$;
+ALTER FUNCTION llmbatching.llm_give_up_results(bigint, boolean) SET search_path = pg_catalog, pg_temp;

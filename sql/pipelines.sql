@@ -267,13 +267,19 @@ CREATE TRIGGER requests_changed
     REFERENCING NEW TABLE AS new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION llmbatching.requests_changed();
 
--- Deleted (purged) requests take their write-backs with them.
+-- Deleted (purged) requests take their write-backs with them, but for one its role keeps
+-- locked: waiting for it would hold up the purge of every role's rows. (llmbatching.purge_before
+-- leaves requests whose write-backs are locked, so only one registered and locked while the
+-- purge ran is left; its request gone, it is never written, nor counted anywhere.)
 CREATE FUNCTION llmbatching.requests_deleted() RETURNS trigger
 LANGUAGE plpgsql
 SECURITY DEFINER
 AS $$
 BEGIN
-    DELETE FROM llmbatching.writebacks w USING old_rows o WHERE w.request_id = o.id;
+    DELETE FROM llmbatching.writebacks w
+     WHERE w.request_id IN (SELECT l.request_id FROM llmbatching.writebacks l
+                             WHERE l.request_id IN (SELECT o.id FROM old_rows o)
+                               FOR UPDATE OF l SKIP LOCKED);
     RETURN NULL;
 END
 $$;

@@ -262,6 +262,8 @@ COMMENT ON TABLE llmbatching.writeback_queue IS 'Answers waiting to be written b
 CREATE TABLE llmbatching.held_answers (
     request_id  bigint PRIMARY KEY,
     batch_id    bigint NOT NULL,
+    -- The request's role: each role's kept answers are looked at in turn.
+    submitted_by name NOT NULL,
     -- The result line as read (provider-neutral, redacted), as JSON: see results::LineResult.
     result      text NOT NULL,
     held_since  timestamptz NOT NULL DEFAULT pg_catalog.now(),
@@ -269,6 +271,7 @@ CREATE TABLE llmbatching.held_answers (
     next_try_at timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
 CREATE INDEX held_answers_due ON llmbatching.held_answers (next_try_at);
+CREATE INDEX held_answers_role ON llmbatching.held_answers (submitted_by, next_try_at);
 COMMENT ON TABLE llmbatching.held_answers IS 'Answers kept until the role holding their request locked lets go';
 
 -- Prices in US dollars per million tokens, for the standard (synchronous) API and the batch

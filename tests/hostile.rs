@@ -215,6 +215,17 @@ fn request_states(c: &mut Client, condition: &str) -> Vec<String> {
     .collect()
 }
 
+/// A request's state and how many times it was sent.
+fn state_and_attempts(c: &mut Client, id: i64) -> (String, i32) {
+    let row = c
+        .query_one(
+            "SELECT state, attempts FROM llmbatching.requests WHERE id = $1",
+            &[&id],
+        )
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
 /// Waits until the `n` requests matching `condition` have all completed.
 fn wait_completed(c: &mut Client, condition: &str, n: usize, timeout: Duration) {
     eventually(
@@ -1503,6 +1514,24 @@ fn code_that_swallows_its_time_limit_cannot_hold_the_worker() {
             "the attempt that ended the worker was not counted"
         );
     }
+    // Each try the watchdog ended ran out of time: after five, the write-back is given up,
+    // rather than tried thirty times, each ending a writer.
+    eventually(
+        "mallory's write-back to be given up",
+        Duration::from_secs(180),
+        || {
+            let outcome = outcomes(&mut admin, &into("mallory.tarpit"))[0].0.clone();
+            match outcome.as_deref() {
+                Some("error: gave up after 5 tries that ran out of time") => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    );
+    let ended = cluster
+        .log()
+        .matches("terminating background worker")
+        .count();
+    assert!(ended <= 5, "the watchdog ended {ended} writers");
 }
 
 #[test]
@@ -1631,15 +1660,6 @@ fn requests_a_role_keeps_locked_hold_up_only_that_role() {
             .unwrap()
             .get(0)
     };
-    let state_of = |c: &mut Client, id: i64| -> (String, i32) {
-        let row = c
-            .query_one(
-                "SELECT state, attempts FROM llmbatching.requests WHERE id = $1",
-                &[&id],
-            )
-            .unwrap();
-        (row.get(0), row.get(1))
-    };
     let mut locker = cluster.client_as("mallory");
 
     // A queued request of mallory's, held locked: the claim takes alice's without it.
@@ -1658,7 +1678,7 @@ fn requests_a_role_keeps_locked_hold_up_only_that_role() {
         1,
         Duration::from_secs(40),
     );
-    assert_eq!(state_of(&mut admin, held_queued).0, "queued");
+    assert_eq!(state_and_attempts(&mut admin, held_queued).0, "queued");
     lock.commit().unwrap();
     wait_completed(&mut admin, &format!("id = {held_queued}"), 1, BOUND);
 
@@ -1692,7 +1712,7 @@ fn requests_a_role_keeps_locked_hold_up_only_that_role() {
     eventually("the batch to be in flight", BOUND, || {
         let states: Vec<String> = [held_answered, held_failing, leader, alice_in_flight]
             .iter()
-            .map(|id| state_of(&mut admin, *id).0)
+            .map(|id| state_and_attempts(&mut admin, *id).0)
             .collect();
         if states.iter().all(|s| s == "submitted") {
             Ok(())
@@ -1712,10 +1732,10 @@ fn requests_a_role_keeps_locked_hold_up_only_that_role() {
         1,
         Duration::from_secs(40),
     );
-    assert_eq!(state_of(&mut admin, held_answered).0, "submitted");
-    assert_eq!(state_of(&mut admin, held_failing).0, "submitted");
-    assert_eq!(state_of(&mut admin, leader).0, "submitted");
-    assert_eq!(state_of(&mut admin, follower).0, "queued");
+    assert_eq!(state_and_attempts(&mut admin, held_answered).0, "submitted");
+    assert_eq!(state_and_attempts(&mut admin, held_failing).0, "submitted");
+    assert_eq!(state_and_attempts(&mut admin, leader).0, "submitted");
+    assert_eq!(state_and_attempts(&mut admin, follower).0, "queued");
     // The batch ends all the same, so it counts against no one's open batches and is not read
     // again: the answers of the three requests mallory holds (the follower's leader among them)
     // are kept aside, where no role can read them.
@@ -1756,7 +1776,7 @@ fn requests_a_role_keeps_locked_hold_up_only_that_role() {
     eventually(
         "mallory's failing request to fail",
         BOUND,
-        || match state_of(&mut admin, held_failing).0.as_str() {
+        || match state_and_attempts(&mut admin, held_failing).0.as_str() {
             "failed" => Ok(()),
             other => Err(other.to_string()),
         },
@@ -1769,7 +1789,7 @@ fn requests_a_role_keeps_locked_hold_up_only_that_role() {
         alice_in_flight,
     ] {
         assert_eq!(
-            state_of(&mut admin, id).1,
+            state_and_attempts(&mut admin, id).1,
             1,
             "request {id} was sent more than once"
         );
@@ -1791,6 +1811,75 @@ fn requests_a_role_keeps_locked_hold_up_only_that_role() {
             left => Err(format!("{left} left")),
         }
     });
+}
+
+#[test]
+fn a_batch_that_expires_ends_while_a_role_holds_one_of_its_requests() {
+    // The first batch expires with nothing run; mallory holds her request in it meanwhile.
+    let cluster = shared_database(
+        EmulatorConfig {
+            in_progress_ms: 4000,
+            expire_next: 1,
+            expire_fraction: 0.0,
+            ..quick()
+        },
+        &[("llmbatching.batch_wait", "1h")],
+    );
+    let mut admin = cluster.client();
+    let submit = |c: &mut Client, prompt: &str| -> i64 {
+        c.query_one("SELECT llmbatching.llm_submit('shared', $1)", &[&prompt])
+            .unwrap()
+            .get(0)
+    };
+    let held = submit(&mut cluster.client_as("mallory"), "held through an expiry");
+    let alice_id = submit(&mut cluster.client_as("alice"), "alice's, beside it");
+    cluster.set(&[("llmbatching.batch_wait", "0")]);
+    eventually("both to be in flight", BOUND, || {
+        match (
+            state_and_attempts(&mut admin, held).0.as_str(),
+            state_and_attempts(&mut admin, alice_id).0.as_str(),
+        ) {
+            ("submitted", "submitted") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    let mut locker = cluster.client_as("mallory");
+    let mut lock = locker.transaction().unwrap();
+    lock.execute(
+        "SELECT id FROM llmbatching.requests WHERE id = $1 FOR UPDATE",
+        &[&held],
+    )
+    .unwrap();
+    // The expired batch ends all the same: alice's request is sent again and answered, and
+    // mallory's keeps the batch's outcome aside until she lets go.
+    wait_completed(&mut admin, &format!("id = {alice_id}"), 1, BOUND);
+    let (state, kept): (String, i64) = {
+        let row = admin
+            .query_one(
+                "SELECT b.state, (SELECT count(*) FROM llmbatching.held_answers h WHERE h.batch_id = b.id)
+                   FROM llmbatching.batches b JOIN llmbatching.requests r ON r.batch_id = b.id
+                  WHERE r.id = $1",
+                &[&held],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!((state.as_str(), kept), ("done", 1));
+    assert_eq!(state_and_attempts(&mut admin, held).0, "submitted");
+    lock.commit().unwrap();
+    // Released, it goes back to the queue (it never ran) and is answered.
+    wait_completed(&mut admin, &format!("id = {held}"), 1, BOUND);
+    assert_eq!(state_and_attempts(&mut admin, held).1, 2);
+    assert_eq!(state_and_attempts(&mut admin, alice_id).1, 2);
+    let twice = cluster.emulator.stats().ran_more_than_once();
+    assert!(
+        twice.is_empty(),
+        "the provider ran these more than once: {twice:?}"
+    );
+    assert_eq!(
+        one::<i64>(&mut admin, "SELECT count(*) FROM llmbatching.held_answers"),
+        0
+    );
 }
 
 #[test]

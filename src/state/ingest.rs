@@ -363,22 +363,53 @@ pub fn apply_results(
 /// Ends a batch: every request of it that no result line settled goes back to the queue (or
 /// fails, out of attempts) with `reason`, and the batch is `done`. With `refund_attempt` the
 /// requests get back the attempt this batch used. Requests whose answer is kept aside (see
-/// `held`) wait for it.
+/// `held`) wait for it; those their role holds locked get `reason` kept aside as their answer,
+/// applied once the lock is gone (without the refund: it is one attempt more, not a request
+/// sent twice).
 pub fn close_batch(batch_id: i64, reason: &str, max_attempts: i32, refund_attempt: bool) {
-    // A request its role holds locked (a cancellation left uncommitted) holds up the closing
-    // for at most this long; the caller then tries again later.
     super::bound_lock_waits();
-    requeue_or_fail(
-        "(SELECT r.id, $4::text FROM llmbatching.requests r
-           WHERE r.batch_id = $1 AND r.state = 'submitted'
-             AND NOT EXISTS (SELECT FROM llmbatching.held_answers h WHERE h.request_id = r.id))",
-        &[
-            batch_id.into(),
-            max_attempts.into(),
-            (refund_attempt as i32).into(),
-            reason.into(),
-        ],
+    let can_keep = super::schema_is_current();
+    let unsettled = ids_where(
+        &format!(
+            "SELECT r.id FROM llmbatching.requests r
+              WHERE r.batch_id = $1 AND r.state = 'submitted' {}",
+            if can_keep {
+                "AND NOT EXISTS (SELECT FROM llmbatching.held_answers h
+                                  WHERE h.request_id = r.id AND h.batch_id = r.batch_id)"
+            } else {
+                ""
+            }
+        ),
+        &[batch_id.into()],
     );
+    if !unsettled.is_empty() {
+        let (free, held) = lock_unheld(batch_id, unsettled.into_iter().collect());
+        if !held.is_empty() && !can_keep {
+            // (A schema older than this library has nowhere to keep them: the batch is closed
+            // at a later try.)
+            fail::<()>("closing a batch", "a request its role holds locked");
+        }
+        let kept: Vec<LineResult> = held
+            .into_iter()
+            .map(|request_id| LineResult {
+                request_id,
+                outcome: Outcome::Retry {
+                    reason: reason.to_string(),
+                },
+            })
+            .collect();
+        super::held::keep(batch_id, &kept);
+        requeue_or_fail(
+            "(SELECT u.id, $5::text FROM pg_catalog.unnest($4::bigint[]) AS u(id))",
+            &[
+                batch_id.into(),
+                max_attempts.into(),
+                (refund_attempt as i32).into(),
+                free.into_iter().collect::<Vec<i64>>().into(),
+                reason.into(),
+            ],
+        );
+    }
     run(
         "UPDATE llmbatching.batches b SET state = 'done', finished_at = pg_catalog.now(),
                 cancelled_count = (SELECT pg_catalog.count(*) FROM llmbatching.requests r

@@ -25,6 +25,38 @@ fn fail<T>(what: &str, e: impl std::fmt::Display) -> T {
     error!("llmbatching: {what}: {e}")
 }
 
+/// Whether the extension in this database is the version this library was built for. A new
+/// library runs on a database whose schema is not yet updated (the server restarted with it,
+/// and `ALTER EXTENSION llmbatching UPDATE` not yet run): the worker still sends, polls and
+/// reads answers, but writes none into rows, whose queue changed shape in 0.2.0 (they wait
+/// there for the update, which keeps them), and keeps no answer aside (see [`held`]: 0.2.0
+/// added its table).
+pub fn schema_is_current() -> bool {
+    // Once current, it stays so for the process: a version is never taken back (no script goes
+    // down), and a dropped extension ends the worker and its writer.
+    if SCHEMA_CURRENT.load(std::sync::atomic::Ordering::Relaxed) {
+        return true;
+    }
+    let current = Spi::get_one_with_args::<bool>(
+        "SELECT e.extversion OPERATOR(pg_catalog.=) $1 FROM pg_catalog.pg_extension e
+          WHERE e.extname OPERATOR(pg_catalog.=) 'llmbatching'",
+        &[env!("CARGO_PKG_VERSION").into()],
+    )
+    .unwrap_or_else(|e| fail("reading the extension's version", e))
+    .unwrap_or(false);
+    SCHEMA_CURRENT.store(current, std::sync::atomic::Ordering::Relaxed);
+    if !current && !NOTED_OLD_SCHEMA.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        log!(
+            "llmbatching: answers are not written back into rows until ALTER EXTENSION llmbatching UPDATE (this library is version {})",
+            env!("CARGO_PKG_VERSION")
+        );
+    }
+    current
+}
+
+static SCHEMA_CURRENT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static NOTED_OLD_SCHEMA: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// How long the worker's own statements in this transaction wait for a lock a role holds (a
 /// request or a write-back of its own it keeps locked, the account's claim lock another
 /// database's worker holds) before giving up: what waits is that role's work, not everyone's.

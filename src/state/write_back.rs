@@ -68,43 +68,12 @@ const ROLES_IN_QUEUE: &str = "roles AS (
                WHERE q.submitted_by OPERATOR(pg_catalog.>) r.submitted_by
                ORDER BY q.submitted_by LIMIT 1) next)";
 
-/// Whether the extension in this database is the version this library was built for. A new
-/// library runs on a database whose schema is not yet updated (the server restarted with it,
-/// and `ALTER EXTENSION llmbatching UPDATE` not yet run): the worker still sends, polls and
-/// reads answers, but writes none into rows, whose queue changed shape in 0.2.0. They wait
-/// there for the update, which keeps them.
-pub fn schema_is_current() -> bool {
-    // Once current, it stays so for the process: a version is never taken back (no script goes
-    // down), and a dropped extension ends the worker and its writer.
-    if SCHEMA_CURRENT.load(std::sync::atomic::Ordering::Relaxed) {
-        return true;
-    }
-    let current = Spi::get_one_with_args::<bool>(
-        "SELECT e.extversion OPERATOR(pg_catalog.=) $1 FROM pg_catalog.pg_extension e
-          WHERE e.extname OPERATOR(pg_catalog.=) 'llmbatching'",
-        &[env!("CARGO_PKG_VERSION").into()],
-    )
-    .unwrap_or_else(|e| fail("reading the extension's version", e))
-    .unwrap_or(false);
-    SCHEMA_CURRENT.store(current, std::sync::atomic::Ordering::Relaxed);
-    if !current && !NOTED_OLD_SCHEMA.swap(true, std::sync::atomic::Ordering::Relaxed) {
-        log!(
-            "llmbatching: answers are not written back into rows until ALTER EXTENSION llmbatching UPDATE (this library is version {})",
-            env!("CARGO_PKG_VERSION")
-        );
-    }
-    current
-}
-
-static SCHEMA_CURRENT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-static NOTED_OLD_SCHEMA: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
 /// The attempts due: for each role with entries due, its oldest, up to
 /// [`ANSWERS_PER_ATTEMPT`] answers, so that no role's flood of answers pushes another's back.
 /// Ordered by role. Entries tried [`MAX_TRIES`] times make an attempt of their own, which gives
 /// them up: their last try is never another group's.
 pub fn due_attempts() -> Vec<Attempt> {
-    if !schema_is_current() {
+    if !super::schema_is_current() {
         return Vec::new();
     }
     Spi::connect(|client| {
@@ -148,7 +117,9 @@ pub fn due_attempts() -> Vec<Attempt> {
 /// Takes an attempt's entries and counts the attempt, before it runs; returns the attempt with
 /// the entries it took. Committed first, so that an attempt that never comes back (a process
 /// that ends during it) is counted all the same, and a role's code cannot make the worker
-/// return to it forever.
+/// return to it forever. It is counted as one that ran out of time, too: one the watchdog ends
+/// did (see `restricted`). An attempt that comes back takes that count back (its entries leave
+/// the queue, and what waits comes back with its own counts; or [`withdraw_slow_try`]).
 ///
 /// Only entries still due are taken, and each is then not due again until the attempt is
 /// surely over (its time limit, and the watchdog's past it) and its pause after that: so two
@@ -162,6 +133,7 @@ pub fn begin_attempt(attempt: &Attempt, bounds: Bounds) -> Attempt {
             .update(
                 "UPDATE llmbatching.writeback_queue q
                     SET tries = q.tries OPERATOR(pg_catalog.+) 1,
+                        slow_tries = q.slow_tries OPERATOR(pg_catalog.+) 1,
                         due_at = pg_catalog.now() OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs => $2)
                   WHERE q.id OPERATOR(pg_catalog.=) ANY ($1)
                     AND q.due_at OPERATOR(pg_catalog.<=) pg_catalog.now()
@@ -184,9 +156,9 @@ pub fn begin_attempt(attempt: &Attempt, bounds: Bounds) -> Attempt {
 }
 
 /// How long until the next queued write-back is due, for the worker's wake-up; never, while
-/// the database's schema is older than this library (see [`schema_is_current`]).
+/// the database's schema is older than this library (see `state::schema_is_current`).
 pub fn next_due() -> Option<Duration> {
-    if !schema_is_current() {
+    if !super::schema_is_current() {
         return None;
     }
     Spi::get_one::<f64>(&format!(
@@ -243,7 +215,8 @@ pub fn claim(attempt: &Attempt) -> Vec<Group> {
         client
             .update(
                 "UPDATE llmbatching.writebacks w SET written_at = pg_catalog.now(), outcome = 'written'
-                   FROM (SELECT i.id, pg_catalog.max(q.tries) OPERATOR(pg_catalog.-) 1 AS tries, pg_catalog.max(q.slow_tries) AS slow_tries
+                   FROM (SELECT i.id, pg_catalog.max(q.tries) OPERATOR(pg_catalog.-) 1 AS tries,
+                                GREATEST(pg_catalog.max(q.slow_tries) OPERATOR(pg_catalog.-) 1, 0) AS slow_tries
                            FROM llmbatching.writeback_queue q
                           CROSS JOIN LATERAL pg_catalog.unnest(q.request_ids) AS i (id)
                           WHERE q.id OPERATOR(pg_catalog.=) ANY ($1)
@@ -338,6 +311,11 @@ pub enum Written {
 pub fn write_group(group: &mut Group, bounds: Bounds) -> Written {
     if group.tries >= MAX_TRIES {
         return Written::Failed(format!("gave up after {MAX_TRIES} tries"));
+    }
+    if group.slow_tries >= MAX_SLOW_TRIES {
+        return Written::Failed(format!(
+            "gave up after {MAX_SLOW_TRIES} tries that ran out of time"
+        ));
     }
     let role = match role_that_may_write(&group.role) {
         Ok(role) => role,
@@ -484,6 +462,17 @@ pub fn finish_attempt(attempt: &Attempt, again: &[Again]) {
     }
     run(
         "DELETE FROM llmbatching.writeback_queue q WHERE q.id OPERATOR(pg_catalog.=) ANY ($1)",
+        &[attempt.entries.clone().into()],
+    );
+}
+
+/// An attempt whose transaction rolled back on a passing error outside the roles' code (a lock
+/// its role holds on its own entries, say): it did not run out of time, so its entries lose
+/// the count [`begin_attempt`] gave them.
+pub fn withdraw_slow_try(attempt: &Attempt) {
+    run(
+        "UPDATE llmbatching.writeback_queue q SET slow_tries = GREATEST(q.slow_tries OPERATOR(pg_catalog.-) 1, 0)
+          WHERE q.id OPERATOR(pg_catalog.=) ANY ($1)",
         &[attempt.entries.clone().into()],
     );
 }

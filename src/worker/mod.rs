@@ -501,21 +501,27 @@ impl Worker {
         busy.extend(self.reader.reading());
         let next_step_due = tx(move || housekeeping::next_step_due(&busy));
         let next_write_back_due = self.writer.next_look();
-        [next_group_due, next_step_due, next_write_back_due]
-            .into_iter()
-            .flatten()
-            .min()
-            .unwrap_or(idle)
-            .clamp(Duration::from_millis(10), idle)
+        let next_held_look = self.next_held_look();
+        [
+            next_group_due,
+            next_step_due,
+            next_write_back_due,
+            next_held_look,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(idle)
+        .clamp(Duration::from_millis(10), idle)
     }
 
     /// Applies the answers kept aside while their roles held their requests locked (see
     /// `state::held`) whose locks are gone, looking once a second at most. Those still held
-    /// are kept for a later look, later each time.
+    /// are looked at again later, later each time.
     fn apply_held_answers(&mut self, settings: &Settings) {
         if self
             .last_held_look
-            .is_some_and(|at| at.elapsed() < Duration::from_secs(1))
+            .is_some_and(|at| at.elapsed() < HELD_LOOK_EVERY)
         {
             return;
         }
@@ -527,13 +533,45 @@ impl Worker {
                 return;
             }
         };
-        for (batch_id, results) in due {
-            let ids: Vec<i64> = results.iter().map(|r| r.request_id).collect();
-            reading::apply_chunk(batch_id, true, results, settings.max_attempts, true);
-            if let Err(message) = catching(move || tx(move || held::forget_settled(ids))) {
-                warning!("llmbatching: clearing held answers failed: {message}");
+        for (batch_id, ids) in due {
+            let free = catching(move || {
+                tx(move || {
+                    state::bound_lock_waits();
+                    held::free_now(batch_id, ids)
+                })
+            });
+            let free = match free {
+                Ok(free) => free,
+                Err(message) => {
+                    warning!(
+                        "llmbatching: batch {batch_id}: looking at held answers failed: {message}"
+                    );
+                    continue;
+                }
+            };
+            for chunk in reading::chunks_by_size(free) {
+                match catching(move || tx(move || held::results(chunk))) {
+                    Ok(results) => {
+                        reading::apply_chunk(batch_id, true, results, settings.max_attempts, true);
+                    }
+                    Err(message) => {
+                        warning!(
+                            "llmbatching: batch {batch_id}: reading held answers failed: {message}"
+                        )
+                    }
+                }
             }
         }
+    }
+
+    /// When answers kept aside are next due for a look (see [`Self::apply_held_answers`]), but
+    /// not before a look may come again.
+    fn next_held_look(&self) -> Option<Duration> {
+        let due = tx(held::next_due)?;
+        let may_look_in = self.last_held_look.map_or(Duration::ZERO, |at| {
+            HELD_LOOK_EVERY.saturating_sub(at.elapsed())
+        });
+        Some(due.max(may_look_in))
     }
 
     /// Deletes finished rows older than `llmbatching.retention`, at most once a minute.
@@ -548,8 +586,9 @@ impl Worker {
             return;
         }
         self.last_purge = Some(std::time::Instant::now());
-        // A finished row its role keeps locked holds the purge up for a second at most; it is
-        // then tried again at the next purge.
+        // The purge leaves a finished row its role keeps locked for a later one; any other
+        // lock (an administrator's) holds it up for a second at most, and it is tried again at
+        // the next purge.
         let purged = catching(move || {
             tx(move || {
                 state::bound_lock_waits();
@@ -1208,6 +1247,9 @@ impl Worker {
         }
     }
 }
+
+/// How often answers kept aside for requests their roles held locked are looked at, at most.
+const HELD_LOOK_EVERY: Duration = Duration::from_secs(1);
 
 /// A warning about a condition that may last, said at most once a minute.
 #[derive(Default)]

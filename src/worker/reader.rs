@@ -11,7 +11,10 @@
 //! the database to itself) stops after the chunk it is applying and records nothing, and the
 //! batch is downloaded and read again: only requests still `submitted` in it are updated, so
 //! reading it twice is harmless. A worker that starts first ends the readers a worker before it
-//! left (see [`end_leftover_readers`]), so that no two processes read one batch.
+//! left (see [`end_leftover_readers`]), so that no two processes read one batch. (The worker
+//! may meanwhile apply answers of the batch kept aside while their roles held their requests
+//! locked, see `state::held`: each reading only changes requests still `submitted`, under a
+//! row lock, so the two never apply one answer twice.)
 
 use super::reading::{remove_files, Reading};
 use super::{

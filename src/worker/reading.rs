@@ -328,18 +328,19 @@ pub fn apply_chunk(
         catching_failure(move || {
             tx(move || {
                 state::bound_lock_waits();
+                let ids: Vec<i64> = results.iter().map(|r| r.request_id).collect();
                 let left = ingest::apply_results(id, results, max_attempts, formats, skip_held);
-                held::keep(id, &left);
+                held::after_applying(id, &ids, &left)
             })
         })
     };
     let mut failure = match apply(chunk.clone(), skip_held) {
-        Ok(()) => return 0,
+        Ok(left) => return left,
         Err(failure) => failure,
     };
     if failure.transient && !skip_held {
         match apply(chunk.clone(), true) {
-            Ok(()) => return 0,
+            Ok(left) => return left,
             Err(again) => failure = again,
         }
     }
@@ -353,11 +354,12 @@ pub fn apply_chunk(
         let request = result.request_id;
         let one = vec![result];
         match apply(one.clone(), true) {
-            Ok(()) => {}
+            Ok(kept_not) => left += kept_not,
             // (Kept aside, it is tried again later; if even that fails, the batch is read
             // again.)
             Err(failure) if failure.transient => {
-                left += catching(move || tx(move || held::keep(id, &one))).is_err() as usize
+                left +=
+                    catching(move || tx(move || held::after_applying(id, &[], &one))).unwrap_or(1)
             }
             Err(failure) => {
                 let reason = format!("the answer could not be stored: {}", failure.message);
@@ -392,6 +394,26 @@ pub fn token_limited(batch: &BatchRow) -> bool {
             .is_some_and(|e| e.contains(TOKEN_LIMIT_CODE))
 }
 
+/// Ids with the size of what each brings, in chunks of at most [`INGEST_CHUNK`] ids and (but for
+/// one that is larger alone) [`INGEST_CHUNK_BYTES`].
+pub fn chunks_by_size(items: Vec<(i64, usize)>) -> Vec<Vec<i64>> {
+    let mut chunks: Vec<Vec<i64>> = Vec::new();
+    let mut bytes = 0;
+    for (id, size) in items {
+        match chunks.last_mut() {
+            Some(chunk) if chunk.len() < INGEST_CHUNK && bytes + size <= INGEST_CHUNK_BYTES => {
+                chunk.push(id);
+                bytes += size;
+            }
+            _ => {
+                chunks.push(vec![id]);
+                bytes = size;
+            }
+        }
+    }
+    chunks
+}
+
 /// About how many bytes a result holds, to bound what a chunk keeps in memory.
 fn approximate_size(result: &LineResult) -> usize {
     match &result.outcome {
@@ -419,5 +441,29 @@ fn leftover_reason(batch: &BatchRow) -> String {
         }
         BatchStatus::Failed => "the batch failed at the provider (administrators see why in llmbatching.batches.provider_errors)".into(),
         _ => "the provider returned no result for this request".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_hold_a_bounded_count_and_size() {
+        let small = (0..2500).map(|id| (id, 10)).collect();
+        let sizes: Vec<usize> = chunks_by_size(small).iter().map(Vec::len).collect();
+        assert_eq!(sizes, [INGEST_CHUNK, INGEST_CHUNK, 500]);
+        let large = vec![
+            (1, INGEST_CHUNK_BYTES / 2),
+            (2, INGEST_CHUNK_BYTES / 2),
+            (3, 1),
+            (4, INGEST_CHUNK_BYTES * 3),
+            (5, 1),
+        ];
+        assert_eq!(
+            chunks_by_size(large),
+            [vec![1, 2], vec![3], vec![4], vec![5]]
+        );
+        assert!(chunks_by_size(Vec::new()).is_empty());
     }
 }

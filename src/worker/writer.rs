@@ -232,7 +232,16 @@ fn write_attempt(attempt: write_back::Attempt, bounds: crate::restricted::Bounds
     });
     match done {
         Ok(()) => {}
-        Err(failure) if failure.transient && !attempt.is_last() => {}
+        Err(failure) if failure.transient && !attempt.is_last() => {
+            if let Err(message) = catching(move || {
+                tx(move || {
+                    state::bound_lock_waits();
+                    write_back::withdraw_slow_try(&attempt)
+                })
+            }) {
+                warning!("llmbatching: recounting a write-back attempt failed: {message}");
+            }
+        }
         Err(failure) => {
             let _ = catching(move || {
                 tx(move || {
