@@ -304,9 +304,12 @@ BEGIN
              SELECT r.id FROM llmbatching.requests r
               WHERE r.batch_id IS NULL AND r.state IN ('completed', 'failed', 'cancelled')
                 AND r.finished_at < cutoff),
+         -- (Not one whose answer still waits to be written into its row: it goes once written.)
          unheld AS (
              SELECT r.id FROM llmbatching.requests r
               WHERE r.id IN (SELECT d.id FROM due d)
+                AND NOT EXISTS (SELECT FROM llmbatching.writebacks w
+                                 WHERE w.request_id = r.id AND w.written_at IS NULL)
                 FOR UPDATE SKIP LOCKED),
          written AS (
              SELECT w.request_id FROM llmbatching.writebacks w

@@ -56,9 +56,9 @@ CREATE TRIGGER check_request BEFORE INSERT ON llmbatching.requests
 -- batch is done before the cutoff (it is done once every request it carried has finished, or
 -- has its answer kept aside): these are found through the batches, so the index of finished
 -- requests need only hold the few that finished without a batch, and a batch's answers
--- arriving never add to it. A request its role keeps locked, or whose write-back (which goes
--- with it) its role keeps locked, is left for a later purge: waiting for it would hold up the
--- purge of every other role's rows.
+-- arriving never add to it. A request whose answer still waits to be written into its row is
+-- left until it is. So is one its role keeps locked, or whose write-back (which goes with it)
+-- its role keeps locked: waiting for it would hold up the purge of every other role's rows.
 CREATE FUNCTION llmbatching.purge_before(cutoff timestamptz, OUT requests bigint, OUT batches bigint)
 LANGUAGE plpgsql STRICT
 -- (As the extension's owner: locking a row to skip a held one takes UPDATE rights no policy
@@ -75,9 +75,12 @@ BEGIN
              SELECT r.id FROM llmbatching.requests r
               WHERE r.batch_id IS NULL AND r.state IN ('completed', 'failed', 'cancelled')
                 AND r.finished_at < cutoff),
+         -- (Not one whose answer still waits to be written into its row: it goes once written.)
          unheld AS (
              SELECT r.id FROM llmbatching.requests r
               WHERE r.id IN (SELECT d.id FROM due d)
+                AND NOT EXISTS (SELECT FROM llmbatching.writebacks w
+                                 WHERE w.request_id = r.id AND w.written_at IS NULL)
                 FOR UPDATE SKIP LOCKED),
          written AS (
              SELECT w.request_id FROM llmbatching.writebacks w

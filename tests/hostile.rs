@@ -1981,6 +1981,42 @@ fn housekeeping_waits_for_no_row_a_role_keeps_locked() {
             Err(format!("{left} left"))
         }
     });
+
+    // An answer that waits to be written (its table locked by its owner) is not purged, however
+    // long it waits: once the table is free, it is written.
+    make_table(&mut mallory, "mallory.later", 1);
+    let mut owner = cluster.client_as("mallory");
+    let mut table_lock = owner.transaction().unwrap();
+    table_lock
+        .batch_execute("LOCK TABLE mallory.later IN EXCLUSIVE MODE")
+        .unwrap();
+    assert_eq!(
+        classify(&mut mallory, "mallory.later", "'Classify: ' || body"),
+        1
+    );
+    eventually("the answer to wait for its row", BOUND, || {
+        match one::<i64>(
+            &mut admin,
+            "SELECT count(*) FROM llmbatching.writebacks w JOIN llmbatching.requests r ON r.id = w.request_id
+              WHERE w.target = 'mallory.later'::regclass AND r.state = 'completed'
+                AND r.finished_at < now() - interval '3 seconds'",
+        ) {
+            1 => Ok(()),
+            n => Err(format!("{n} completed more than 3 s ago")),
+        }
+    });
+    table_lock.commit().unwrap();
+    // (Written, its rows are then purged at once: the answer is looked for in the table.)
+    eventually("the answer to be written", BOUND, || {
+        match one::<i64>(
+            &mut admin,
+            "SELECT count(*) FROM mallory.later WHERE answer IS NOT NULL",
+        ) {
+            1 => Ok(()),
+            n => Err(format!("{n} written")),
+        }
+    });
+    assert_answers(&mut admin, "mallory.later", 1);
 }
 
 #[test]

@@ -552,7 +552,13 @@ impl Worker {
             for chunk in reading::chunks_by_size(free) {
                 match catching(move || tx(move || held::results(chunk))) {
                     Ok(results) => {
-                        reading::apply_chunk(batch_id, true, results, settings.max_attempts, true);
+                        let _ = reading::apply_chunk(
+                            batch_id,
+                            true,
+                            results,
+                            settings.max_attempts,
+                            true,
+                        );
                     }
                     Err(message) => {
                         warning!(

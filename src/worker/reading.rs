@@ -30,6 +30,8 @@ pub struct Reading<'a> {
     settings: &'a Settings,
     /// Asked between chunks: true leaves the rest of the reading to be done again later.
     stopping: fn() -> bool,
+    /// Whether a chunk met a row its role holds (see [`Reading::apply_chunk`]).
+    met_held: std::cell::Cell<bool>,
 }
 
 /// A reading left unfinished because its process is to stop; nothing is recorded for it.
@@ -64,6 +66,7 @@ impl<'a> Reading<'a> {
             keys,
             settings,
             stopping,
+            met_held: std::cell::Cell::new(false),
         }
     }
 
@@ -295,35 +298,41 @@ impl<'a> Reading<'a> {
         result
     }
 
-    /// Applies a chunk of results (see [`apply_chunk`]). A batch read again (an earlier
-    /// reading failed) skips held rows from the start, rather than wait a second for each chunk
-    /// that holds one.
+    /// Applies a chunk of results (see [`apply_chunk`]). Once a chunk of this reading met a
+    /// row its role holds, the following ones skip held rows from the start, rather than wait a
+    /// second each for another (a role could spread its held rows over every chunk of a large
+    /// batch); so does a batch read again (an earlier reading failed).
     fn apply_chunk(&self, chunk: Vec<LineResult>, max_attempts: i32) -> usize {
-        let read_before = self.batch.step_failures > 0;
-        apply_chunk(
+        let skip_held = self.met_held.get() || self.batch.step_failures > 0;
+        let (left, met_held) = apply_chunk(
             self.batch.id,
             self.batch.has_answer_formats,
             chunk,
             max_attempts,
-            read_before,
-        )
+            skip_held,
+        );
+        if met_held {
+            self.met_held.set(true);
+        }
+        left
     }
 }
 
 /// Applies a chunk of results of batch `id` in a transaction; returns how many could not be
-/// applied nor kept aside (see `held`), left for a later reading of the batch. Waiting for a
-/// lock is bounded: past it, the chunk is applied again without the rows others hold, whose
-/// answers are kept aside in the same transaction (see `ingest::lock_unheld`). With
-/// `skip_held`, that is done from the start. A chunk that fails otherwise is applied again one
-/// result at a time, and a result that fails alone fails its request only: an answer no
-/// statement can store never stops the others, nor the worker.
+/// applied nor kept aside (see `held`), left for a later reading of the batch, and whether
+/// applying met a lock it had to give up waiting for. Waiting for a lock is bounded: past it,
+/// the chunk is applied again without the rows others hold, whose answers are kept aside in
+/// the same transaction (see `ingest::lock_unheld`). With `skip_held`, that is done from the
+/// start. A chunk that fails otherwise is applied again one result at a time, and a result
+/// that fails alone fails its request only: an answer no statement can store never stops the
+/// others, nor the worker.
 pub fn apply_chunk(
     id: i64,
     formats: bool,
     chunk: Vec<LineResult>,
     max_attempts: i32,
     skip_held: bool,
-) -> usize {
+) -> (usize, bool) {
     let apply = move |results: Vec<LineResult>, skip_held: bool| {
         catching_failure(move || {
             tx(move || {
@@ -335,12 +344,12 @@ pub fn apply_chunk(
         })
     };
     let mut failure = match apply(chunk.clone(), skip_held) {
-        Ok(left) => return left,
+        Ok(left) => return (left, false),
         Err(failure) => failure,
     };
     if failure.transient && !skip_held {
         match apply(chunk.clone(), true) {
-            Ok(left) => return left,
+            Ok(left) => return (left, true),
             Err(again) => failure = again,
         }
     }
@@ -372,7 +381,7 @@ pub fn apply_chunk(
             }
         }
     }
-    left
+    (left, failure.transient)
 }
 
 /// What applying a result file left for the next reading.
