@@ -17,14 +17,33 @@ const PER_ROLE: i64 = 100;
 const PER_LOOK: i64 = 1000;
 
 /// After applying a chunk of results of batch `batch_id` (the requests `ids`): the answers of
-/// those whose rows were held (`held`) are kept, and those kept before for the others, settled
-/// now, are forgotten. (Looked for only when any answer is kept at all.) Returns how many held
-/// answers could not be kept: all of them while the database's schema is older than this
-/// library (see `state::schema_is_current`); those are left for a later reading.
-pub fn after_applying(batch_id: i64, ids: &[i64], held: &[LineResult]) -> usize {
+/// those whose rows were held (`held`) are kept, and, with `forget`, those kept before for the
+/// others, settled now, are forgotten. Returns how many held answers could not be kept: all of
+/// them while the database's schema is older than this library (see
+/// `state::schema_is_current`); those are left for a later reading.
+pub fn after_applying(batch_id: i64, ids: &[i64], held: &[LineResult], forget: bool) -> usize {
     if !super::schema_is_current() {
         return held.len();
     }
+    if forget {
+        forget_settled(ids, held);
+    }
+    keep(batch_id, held);
+    0
+}
+
+/// Whether any answer is kept. When none is as a batch's reading starts, none of its requests
+/// can have one that the reading would settle: a request whose answer is kept is never sent
+/// again, and each request gets one line of a reading.
+pub fn any_kept() -> bool {
+    super::schema_is_current()
+        && Spi::get_one::<bool>("SELECT EXISTS (SELECT FROM llmbatching.held_answers)")
+            .unwrap_or_else(|e| fail("reading held answers", e))
+            .unwrap_or(false)
+}
+
+/// Forgets the kept answers of the requests `ids` but those `held` again.
+fn forget_settled(ids: &[i64], held: &[LineResult]) {
     let held_ids: std::collections::HashSet<i64> = held.iter().map(|h| h.request_id).collect();
     let settled: Vec<i64> = ids
         .iter()
@@ -32,12 +51,9 @@ pub fn after_applying(batch_id: i64, ids: &[i64], held: &[LineResult]) -> usize 
         .filter(|id| !held_ids.contains(id))
         .collect();
     run(
-        "DELETE FROM llmbatching.held_answers h
-          WHERE (SELECT EXISTS (SELECT FROM llmbatching.held_answers)) AND h.request_id = ANY ($1)",
+        "DELETE FROM llmbatching.held_answers h WHERE h.request_id = ANY ($1)",
         &[settled.into()],
     );
-    keep(batch_id, held);
-    0
 }
 
 /// Keeps the answers of batch `batch_id` whose rows another transaction holds. One kept already

@@ -558,6 +558,7 @@ impl Worker {
                             results,
                             settings.max_attempts,
                             true,
+                            true,
                         );
                     }
                     Err(message) => {

@@ -32,6 +32,9 @@ pub struct Reading<'a> {
     stopping: fn() -> bool,
     /// Whether a chunk met a row its role holds (see [`Reading::apply_chunk`]).
     met_held: std::cell::Cell<bool>,
+    /// Whether any answer was kept aside as the reading started (see `held::any_kept`): only
+    /// then may it settle a request whose answer is kept.
+    kept_before: std::cell::Cell<bool>,
 }
 
 /// A reading left unfinished because its process is to stop; nothing is recorded for it.
@@ -67,6 +70,7 @@ impl<'a> Reading<'a> {
             settings,
             stopping,
             met_held: std::cell::Cell::new(false),
+            kept_before: std::cell::Cell::new(true),
         }
     }
 
@@ -140,6 +144,8 @@ impl<'a> Reading<'a> {
         }
         let named = filter.named();
         let batch_id = batch.id;
+        self.kept_before
+            .set(catching(|| tx(held::any_kept)).map_err(ProviderError::Database)?);
         let known = catching(move || tx(move || ingest::existing_ids(batch_id, named)))
             .map_err(ProviderError::Database)?;
         let unknown = filter.forget_unknown(&known);
@@ -310,6 +316,7 @@ impl<'a> Reading<'a> {
             chunk,
             max_attempts,
             skip_held,
+            self.kept_before.get(),
         );
         if met_held {
             self.met_held.set(true);
@@ -332,6 +339,7 @@ pub fn apply_chunk(
     chunk: Vec<LineResult>,
     max_attempts: i32,
     skip_held: bool,
+    kept_before: bool,
 ) -> (usize, bool) {
     let apply = move |results: Vec<LineResult>, skip_held: bool| {
         catching_failure(move || {
@@ -339,7 +347,7 @@ pub fn apply_chunk(
                 state::bound_lock_waits();
                 let ids: Vec<i64> = results.iter().map(|r| r.request_id).collect();
                 let left = ingest::apply_results(id, results, max_attempts, formats, skip_held);
-                held::after_applying(id, &ids, &left)
+                held::after_applying(id, &ids, &left, kept_before)
             })
         })
     };
@@ -367,8 +375,8 @@ pub fn apply_chunk(
             // (Kept aside, it is tried again later; if even that fails, the batch is read
             // again.)
             Err(failure) if failure.transient => {
-                left +=
-                    catching(move || tx(move || held::after_applying(id, &[], &one))).unwrap_or(1)
+                left += catching(move || tx(move || held::after_applying(id, &[], &one, false)))
+                    .unwrap_or(1)
             }
             Err(failure) => {
                 let reason = format!("the answer could not be stored: {}", failure.message);
