@@ -16,6 +16,11 @@ use pgrx::spi::SpiResult;
 const PER_ROLE: i64 = 100;
 const PER_LOOK: i64 = 1000;
 
+/// When a kept answer `h` whose row is still held is looked at next: later each time (1, 2, 4 …
+/// seconds), every five minutes at most.
+const NEXT_LOOK: &str =
+    "pg_catalog.now() + pg_catalog.make_interval(secs => LEAST(300, 1 << LEAST(h.tries + 1, 9)))";
+
 /// After applying a chunk of results of batch `batch_id` (the requests `ids`): the answers of
 /// those whose rows were held (`held`) are kept, and, with `forget`, those kept before for the
 /// others, settled now, are forgotten. Returns how many held answers could not be kept: all of
@@ -70,18 +75,18 @@ pub fn keep(batch_id: i64, held: &[LineResult]) {
         .map(|r| serde_json::to_string(r).unwrap_or_else(|e| fail("keeping a held answer", e)))
         .collect();
     run(
-        "INSERT INTO llmbatching.held_answers AS h (request_id, batch_id, submitted_by, result)
-         SELECT s.id, $1, r.submitted_by, s.result
-           FROM ROWS FROM (pg_catalog.unnest($2::bigint[]), pg_catalog.unnest($3::text[])) AS s(id, result)
-           JOIN llmbatching.requests r ON r.id = s.id
-         ON CONFLICT (request_id) DO UPDATE
-            SET tries = CASE WHEN h.batch_id = excluded.batch_id THEN h.tries + 1 ELSE 0 END,
-                next_try_at = CASE WHEN h.batch_id = excluded.batch_id
-                                   THEN pg_catalog.now()
-                                        + pg_catalog.make_interval(secs => LEAST(300, 1 << LEAST(h.tries + 1, 9)))
-                                   ELSE pg_catalog.now() END,
-                held_since = CASE WHEN h.batch_id = excluded.batch_id THEN h.held_since ELSE pg_catalog.now() END,
-                batch_id = excluded.batch_id, result = excluded.result",
+        &format!(
+            "INSERT INTO llmbatching.held_answers AS h (request_id, batch_id, submitted_by, result)
+             SELECT s.id, $1, r.submitted_by, s.result
+               FROM ROWS FROM (pg_catalog.unnest($2::bigint[]), pg_catalog.unnest($3::text[])) AS s(id, result)
+               JOIN llmbatching.requests r ON r.id = s.id
+             ON CONFLICT (request_id) DO UPDATE
+                SET tries = CASE WHEN h.batch_id = excluded.batch_id THEN h.tries + 1 ELSE 0 END,
+                    next_try_at = CASE WHEN h.batch_id = excluded.batch_id THEN {NEXT_LOOK}
+                                       ELSE pg_catalog.now() END,
+                    held_since = CASE WHEN h.batch_id = excluded.batch_id THEN h.held_since ELSE pg_catalog.now() END,
+                    batch_id = excluded.batch_id, result = excluded.result"
+        ),
         &[batch_id.into(), ids.into(), results.into()],
     );
 }
@@ -92,7 +97,7 @@ pub fn due() -> Vec<(i64, Vec<i64>)> {
     if !super::schema_is_current() {
         return Vec::new();
     }
-    let rows = Spi::connect(|client| {
+    Spi::connect(|client| {
         client
             .select(
                 "WITH RECURSIVE roles AS (
@@ -128,8 +133,7 @@ pub fn due() -> Vec<(i64, Vec<i64>)> {
             })
             .collect::<SpiResult<Vec<_>>>()
     })
-    .unwrap_or_else(|e| fail("reading held answers", e));
-    rows
+    .unwrap_or_else(|e| fail("reading held answers", e))
 }
 
 /// Of the kept answers `ids` of batch `batch_id`, those whose rows are free now, with the size
@@ -141,11 +145,10 @@ pub fn free_now(batch_id: i64, ids: Vec<i64>) -> Vec<(i64, usize)> {
     let (free, held): (Vec<i64>, Vec<i64>) =
         (free.into_iter().collect(), held.into_iter().collect());
     run(
-        "UPDATE llmbatching.held_answers h
-            SET tries = h.tries + 1,
-                next_try_at = pg_catalog.now()
-                    + pg_catalog.make_interval(secs => LEAST(300, 1 << LEAST(h.tries + 1, 9)))
-          WHERE h.request_id = ANY ($1)",
+        &format!(
+            "UPDATE llmbatching.held_answers h SET tries = h.tries + 1, next_try_at = {NEXT_LOOK}
+              WHERE h.request_id = ANY ($1)"
+        ),
         &[held.clone().into()],
     );
     run(
